@@ -1,0 +1,99 @@
+"""The run configuration: one pydantic object, the single source of truth.
+
+Only builders read it; components take explicit arguments. It is saved, whole,
+in every checkpoint. Every model forbids unknown fields, so a typo in a YAML
+file or a ``--set`` is an error naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    preset: Literal["tiny", "95m", "330m"] = Field("tiny", description="Student size preset (SPEC: 95m base, 330m large).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword overrides of the preset's builder arguments, e.g. {'num_layers': 4}.",
+    )
+
+
+class TeacherConfig(_Strict):
+    name: str = Field(description="Registered teacher name, e.g. 'cqt', 'rvq-vae', 'kmeans-mfcc'.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Teacher options, validated by the teacher's Options model.")
+    weight: float | None = Field(None, ge=0, description="Loss weight; None uses the teacher's default (SPEC alpha=1).")
+    label_store: Path | None = Field(None, description="Offline label store made by `mert teacher label`; None computes labels online.")
+
+
+class AugmentConfig(_Strict):
+    name: str = Field(description="Registered augmentation name, e.g. 'inbatch-mixup'.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Augmentation options, validated by its Options model.")
+
+
+class DataConfig(_Strict):
+    paths: list[Path] = Field(default_factory=list, description="Audio folders (recursive) or manifest files (.tsv/.csv); empty = built-in demo data.")
+    sample_rate: int = Field(24000, gt=0, description="Student sample rate (SPEC: 24 kHz).")
+    crop_seconds: float = Field(5.0, gt=0, description="Training crop length (SPEC: 5 s; large 5.12 s).")
+    min_seconds: float = Field(3.0, ge=0, description="Files shorter than this are not used (SPEC: 3 s).")
+    batch_size: int = Field(4, ge=1, description="Clips per micro-batch per process.")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes.")
+
+
+class MaskConfig(_Strict):
+    prob: float = Field(0.8, ge=0, le=1, description="HuBERT mask_prob: fraction of frames that start a span, times span length (SPEC 0.8).")
+    length: int = Field(5, ge=1, description="Span length in frames (SPEC 5).")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate (SPEC: 5e-4 base, 1.5e-3 large).")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas (SPEC).")
+    eps: float = Field(1e-6, gt=0, description="Adam eps (SPEC).")
+    weight_decay: float = Field(0.01, ge=0, description="Weight decay (SPEC).")
+    warmup_steps: int = Field(32000, ge=0, description="Linear warmup updates (SPEC 32k); clipped to 10% of max_steps for short runs.")
+    max_steps: int = Field(400000, ge=1, description="Total optimizer updates; the lr decays linearly to 0 here (SPEC 400k).")
+    grad_clip: float = Field(10.0, gt=0, description="Gradient norm clip (SPEC: 10 base, 1 large).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer update.")
+
+
+class LossConfig(_Strict):
+    feature_penalty: float = Field(10.0, ge=0, description="Weight of the conv-feature L2 penalty (SPEC/HuBERT: 10).")
+    logit_temperature: float = Field(0.1, gt=0, description="Cosine-logit temperature of discrete heads (SPEC 0.1).")
+    final_dim: int | None = Field(None, ge=1, description="Discrete head projection size; None: 64 for tiny/95m, 128 for 330m.")
+
+
+class TrainConfig(_Strict):
+    """Everything one training run needs."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    teachers: list[TeacherConfig] = Field(default_factory=lambda: [TeacherConfig(name="cqt")], min_length=1)
+    augment: list[AugmentConfig] = Field(default_factory=list)
+    data: DataConfig = Field(default_factory=DataConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    out_dir: Path = Field(Path("runs/mert"), description="Run folder: checkpoints, metrics.jsonl, plots, TensorBoard logs.")
+    seed: int = Field(0, description="Seed of data order, masks, augmentation and init.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
+    log_every: int = Field(10, ge=1, description="Steps between metric lines.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Numbered checkpoints kept besides last.pt.")
+    max_bad_steps: int = Field(5, ge=1, description="Consecutive non-finite losses before the run stops.")
+    recipe: str | None = Field(None, description="Recipe the run was built from (informational).")
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line naming the first bad field and what is wrong with it."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+    got = err.get("input")
+    got_txt = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"config field {where!r}: {err['msg']}{got_txt}"

@@ -1,0 +1,42 @@
+"""Hook specifications: the whole plugin surface of mert.
+
+Every hook has the form ``register_<things>(register)``: mert hands the plugin a
+callback and the plugin calls ``register(Thing)`` once per thing it provides.
+Collection, naming, duplicate detection and option validation happen in one
+place, :mod:`mert_core.registry`. None of these hooks is ``firstresult``: every
+plugin's implementation is called.
+
+A plugin is a module (or object) holding functions decorated with
+:data:`hookimpl`, exposed through the ``mert`` entry-point group::
+
+    [project.entry-points.mert]
+    my-teacher = "my_package.teacher"
+"""
+
+import pluggy
+
+PROJECT = "mert"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- phase 1: what a run can be made of (called once, when plugins load) -------
+
+@hookspec
+def register_teachers(register):
+    """Register teacher classes (subclasses of ``mert_core.teacher.Teacher``) that make training targets."""
+
+
+@hookspec
+def register_augmentations(register):
+    """Register augmentation classes (subclasses of ``mert_core.augment.Augmentation``) applied after the targets are made."""
+
+
+@hookspec
+def register_tasks(register):
+    """Register downstream task classes (subclasses of ``mert_core.tasks.Task``) used by extract/probe/eval."""
+
+
+@hookspec
+def register_recipes(register):
+    """Register ``mert_core.recipes.Recipe`` objects: named bundles of teachers, augmentations and hyperparameters."""
