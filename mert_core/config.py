@@ -56,7 +56,7 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas (SPEC).")
     eps: float = Field(1e-6, gt=0, description="Adam eps (SPEC).")
     weight_decay: float = Field(0.01, ge=0, description="Weight decay (SPEC).")
-    warmup_steps: int = Field(32000, ge=0, description="Linear warmup updates (SPEC 32k); clipped to 10% of max_steps for short runs.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup updates; None = 8% of max_steps (SPEC: 32k of 400k).")
     max_steps: int = Field(400000, ge=1, description="Total optimizer updates; the lr decays linearly to 0 here (SPEC 400k).")
     grad_clip: float = Field(10.0, gt=0, description="Gradient norm clip (SPEC: 10 base, 1 large).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer update.")

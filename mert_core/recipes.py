@@ -16,8 +16,10 @@ class Recipe:
         config: ``preset -> dict`` giving the partial ``TrainConfig`` (as plain
             data) for a model preset ("tiny", "95m", "330m"). Values given on
             the command line or in a config file override it.
+        default_preset: the preset used when none is given.
     """
 
     name: str
     description: str
     config: Callable[[str], dict[str, Any]] = field(default=lambda preset: {})
+    default_preset: str = "95m"

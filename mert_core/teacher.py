@@ -105,6 +105,11 @@ class Teacher(torch.nn.Module):
 
     # -- optional: teachers that must be fitted before use (k-means) ----------
 
+    # Convention: a teacher that needs fitting takes its fitted artifact through
+    # an option named ``teacher_file``. After ``mert train`` fits one, it writes
+    # the artifact's path into the run config, so checkpoints are self-contained
+    # and a resumed run loads the artifact instead of refitting.
+
     def needs_fit(self) -> bool:
         """True when the teacher cannot make targets until :meth:`fit` has run."""
         return False

@@ -1,0 +1,534 @@
+"""The training loop: data, teachers, augment, forward, loss, backward, step,
+log, checkpoint, top to bottom.
+
+Everything random is a pure function of (seed, step, rank) or restored from the
+checkpoint, so a run killed at any point and resumed with ``--resume`` ends
+with the same weights as one never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mert_core import distributed
+from mert_core.checkpoint import LAST, STUDENT_FILE, load_checkpoint, save_checkpoint, save_student
+from mert_core.config import TrainConfig
+from mert_core.heads import TargetHeads
+from mert_core.loss import MultiTargetLoss
+from mert_core.masking import compute_span_mask
+from mert_core.model import build_student
+from mert_core.registry import Registry, default_registry
+from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what was saved."""
+
+
+class TargetLengthError(ValueError):
+    """A teacher's targets do not line up with the student's frames."""
+
+
+# -- small pure helpers ---------------------------------------------------------
+
+def lr_at(step: int, peak_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup to ``peak_lr``, then linear (polynomial power 1) decay to 0
+    at ``max_steps`` (SPEC)."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    remaining = max(0, max_steps - step)
+    return peak_lr * remaining / max(1, max_steps - warmup_steps)
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """A seed for one micro-batch's masks and augmentations."""
+    return (seed * 1_000_003 + step * 1009 + micro * 101 + rank * 7919) % (2**63 - 1)
+
+
+def align_targets(name: str, targets: torch.Tensor, num_frames: int, spec: TargetSpec, paths: list[str]) -> tuple[torch.Tensor, int]:
+    """Trim or pad one teacher's targets to the student's ``num_frames``.
+
+    Lengths within one frame are reconciled (the extra frame is dropped, a
+    missing last frame becomes "no target"); anything else is an error naming
+    the teacher, the files and both lengths.
+
+    Returns:
+        ``(B, num_frames, ...)`` targets and the number of frames that hold a target.
+    """
+    have = targets.shape[1]
+    if abs(have - num_frames) > 1:
+        shown = ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
+        raise TargetLengthError(
+            f"teacher {name!r} gave {have} frames where the student has {num_frames} "
+            f"(files: {shown}); a teacher must deliver targets at {spec.frame_rate_hz:g} Hz, "
+            f"within one frame of the student's"
+        )
+    if have >= num_frames:
+        return targets[:, :num_frames], num_frames
+    pad_shape = (targets.shape[0], num_frames - have, *targets.shape[2:])
+    fill = IGNORE_LABEL if spec.kind == "discrete" else 0.0
+    pad = torch.full(pad_shape, fill, dtype=targets.dtype, device=targets.device)
+    return torch.cat([targets, pad], dim=1), have
+
+
+class Pretrainer(nn.Module):
+    """Student plus heads as one module, so DistributedDataParallel sees one forward."""
+
+    def __init__(self, student: nn.Module, heads: TargetHeads):
+        super().__init__()
+        self.student, self.heads = student, heads
+
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor):
+        out = self.student(wave, lengths, mask=mask)
+        scored = out.last_hidden[mask]  # N, D: losses only on masked frames (SPEC)
+        return self.heads(scored), out.features_penalty
+
+
+@dataclass
+class TrainResult:
+    student: nn.Module
+    heads: TargetHeads
+    out_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# -- building the parts from the config (the only code that reads it) ----------
+
+def resolve_data_paths(config: TrainConfig) -> list[Path]:
+    if config.data.paths:
+        return [Path(p) for p in config.data.paths]
+    from mert_core.demo import ensure_demo_data
+
+    return [ensure_demo_data()]
+
+
+def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], dist_info, log) -> dict[str, Teacher]:
+    """Instantiate every teacher; fit the ones that need it (rank 0) first."""
+    names = [t.name for t in config.teachers]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"config field 'teachers': teacher {sorted(dupes)[0]!r} is listed twice; list each teacher once")
+    teachers = {}
+    for tc in config.teachers:
+        teacher = registry.build("teacher", tc.name, tc.options, sample_rate=config.data.sample_rate, hop_samples=HOP_SAMPLES)
+        if teacher.needs_fit() and tc.label_store is None:
+            out_file = config.out_dir / f"teacher-{tc.name}.safetensors"
+            if dist_info.is_main and not out_file.exists():
+                log(f"teacher {tc.name!r} has no fitted file: fitting it on the training data -> {out_file}")
+                teacher.fit(files, out_file, seed=config.seed)
+            distributed.barrier(dist_info)
+            # recorded in the config, so the checkpoint is self-contained and a resume reloads it
+            tc.options = {**tc.options, "teacher_file": str(out_file)}
+            teacher = registry.build("teacher", tc.name, tc.options, sample_rate=config.data.sample_rate, hop_samples=HOP_SAMPLES)
+        elif teacher.needs_fit():
+            raise ValueError(f"teacher {tc.name!r}: a label store is given but no teacher_file; pass the fitted teacher file it was made with")
+        teachers[tc.name] = teacher
+    return teachers
+
+
+HOP_SAMPLES = 320  # the student's total conv stride (SPEC): 75 Hz at 24 kHz
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("config field 'precision': fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+# -- the loop -------------------------------------------------------------------
+
+def train(
+    config: TrainConfig,
+    registry: Registry | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Pretrain a student. See :class:`mert_core.config.TrainConfig`.
+
+    Args:
+        config: the run configuration (saved in every checkpoint).
+        registry: plugins to use; default: every installed plugin.
+        resume: continue from ``config.out_dir/last.pt`` if it exists.
+        progress: show a progress bar (rank 0).
+        log: where messages go (rank 0); default ``tqdm.write``.
+    """
+    from tqdm import tqdm
+
+    from mert_core.data import CropBatches, make_loader, scan_audio
+
+    registry = registry or default_registry()
+    config = config.model_copy(deep=True)
+    dist_info, device = distributed.setup(config.device)
+    is_main = dist_info.is_main
+    say = (log or tqdm.write) if is_main else (lambda msg: None)
+    out_dir = Path(config.out_dir)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    state = None
+    if resume and (out_dir / LAST).exists():
+        state = load_checkpoint(out_dir / LAST)
+        config = _resume_config(config, state, out_dir)
+        say(f"resuming from {out_dir / LAST} at step {state['step']}")
+    elif resume:
+        say(f"--resume: no {LAST} in {out_dir}; starting a new run")
+    sr = config.data.sample_rate
+    crop_samples = int(round(config.data.crop_seconds * sr))
+
+    # data: one scan, cached; bad files are listed, never fatal
+    data_paths = resolve_data_paths(config)
+    if is_main:
+        manifest = scan_audio(data_paths, progress=progress)
+    distributed.barrier(dist_info)
+    if not is_main:
+        manifest = scan_audio(data_paths, progress=False)  # reads rank 0's cache
+    usable = [f for f in manifest.files if f.duration_seconds >= config.data.min_seconds]
+    if not usable:
+        raise ValueError(
+            f"data: no usable audio in {', '.join(map(str, data_paths))} "
+            f"({len(manifest.files)} readable files, none of at least {config.data.min_seconds:g} s; "
+            f"{len(manifest.skipped)} unreadable); give folders or manifests of wav/flac/ogg/mp3 files"
+        )
+    say(f"data: {len(usable)} files, {sum(f.duration_seconds for f in usable) / 3600:.2f} h "
+        f"({len(manifest.files) - len(usable)} shorter than {config.data.min_seconds:g} s, {len(manifest.skipped)} unreadable)")
+
+    # teachers: fitted if needed, on the training device, never trained
+    teachers = build_teachers(config, registry, [f.path for f in usable], dist_info, say)
+    specs = {name: t.target_spec() for name, t in teachers.items()}
+    for name, spec in specs.items():
+        if abs(spec.frame_rate_hz - sr / HOP_SAMPLES) > 1e-6:
+            raise ValueError(f"teacher {name!r} delivers targets at {spec.frame_rate_hz:g} Hz; the student runs at {sr / HOP_SAMPLES:g} Hz")
+    for t in teachers.values():
+        t.to(device).eval()
+    label_stores = {}
+    for tc in config.teachers:
+        if tc.label_store is not None:
+            from mert_core.labels import LabelStore
+
+            store = LabelStore.open(tc.label_store)
+            store.check(teachers[tc.name], window_samples=crop_samples)
+            label_stores[tc.name] = store
+    augments = [registry.build("augment", a.name, a.options, sample_rate=sr).to(device) for a in config.augment]
+
+    # model, heads, loss, optimizer
+    torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    student = build_student(config.model)
+    final_dim = config.loss.final_dim or (128 if config.model.preset == "330m" else 64)
+    heads = TargetHeads(specs, student.embed_dim, final_dim, config.loss.logit_temperature)
+    model = Pretrainer(student, heads).to(device)
+    weights = {tc.name: tc.weight if tc.weight is not None else specs[tc.name].default_weight for tc in config.teachers}
+    loss_fn = MultiTargetLoss(specs, weights, config.loss.feature_penalty)
+    opt = config.optim
+    # fairseq's Adam applies weight decay decoupled from the gradient, i.e. AdamW
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    warmup = opt.warmup_steps if opt.warmup_steps is not None else int(0.08 * opt.max_steps)
+    amp_dtype = resolve_precision(config.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    step = 0
+    counters = {"audio_seconds": 0.0, "bad_steps": 0, "elapsed_seconds": 0.0, "skipped_files": {}}
+    if state is not None:
+        model.load_state_dict({**_prefixed("student.", state["student"]), **_prefixed("heads.", state["heads"])})
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+        counters.update(state["counters"])
+    torch.manual_seed(config.seed + 1 + dist_info.rank)  # dropout/layerdrop stream, distinct per rank
+    if state is not None:
+        torch.set_rng_state(state["rng"]["torch"][dist_info.rank % len(state["rng"]["torch"])])
+        if device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state(state["rng"]["cuda"][dist_info.rank % len(state["rng"]["cuda"])])
+
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        # layerdrop and one-random-codebook runs leave parameters unused on some steps
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+
+    dataset = CropBatches(
+        usable,
+        batch_size=config.data.batch_size,
+        crop_samples=crop_samples,
+        sample_rate=sr,
+        seed=config.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        align_crops=bool(label_stores),
+    )
+    batches = iter(make_loader(dataset, start_index=step * opt.grad_accum, num_workers=config.data.num_workers))
+
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        (out_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None
+    bar = tqdm(total=opt.max_steps, initial=step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
+    say(f"training a {config.model.preset} student ({sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters) "
+        f"with teachers {', '.join(teachers)} on {device} ({dist_info.world_size} process(es)), "
+        f"{'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}")
+
+    window_terms: dict[str, torch.Tensor] = {}
+    window_steps, window_audio, window_start = 0, 0.0, time.perf_counter()
+    run_start = time.perf_counter() - counters["elapsed_seconds"]
+    consecutive_bad = 0
+    last_saved = step if state is not None else -1
+    try:
+        while step < opt.max_steps:
+            lr = lr_at(step, opt.lr, warmup, opt.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss_ok = True
+            for micro in range(opt.grad_accum):
+                # data
+                batch = next(batches)
+                for path, reason in batch.get("skipped", []):
+                    if path not in counters["skipped_files"]:
+                        counters["skipped_files"][path] = reason
+                        say(f"skipped {path}: {reason}")
+                wave = batch["wave"].to(device, non_blocking=True)  # B, S
+                lengths = batch["lengths"].to(device)
+                generator = torch.Generator(device=device).manual_seed(step_seed(config.seed, step, micro, dist_info.rank))
+                num_frames = student.num_frames(wave.shape[1])
+                frame_lengths = student.num_frames(lengths)
+
+                # teachers: targets from the clean audio, before any augmentation
+                targets, valid_frames = {}, num_frames
+                with torch.no_grad():
+                    for name, teacher in teachers.items():
+                        if hasattr(teacher, "generator"):
+                            teacher.generator = generator
+                        if name in label_stores:
+                            t = label_stores[name].targets(batch["paths"], batch["offsets"], num_frames).to(device)
+                        else:
+                            t = teacher.targets(wave)
+                        targets[name], have = align_targets(name, t, num_frames, specs[name], batch["paths"])
+                        valid_frames = min(valid_frames, have)
+
+                # augment: only the student's input changes
+                for augment in augments:
+                    wave = augment(wave, lengths, generator)
+
+                # mask, forward, loss
+                frame_lengths = frame_lengths.clamp(max=valid_frames)
+                mask = compute_span_mask((wave.shape[0], num_frames), frame_lengths, config.mask.prob, config.mask.length, generator)
+                sync = micro == opt.grad_accum - 1 or not dist_info.enabled
+                ctx = train_model.no_sync() if not sync else _nullcontext()
+                with ctx:
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        predictions, features_penalty = train_model(wave, lengths, mask)
+                    scored_targets = {name: t[mask] for name, t in targets.items()}
+                    loss, terms = loss_fn(predictions, scored_targets, features_penalty)
+                    scaler.scale(loss / opt.grad_accum).backward()
+                for k, v in terms.items():
+                    window_terms[k] = window_terms.get(k, 0.0) + v.float() / opt.grad_accum
+                window_terms["loss"] = window_terms.get("loss", 0.0) + loss.detach().float() / opt.grad_accum
+                window_audio += float(lengths.sum()) / sr
+                step_loss_ok = step_loss_ok and bool(torch.isfinite(loss.detach()))  # host sync, once per micro-batch
+
+            # step: clip, skip non-finite, update
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+            finite = bool(torch.isfinite(grad_norm)) and step_loss_ok  # grads are all-reduced: every rank agrees
+            if finite or scaler.is_enabled():
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if finite:
+                consecutive_bad = 0
+            else:
+                consecutive_bad += 1
+                counters["bad_steps"] += 1
+                say(f"step {step}: non-finite loss or gradient, update skipped ({consecutive_bad} in a row)")
+                if consecutive_bad >= config.max_bad_steps:
+                    rng = _gather_rng(device, dist_info)
+                    if is_main and last_saved != step:
+                        _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, registry, teachers, rng)
+                    raise TrainingError(
+                        f"{consecutive_bad} non-finite steps in a row at step {step}: the run stopped. "
+                        f"The last good weights are in {out_dir / LAST}; lower optim.lr, use fp32 or bf16, "
+                        f"or check the data, then resume with --resume"
+                    )
+            step += 1
+            window_steps += 1
+            bar.update(1)
+
+            # log
+            if step % config.log_every == 0 or step == opt.max_steps:
+                elapsed = time.perf_counter() - window_start
+                audio = distributed.all_reduce_sum(torch.tensor(window_audio, dtype=torch.float64), dist_info).item()
+                counters["audio_seconds"] += audio
+                record = {"step": step, "lr": lr, "grad_norm": float(grad_norm)}
+                record.update({k: float(v) / window_steps for k, v in window_terms.items()})
+                record["audio_seconds_per_second"] = audio / max(elapsed, 1e-9)
+                record["audio_hours_seen"] = counters["audio_seconds"] / 3600
+                if is_main:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(k, v, step)
+                    bar.set_postfix_str(
+                        f"loss {record['loss']:.3f} "
+                        + " ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in record.items() if k.startswith("loss/"))
+                        + f" | {record['audio_seconds_per_second']:.1f} audio-s/s"
+                    )
+                window_terms, window_steps, window_audio, window_start = {}, 0, 0.0, time.perf_counter()
+
+            # checkpoint (every rank takes part: the RNG states of all ranks are saved)
+            if step % config.checkpoint_every == 0 or step == opt.max_steps:
+                rng = _gather_rng(device, dist_info)
+                if is_main:
+                    _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, registry, teachers, rng)
+                last_saved = step
+                distributed.barrier(dist_info)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        if writer is not None:
+            writer.close()
+
+    summary = {}
+    if is_main:
+        counters["elapsed_seconds"] = time.perf_counter() - run_start
+        summary = {
+            "steps": step,
+            "audio_hours_seen": counters["audio_seconds"] / 3600,
+            "files_used": len(usable),
+            "files_skipped": len(manifest.skipped) + len(counters["skipped_files"]),
+            "files_too_short": len(manifest.files) - len(usable),
+            "bad_steps": counters["bad_steps"],
+            "elapsed_seconds": counters["elapsed_seconds"],
+            "checkpoint": str(out_dir / LAST),
+            "student": str(out_dir / STUDENT_FILE),
+        }
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        from mert_core.plots import plot_loss_curves
+
+        plot_loss_curves(out_dir / "metrics.jsonl", out_dir / "loss.png")
+        say(
+            f"done: {step} steps, {summary['audio_hours_seen']:.3f} audio hours seen, "
+            f"{summary['files_skipped']} files skipped, {summary['bad_steps']} steps skipped, "
+            f"{summary['elapsed_seconds']:.0f} s; weights in {out_dir / STUDENT_FILE}, loss curve in {out_dir / 'loss.png'}"
+        )
+    distributed.barrier(dist_info)
+    distributed.teardown(dist_info)
+    return TrainResult(student=student, heads=heads, out_dir=out_dir, summary=summary)
+
+
+# -- checkpoint helpers ---------------------------------------------------------
+
+def _gather_rng(device: torch.device, dist_info) -> dict[str, list[torch.Tensor]]:
+    """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
+    local = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        local["cuda"] = torch.cuda.get_rng_state(device)
+    if not dist_info.enabled:
+        return {k: [v] for k, v in local.items()}
+    import torch.distributed as dist
+
+    everyone = [None] * dist_info.world_size
+    dist.all_gather_object(everyone, local)
+    return {k: [r[k] for r in everyone] for k in local}
+
+
+def _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, registry, teachers, rng):
+    """Write ``step_N.pt``, point ``last.pt`` at it, export the student (rank 0)."""
+    counters = {**counters, "elapsed_seconds": time.perf_counter() - run_start}
+    state = {
+        "step": step,
+        "config": config.model_dump(mode="json"),
+        "model_args": model.student.args,
+        "student": model.student.state_dict(),
+        "heads": model.heads.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "rng": rng,
+        "counters": counters,
+        "plugin_versions": registry.versions(),
+        "teacher_hashes": {name: t.config_hash() for name, t in teachers.items()},
+        "world_size": dist_info.world_size,
+    }
+    ckpt_dir = out_dir / "checkpoints"
+    numbered = ckpt_dir / f"step_{step:08d}.pt"
+    save_checkpoint(state, numbered)
+    # last.pt is a hard link to the newest numbered file, swapped in atomically
+    tmp = out_dir / f".{LAST}.link"
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(numbered, tmp)
+        os.replace(tmp, out_dir / LAST)
+    except OSError:  # filesystems without hard links
+        save_checkpoint(state, out_dir / LAST)
+    for old in sorted(ckpt_dir.glob("step_*.pt"))[: -config.keep_checkpoints]:
+        old.unlink()
+    save_student(model.student, out_dir / STUDENT_FILE, config.model_dump(mode="json"))
+
+
+_RESUMABLE_CHANGES = {"optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "device"}
+
+
+def _resume_config(config: TrainConfig, state: dict, out_dir: Path) -> TrainConfig:
+    """The saved config, except for fields that may change on resume."""
+    saved = TrainConfig.model_validate(state["config"])
+    new, old = _flatten(config.model_dump(mode="json")), _flatten(saved.model_dump(mode="json"))
+    # a teacher fitted by the first run has its artifact recorded in the saved config only
+    for flat, given in ((old, new), (new, old)):
+        for saved_t, given_t in zip(flat.get("teachers", []), given.get("teachers", [])):
+            if "teacher_file" not in given_t["options"]:
+                saved_t["options"] = {k: v for k, v in saved_t["options"].items() if k != "teacher_file"}
+    for key in sorted(set(new) | set(old)):
+        if new.get(key) != old.get(key) and key not in _RESUMABLE_CHANGES:
+            raise ValueError(
+                f"--resume: config field {key!r} is {new.get(key)!r} but the run in {out_dir} used {old.get(key)!r}; "
+                f"resume with the same settings or use a new --out"
+            )
+    return saved.model_copy(update={
+        "optim": saved.optim.model_copy(update={"max_steps": config.optim.max_steps}),
+        "log_every": config.log_every, "checkpoint_every": config.checkpoint_every,
+        "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps,
+        "data": saved.data.model_copy(update={"num_workers": config.data.num_workers}),
+        "device": config.device,
+    })
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "options":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _prefixed(prefix: str, sd: dict) -> dict:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
