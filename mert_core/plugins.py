@@ -75,7 +75,14 @@ def load_entry_points(pm: pluggy.PluginManager) -> list[LoadedPlugin]:
         plugin_name = f"{dist}:{ep.name}"
         if pm.is_registered(module):
             continue
-        pm.register(module, name=plugin_name)
+        try:
+            pm.register(module, name=plugin_name)
+            # a hook implementation that matches no spec is a typo (register_teacher)
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            if pm.is_registered(module):
+                pm.unregister(module)
+            loaded.append(LoadedPlugin(ep.name, None, dist, version, error=str(exc).splitlines()[0]))
+            continue
         loaded.append(LoadedPlugin(ep.name, module, dist, version))
-    pm.check_pending()
     return loaded

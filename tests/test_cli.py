@@ -1,0 +1,74 @@
+"""The CLI's contract: --help everywhere, one-line errors with exit code 2 for
+bad options and config fields, the Python API and the CLI agree."""
+
+import pytest
+from click.testing import CliRunner
+
+from mert_cli.main import cli
+from mert_core import api
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["list-plugins"], ["teacher"], ["eval"], ["extract"], ["probe"]])
+def test_help_on_every_command(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--set", "optim.lr=fast"], "optim.lr"),
+        (["--set", "optim.nope=1"], "optim.nope"),
+        (["--set", "data.batch_size=0"], "data.batch_size"),
+        (["--set", "teacher.cqt.no_such_option=1"], "no_such_option"),
+        (["--set", "teacher.rvq-vae.codebooks=1"], "rvq-vae"),
+        (["--teacher", "nonexistent"], "nonexistent"),
+        (["--augment", "nonexistent"], "nonexistent"),
+        (["--recipe", "nonexistent"], "nonexistent"),
+        (["--data", "/no/such/folder"], "/no/such/folder"),
+        (["--set", "lr"], "key=value"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_naming_the_field(args, names):
+    result = run("train", "--teacher", "cqt", *args, "--dry-run") if "--teacher" not in args else run("train", *args, "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert names in result.output
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1
+
+
+def test_bad_config_file_names_the_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  warmup_steps: -5\n")
+    result = run("train", "--config", str(bad), "--dry-run")
+    assert result.exit_code == 2 and "optim.warmup_steps" in result.output
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [unclosed\n")
+    result = run("train", "--config", str(broken), "--dry-run")
+    assert result.exit_code == 2 and str(broken) in result.output
+
+
+def test_precedence_recipe_then_file_then_flags_then_set(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr: 0.001\n  max_steps: 50\ndata:\n  batch_size: 3\n")
+    config = api.make_train_config(recipe="cqt-only", config_file=cfg, max_steps=20, overrides=["optim.lr=0.002"])
+    assert config.optim.lr == 0.002 and config.optim.max_steps == 20 and config.data.batch_size == 3
+    assert [t.name for t in config.teachers] == ["cqt"] and config.recipe == "cqt-only"
+    result = run("train", "--recipe", "cqt-only", "--config", str(cfg), "--max-steps", "20", "--set", "optim.lr=0.002", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert api.TrainConfig.model_validate_json(result.output) == config
+
+
+def test_recipe_values_follow_the_preset():
+    large = api.make_train_config(recipe="mert-v1", preset="330m")
+    base = api.make_train_config(recipe="mert-v1", preset="95m")
+    assert (large.optim.lr, large.optim.grad_clip, large.loss.final_dim) == (1.5e-3, 1.0, 128)
+    assert (base.optim.lr, base.optim.grad_clip, base.loss.final_dim) == (5e-4, 10.0, 64)
+    assert large.data.crop_seconds == 5.12 and [t.name for t in large.teachers] == ["rvq-vae", "cqt"]
+    assert [a.name for a in large.augment] == ["inbatch-mixup"]

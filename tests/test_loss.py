@@ -1,0 +1,75 @@
+"""Heads and the loss combiner against plain reference computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mert_core.heads import CosineLogitHead, TargetHeads
+from mert_core.loss import MultiTargetLoss
+from mert_core.teacher import IGNORE_LABEL, TargetSpec
+from mert_core.trainer import TargetLengthError, align_targets, lr_at
+
+
+def test_cosine_logits_match_a_direct_computation():
+    torch.manual_seed(0)
+    head = CosineLogitHead(embed_dim=8, final_dim=4, num_codebooks=2, num_classes=5, temperature=0.1)
+    x = torch.randn(3, 8)
+    logits = head(x)
+    assert logits.shape == (3, 2, 5)
+    proj = head.proj(x).view(3, 2, 4)
+    for n in range(3):
+        for c in range(2):
+            for k in range(5):
+                expect = F.cosine_similarity(proj[n, c], head.class_embeddings[c, k], dim=0) / 0.1
+                assert torch.allclose(logits[n, c, k], expect, atol=1e-5)
+
+
+def test_combined_loss_is_the_weighted_sum_of_terms_and_ignores_missing_labels():
+    torch.manual_seed(0)
+    specs = {
+        "codes": TargetSpec(kind="discrete", num_codebooks=2, num_classes=6, frame_rate_hz=75),
+        "cqt": TargetSpec(kind="continuous", dim=3, frame_rate_hz=75),
+    }
+    loss_fn = MultiTargetLoss(specs, {"codes": 0.5, "cqt": 2.0}, feature_penalty=10.0)
+    logits = torch.randn(4, 2, 6, requires_grad=True)
+    labels = torch.tensor([[1, 2], [3, IGNORE_LABEL], [0, 5], [IGNORE_LABEL, IGNORE_LABEL]])
+    pred_cqt, target_cqt = torch.randn(4, 3), torch.randn(4, 3)
+    penalty = torch.tensor(0.25)
+    total, terms = loss_fn({"codes": logits, "cqt": pred_cqt}, {"codes": labels, "cqt": target_cqt}, penalty)
+
+    valid = [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1)]
+    ce = sum(-torch.log_softmax(logits[n, c], -1)[labels[n, c]] for n, c in valid) / len(valid)
+    mse = ((pred_cqt - target_cqt) ** 2).mean()
+    assert math.isclose(terms["loss/codes"].item(), ce.item(), rel_tol=1e-5)
+    assert math.isclose(terms["loss/cqt"].item(), mse.item(), rel_tol=1e-5)
+    assert math.isclose(total.item(), 0.5 * ce.item() + 2.0 * mse.item() + 10 * 0.25, rel_tol=1e-5)
+    total.backward()
+    assert logits.grad[3].abs().sum() == 0  # frames without labels get no gradient
+
+
+def test_no_masked_frames_gives_zero_loss_with_a_graph():
+    specs = {"codes": TargetSpec(kind="discrete", num_codebooks=1, num_classes=4, frame_rate_hz=75)}
+    heads = TargetHeads(specs, embed_dim=8, final_dim=4)
+    preds = heads(torch.zeros(0, 8))
+    total, _ = MultiTargetLoss(specs, {"codes": 1.0}, 0)(preds, {"codes": torch.zeros(0, 1, dtype=torch.long)})
+    assert total.item() == 0.0
+    total.backward()
+
+
+def test_targets_within_one_frame_are_trimmed_or_padded_else_named_error():
+    spec = TargetSpec(kind="discrete", num_codebooks=1, num_classes=4, frame_rate_hz=75)
+    t = torch.zeros(2, 11, 1, dtype=torch.long)
+    assert align_targets("x", t, 10, spec, ["a.wav"])[0].shape[1] == 10
+    padded, have = align_targets("x", t[:, :9], 10, spec, ["a.wav"])
+    assert have == 9 and (padded[:, 9] == IGNORE_LABEL).all()
+    with pytest.raises(TargetLengthError, match=r"teacher 'x' gave 15 frames where the student has 10 \(files: a.wav"):
+        align_targets("x", torch.zeros(2, 15, 1), 10, spec, ["a.wav"])
+
+
+def test_lr_schedule_warms_up_then_decays_linearly_to_zero():
+    lrs = [lr_at(s, 1.0, 10, 110) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.5) and lrs[110] == 0.0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
