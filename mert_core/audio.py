@@ -2,10 +2,23 @@
 
 Every failure is an :class:`AudioError` naming the file, so that callers can
 skip and count bad files instead of crashing mid-run.
+
+Two ways in:
+
+* :func:`load_audio` reads a whole file (or a span given in seconds), for
+  evaluation and feature extraction.
+* :func:`read_crop` reads ``num_samples`` samples starting at ``offset_samples``
+  *in the target rate*, seeking in the file instead of decoding all of it. The
+  result equals slicing the resampled whole file (to float rounding), which is
+  what lets offline label stores and online teachers agree sample for sample.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +27,86 @@ import soxr
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 
+# soxr's HQ filter needs this much context on each side of a window for the
+# window's resampled samples to equal those of the whole file (measured: 10 ms
+# is exact to 1e-6 down to 8 kHz sources; we keep a 2.5x margin).
+_RESAMPLE_CONTEXT_SECONDS = 0.025
+
 
 class AudioError(ValueError):
     """A file that cannot be used: unreadable, empty, truncated or not finite."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file's header says."""
+
+    sample_rate: int
+    frames: int
+    channels: int
+
+    @property
+    def duration_seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def resampled_length(frames: int, source_rate: int, target_rate: int) -> int:
+    """Samples soxr produces when resampling ``frames`` samples of a whole file
+    (``round(frames * target / source)``, halves rounded up), in exact integers."""
+    if source_rate == target_rate:
+        return frames
+    return (2 * frames * target_rate + source_rate) // (2 * source_rate)
+
+
+def audio_info(path: str | Path) -> AudioInfo:
+    """Read the header of ``path`` (cheap: nothing is decoded).
+
+    Raises:
+        AudioError: the header cannot be read, the file holds no samples, or a
+            WAV file is truncated (its header declares more data than present).
+    """
+    path = Path(path)
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # noqa: BLE001 - soundfile raises several types
+        raise AudioError(f"{path}: cannot read audio header ({_one_line(exc)}); check or remove the file") from None
+    if info.samplerate <= 0 or info.channels <= 0:
+        raise AudioError(f"{path}: header says sample rate {info.samplerate}, channels {info.channels}; expected both > 0")
+    if info.frames <= 0:
+        raise AudioError(f"{path}: no audio samples (empty or truncated file)")
+    if info.format in ("WAV", "WAVEX"):
+        _check_wav_complete(path)
+    return AudioInfo(sample_rate=int(info.samplerate), frames=int(info.frames), channels=int(info.channels))
+
+
+def _check_wav_complete(path: Path) -> None:
+    """Raise if a RIFF/WAVE file's data chunk declares more bytes than the file holds.
+
+    libsndfile silently shortens such files to what is present; an interrupted
+    copy or download is better reported than trained on as a shorter clip.
+    Streaming writers put 0 or 0xFFFFFFFF as a placeholder size: those pass.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return  # RF64, W64, ...: leave it to libsndfile
+            pos = 12
+            while pos + 8 <= size:
+                f.seek(pos)
+                chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+                if chunk_id == b"data":
+                    present = size - (pos + 8)
+                    if chunk_size not in (0, 0xFFFFFFFF) and chunk_size < 0x7FFFFFFF and chunk_size > present:
+                        raise AudioError(
+                            f"{path}: truncated WAV: header declares {chunk_size} data bytes, file holds {present}; "
+                            "re-copy or remove the file"
+                        )
+                    return
+                pos += 8 + chunk_size + (chunk_size & 1)
+    except OSError as exc:
+        raise AudioError(f"{path}: cannot read file ({_one_line(exc)})") from None
 
 
 def load_audio(path: str | Path, sample_rate: int, offset_seconds: float = 0.0, duration_seconds: float | None = None) -> np.ndarray:
@@ -44,12 +134,96 @@ def load_audio(path: str | Path, sample_rate: int, offset_seconds: float = 0.0, 
                 f.seek(start)
             data = f.read(frames=frames, dtype="float32", always_2d=True)
     except Exception as exc:  # noqa: BLE001 - soundfile raises several types
-        raise AudioError(f"{path}: cannot decode audio ({type(exc).__name__}: {exc}); check or remove the file") from None
+        raise AudioError(f"{path}: cannot decode audio ({_one_line(exc)}); check or remove the file") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: no audio samples (empty or truncated file)")
-    mono = data.mean(axis=1)
-    if not np.isfinite(mono).all():
-        raise AudioError(f"{path}: holds NaN or infinite samples")
+    mono = _mono_finite(data, path)
     if sr != sample_rate:
         mono = soxr.resample(mono, sr, sample_rate, quality="HQ").astype(np.float32, copy=False)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def read_crop(path: str | Path, sample_rate: int, offset_samples: int, num_samples: int) -> np.ndarray:
+    """Read ``num_samples`` mono samples at ``sample_rate`` starting at ``offset_samples``.
+
+    Offsets and lengths are in the *target* rate. Only the needed window (plus
+    a little resampling context) is decoded. The window is resampled on a grid
+    aligned with the whole file, so the result equals
+    ``load_audio(path, sample_rate)[offset : offset + num_samples]`` up to
+    float rounding (~1e-6).
+
+    Args:
+        path: audio file.
+        sample_rate: target rate.
+        offset_samples: first sample, in the target rate (>= 0).
+        num_samples: samples wanted (> 0); fewer come back where the file ends.
+
+    Returns:
+        ``(n,)`` float32 array, ``1 <= n <= num_samples``.
+
+    Raises:
+        AudioError: cannot decode, truncated (fewer samples than the header
+            promised), offset past the end, or NaN/inf samples.
+    """
+    path = Path(path)
+    if offset_samples < 0 or num_samples <= 0:
+        raise ValueError(f"read_crop({path}): expected offset_samples >= 0 and num_samples > 0, got {offset_samples}, {num_samples}")
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr, frames = f.samplerate, f.frames
+            total = resampled_length(frames, sr, sample_rate)
+            if offset_samples >= total:
+                raise AudioError(
+                    f"{path}: crop offset {offset_samples} is past the end ({total} samples at {sample_rate} Hz); "
+                    "the file changed since it was scanned: re-run the scan"
+                )
+            if sr == sample_rate:
+                # No resampling: the window is exactly the file's samples.
+                start, stop = offset_samples, min(frames, offset_samples + num_samples)
+                out_first = start
+            else:
+                # Start the window on a sample where the source and target grids
+                # meet (a multiple of sr/gcd source samples), so its resampled
+                # samples land on the whole file's output grid.
+                g = math.gcd(sr, sample_rate)
+                block_src, block_out = sr // g, sample_rate // g
+                context = math.ceil(_RESAMPLE_CONTEXT_SECONDS * sr)
+                first_src = offset_samples * sr // sample_rate
+                start = max(0, (first_src - context) // block_src * block_src)
+                stop = min(frames, -(-(offset_samples + num_samples) * sr // sample_rate) + context + 1)
+                out_first = start // block_src * block_out
+            f.seek(start)
+            data = f.read(frames=stop - start, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - soundfile raises several types
+        raise AudioError(f"{path}: cannot decode audio ({_one_line(exc)}); check or remove the file") from None
+    if data.shape[0] < stop - start:
+        raise AudioError(
+            f"{path}: truncated: header promises {frames} frames but reading frames {start}-{stop} gave "
+            f"{data.shape[0]}; re-copy or remove the file"
+        )
+    mono = _mono_finite(data, path)
+    if sr != sample_rate:
+        mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
+        # The window's last samples are exact only if it reaches the file's end
+        # (or has context after them); both are guaranteed by `stop` above.
+        k = offset_samples - out_first
+        mono = mono[k : k + num_samples]
+    else:
+        mono = mono[:num_samples]
+    if mono.shape[0] == 0:
+        raise AudioError(f"{path}: no samples at offset {offset_samples} (file shorter than its header says)")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _mono_finite(data: np.ndarray, path: Path) -> np.ndarray:
+    """``(S, C)`` -> ``(S,)`` channel mean; raise on NaN/inf."""
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(mono).all():
+        raise AudioError(f"{path}: holds NaN or infinite samples; re-export or remove the file")
+    return mono
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
