@@ -1,0 +1,278 @@
+"""The rvq-vae teacher: EnCodec codes, weights loading, framing, codebook choice.
+
+The official weights are CC-BY-NC and never downloaded: every test saves a
+randomly initialised 24 kHz model in the official file format and loads it
+through the teacher's own code path. The reference is encodec's own
+``EncodecModel.encode`` on the full model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import music
+
+from mert_core.registry import PluginError, load_registry
+from mert_core.teacher import IGNORE_LABEL
+from mert_plugins.teachers.rvq_vae import (
+    CHECKPOINT_NAME,
+    CHECKPOINT_URL,
+    EncodecWeightsError,
+    RVQVAETeacher,
+    save_random_weights,
+)
+
+SR, HOP = 24000, 320
+
+
+def student_frames(num_samples: int) -> int:
+    return (num_samples - 400) // 320 + 1
+
+
+def batch(seconds: float, seeds=(1, 2, 3)) -> torch.Tensor:
+    """(B, S) music-like test signals."""
+    return torch.from_numpy(np.stack([music(seconds, SR, s) for s in seeds]))
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return save_random_weights(tmp_path_factory.mktemp("encodec") / CHECKPOINT_NAME, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher(registry, weights):
+    return registry.build("teacher", "rvq-vae", {"weights_path": str(weights)})
+
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    """encodec's own model, loaded the way encodec loads a checkpoint."""
+    from encodec import EncodecModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = EncodecModel.encodec_model_24khz(pretrained=False)
+    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    model.set_target_bandwidth(6.0)
+    model.eval()
+
+    def encode(wave: torch.Tensor) -> torch.Tensor:  # B, S -> B, T, 8
+        with torch.no_grad():
+            frames = model.encode(wave.unsqueeze(1))
+        assert len(frames) == 1 and frames[0][1] is None  # one segment, no normalisation (24 kHz model)
+        return frames[0][0].transpose(1, 2)
+
+    return encode
+
+
+def test_registered_with_spec(registry, teacher):
+    assert "rvq-vae" in registry.names("teacher")
+    assert isinstance(teacher, RVQVAETeacher)
+    spec = teacher.target_spec()
+    assert (spec.kind, spec.num_codebooks, spec.num_classes, spec.frame_rate_hz) == ("discrete", 8, 1024, 75.0)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.codec.training  # the codec stays in eval mode
+
+
+def test_codes_match_encodec_reference(teacher, reference):
+    wave = batch(0.6)  # 14400 samples: a multiple of the hop
+    got = teacher.targets(wave)
+    want = reference(wave)
+    assert got.dtype == torch.int64 and got.shape == (3, 45, 8)
+    assert torch.equal(got, want)
+    # the random weights still give varied codes, so the comparison means something
+    assert all(got[..., k].unique().numel() >= 5 for k in range(8))
+
+
+@pytest.mark.parametrize("num_samples", [12800, 12800 + 17, 12800 + 100, 12800 + 319, 400, 320])
+def test_partial_last_frame_dropped(teacher, reference, num_samples):
+    wave = batch(num_samples / SR + 0.01, seeds=(1, 2))[:, :num_samples]
+    got = teacher.targets(wave)
+    whole = reference(wave)  # encodec pads the tail: ceil(S / 320) frames
+    assert whole.shape[1] == -(-num_samples // HOP)
+    assert got.shape == (2, num_samples // HOP, 8)
+    assert torch.equal(got, whole[:, : got.shape[1]])
+
+
+@pytest.mark.parametrize("num_samples", [120000, 122880, 12800, 12800 + 17, 12800 + 100, 400, 320, 100, 0])
+def test_frame_count_within_one_of_student(teacher, num_samples):
+    wave = 0.1 * torch.randn(1, num_samples, generator=torch.Generator().manual_seed(0))
+    got = teacher.targets(wave)
+    assert got.shape == (1, num_samples // HOP, 8)
+    assert got.shape[1] - max(0, student_frames(num_samples)) in (0, 1)
+    if num_samples == 120000:  # the 5 s crop: EnCodec 375 frames, student 374
+        assert (got.shape[1], student_frames(num_samples)) == (375, 374)
+
+
+def test_batch_equals_one_at_a_time(teacher):
+    wave = batch(0.6, seeds=(4, 5, 6, 7))
+    together = teacher.targets(wave)
+    alone = torch.cat([teacher.targets(wave[i : i + 1]) for i in range(len(wave))])
+    assert torch.equal(together, alone)
+
+
+def test_padding_does_not_change_codes_of_real_frames(teacher):
+    """Short files are zero-padded in a batch; EnCodec is causal (apart from
+    reflect padding at the very start), so their codes on full frames equal the
+    codes of the unpadded clip."""
+    wave = batch(0.6, seeds=(8, 9))
+    valid = 9600 + 160
+    padded = wave.clone()
+    padded[1, valid:] = 0
+    got = teacher.targets(padded)[1, : valid // HOP]
+    assert torch.equal(got, teacher.targets(wave[1:2, :valid])[0])
+
+
+def test_chunked_encoding_differs_so_the_window_rule_matters(teacher):
+    """Why the chunk rule exists: codes of the second half encoded alone differ
+    from the same frames of the whole clip (EnCodec's LSTM carries state)."""
+    wave = batch(0.8, seeds=(10,))
+    whole = teacher.targets(wave)[:, 30:]
+    second = teacher.targets(wave[:, 9600:])
+    assert whole.shape == second.shape
+    assert not torch.equal(whole, second)
+
+
+def test_autocast_and_dtype_do_not_change_codes(teacher):
+    wave = batch(0.4, seeds=(11, 12))
+    want = teacher.targets(wave)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(teacher.targets(wave), want)
+    assert torch.equal(teacher.targets(wave.double()), want)
+
+
+def test_chosen_codebooks(registry, weights, teacher):
+    wave = batch(0.4, seeds=(13, 14))
+    full = teacher.targets(wave)
+    for keep in ([0], [7], [1, 5]):
+        t = registry.build("teacher", "rvq-vae", {"weights_path": str(weights), "codebooks": keep})
+        got = t.targets(wave)
+        assert got.shape == full.shape
+        others = [k for k in range(8) if k not in keep]
+        assert torch.equal(got[..., keep], full[..., keep])
+        assert (got[..., others] == IGNORE_LABEL).all()
+
+
+def test_random_codebook_per_batch(registry, weights, teacher):
+    wave = batch(0.4, seeds=(15, 16))
+    full = teacher.targets(wave)
+    t = registry.build("teacher", "rvq-vae", {"weights_path": str(weights), "codebooks": "random"})
+    t.generator = torch.Generator().manual_seed(0)  # what the trainer does each step
+    got = t.targets(wave)
+    kept = [k for k in range(8) if (got[..., k] != IGNORE_LABEL).any()]
+    assert len(kept) == 1  # one codebook for the whole batch, the others ignored
+    assert torch.equal(got[..., kept[0]], full[..., kept[0]])
+    assert (got[..., [k for k in range(8) if k != kept[0]]] == IGNORE_LABEL).all()
+
+    def drawn(generator) -> int:
+        t.generator = generator
+        got = t.select_codebooks(full)
+        kept = [k for k in range(8) if (got[..., k] != IGNORE_LABEL).any()]
+        assert len(kept) == 1
+        return kept[0]
+
+    draws = [drawn(torch.Generator().manual_seed(seed)) for seed in range(40)]
+    assert draws == [drawn(torch.Generator().manual_seed(seed)) for seed in range(40)]  # deterministic under the seed
+    assert len(set(draws)) >= 5  # and spread over the 8 codebooks
+    # without a generator: a fixed stream seeded by options.seed
+    a = registry.build("teacher", "rvq-vae", {"weights_path": str(weights), "codebooks": "random", "seed": 3})
+    b = registry.build("teacher", "rvq-vae", {"weights_path": str(weights), "codebooks": "random", "seed": 3})
+    stream_a = [int((a.select_codebooks(full) != IGNORE_LABEL).any(1).any(0).nonzero()) for _ in range(10)]
+    stream_b = [int((b.select_codebooks(full) != IGNORE_LABEL).any(1).any(0).nonzero()) for _ in range(10)]
+    assert stream_a == stream_b and len(set(stream_a)) > 1
+
+
+@pytest.mark.parametrize("bad", [[8], [], [0, 0], "some", [-1]])
+def test_bad_codebooks_option(registry, weights, bad):
+    with pytest.raises(PluginError, match="codebooks"):
+        registry.build("teacher", "rvq-vae", {"weights_path": str(weights), "codebooks": bad})
+
+
+def test_missing_weights_message(registry, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub_file = tmp_path / "torch" / "hub" / "checkpoints" / CHECKPOINT_NAME
+    # nothing given, nothing cached
+    with pytest.raises(EncodecWeightsError) as info:
+        registry.build("teacher", "rvq-vae", {})
+    msg = str(info.value)
+    assert "\n" not in msg
+    for needed in (str(hub_file), CHECKPOINT_NAME, CHECKPOINT_URL, "CC-BY-NC", "weights_path"):
+        assert needed in msg
+    # a path given that does not exist: both paths named
+    missing = tmp_path / "nowhere" / "encodec.th"
+    with pytest.raises(EncodecWeightsError) as info:
+        registry.build("teacher", "rvq-vae", {"weights_path": str(missing)})
+    msg = str(info.value)
+    assert str(missing) in msg and str(hub_file) in msg and "CC-BY-NC" in msg and "\n" not in msg
+
+
+def test_loads_from_torch_hub_cache_and_folder(registry, weights, teacher, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub_file = tmp_path / "torch" / "hub" / "checkpoints" / CHECKPOINT_NAME
+    hub_file.parent.mkdir(parents=True)
+    shutil.copy(weights, hub_file)
+    wave = batch(0.2, seeds=(17,))
+    from_cache = registry.build("teacher", "rvq-vae", {})
+    assert from_cache.weights_file == hub_file
+    assert torch.equal(from_cache.targets(wave), teacher.targets(wave))
+    from_folder = registry.build("teacher", "rvq-vae", {"weights_path": str(hub_file.parent)})
+    assert from_folder.weights_file == hub_file
+
+
+def test_never_downloads(registry, weights, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    registry.build("teacher", "rvq-vae", {"weights_path": str(weights)}).targets(batch(0.2, seeds=(1,)))
+
+
+def test_wrong_or_corrupt_checkpoint(registry, weights, tmp_path):
+    state = torch.load(weights, map_location="cpu")
+    cases = {}
+    partial = dict(state)
+    partial.pop(next(iter(partial)))
+    partial["lm.extra.weight"] = torch.zeros(3)
+    cases["missing keys"] = partial
+    reshaped = dict(state)
+    key = next(k for k in state if k.endswith("_codebook.embed"))
+    reshaped[key] = torch.zeros(512, 128)
+    cases["wrong shape"] = reshaped
+    for what, sd in cases.items():
+        path = tmp_path / f"{what.replace(' ', '_')}.th"
+        torch.save(sd, path)
+        with pytest.raises(EncodecWeightsError, match="not an EnCodec 24 kHz checkpoint") as info:
+            registry.build("teacher", "rvq-vae", {"weights_path": str(path)})
+        assert str(path) in str(info.value)
+    corrupt = tmp_path / "corrupt.th"
+    corrupt.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(EncodecWeightsError, match="cannot read") as info:
+        registry.build("teacher", "rvq-vae", {"weights_path": str(corrupt)})
+    assert str(corrupt) in str(info.value)
+
+
+def test_wrong_sample_rate(registry, weights):
+    with pytest.raises(ValueError, match="24000 Hz"):
+        registry.build("teacher", "rvq-vae", {"weights_path": str(weights)}, sample_rate=16000, hop_samples=320)
+
+
+def test_config_hash_follows_weights_content(registry, weights, teacher, tmp_path):
+    copy = tmp_path / "elsewhere.th"
+    shutil.copy(weights, copy)
+    moved = registry.build("teacher", "rvq-vae", {"weights_path": str(copy)})
+    assert moved.config_hash() == teacher.config_hash()  # same bytes, other place: same labels
+    other = save_random_weights(tmp_path / "other.th", seed=1)
+    assert registry.build("teacher", "rvq-vae", {"weights_path": str(other)}).config_hash() != teacher.config_hash()
+    single = registry.build("teacher", "rvq-vae", {"weights_path": str(weights), "codebooks": [0]})
+    assert single.config_hash() != teacher.config_hash()
