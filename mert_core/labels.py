@@ -1,0 +1,593 @@
+"""Offline teacher labels: fit a teacher once, label a dataset once, train many times.
+
+The label store is generic over discrete teachers (k-means, EnCodec, ...).
+
+**The rule that makes offline labels equal online ones.** Labels are made per
+*window* of ``window_samples`` (the training crop: 120000 = 5 s at 24 kHz) on a
+grid starting at sample 0 of the file at the student's rate: window ``k``
+covers samples ``[k * W, (k + 1) * W)``, read with
+:func:`mert_core.audio.read_crop` exactly as the trainer reads a crop. The
+last, partial window is labelled from what remains if it holds at least
+``min_samples``. A trainer that uses a store takes crops on that grid
+(``CropBatches(align_crops=True)``), so each crop is one window and the store
+returns ``teacher.targets(crop)``, frame for frame.
+
+Layout of a store folder::
+
+    labels.bin   uint16 (uint32 if a codebook has > 65536 classes), shape
+                 (total_frames, num_codebooks), row-major, memory-mapped
+    index.json   teacher name, options and config hash, window/sample/hop
+                 sizes, and per file: absolute path, size, mtime_ns,
+                 num_samples and per window [frame_offset, num_frames]
+
+The Python API behind ``mert teacher fit`` and ``mert teacher label`` lives here
+too: :func:`fit_teacher` and :func:`label_data`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mert_core.audio import AudioError, read_crop
+from mert_core.teacher import IGNORE_LABEL, Teacher
+
+log = logging.getLogger("mert.labels")
+
+FORMAT = "mert-label-store"
+FORMAT_VERSION = 1
+LABELS_FILE = "labels.bin"
+INDEX_FILE = "index.json"
+HOP_SAMPLES = 320  # the student's total conv stride (SPEC)
+STUDENT_WINDOW_SAMPLES = 400  # the student's conv receptive field
+DEFAULT_WINDOW_SAMPLES = 120000  # SPEC: 5 s crops at 24 kHz
+
+
+class LabelStoreError(ValueError):
+    """A label store that cannot serve a request: file not labelled or changed,
+    crop off the grid, frame counts that disagree, or a damaged store."""
+
+
+class LabelStoreMismatch(LabelStoreError):
+    """A label store made by another teacher configuration or window size."""
+
+
+def student_frames(num_samples: int, hop_samples: int = HOP_SAMPLES) -> int:
+    """Frames the student makes from ``num_samples`` samples: ``floor((S - 400) / hop) + 1`` (0 if shorter)."""
+    return 0 if num_samples < STUDENT_WINDOW_SAMPLES else (num_samples - STUDENT_WINDOW_SAMPLES) // hop_samples + 1
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned type that holds every class: uint16 up to 65536 classes, else uint32."""
+    return np.dtype(np.uint16) if num_classes <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclass
+class LabelStoreSummary:
+    """What :func:`write_label_store` wrote."""
+
+    out_dir: Path
+    num_files: int
+    num_windows: int
+    num_frames: int
+    num_codebooks: int
+    dtype: str
+    labels_bytes: int
+    seconds: float
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bytes_per_frame_per_codebook(self) -> float:
+        return self.labels_bytes / max(self.num_frames * self.num_codebooks, 1)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.num_frames / max(self.seconds, 1e-9)
+
+
+# -- writing ----------------------------------------------------------------------
+
+
+def _windows_of(num_samples: int, window_samples: int, min_samples: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of every labelled window of a file."""
+    out = []
+    for start in range(0, num_samples, window_samples):
+        length = min(window_samples, num_samples - start)
+        if length >= min_samples:
+            out.append((start, length))
+    return out
+
+
+class _FileWindows(torch.utils.data.Dataset):
+    """Item ``i``: every window of file ``i`` as float32 arrays, or why it failed."""
+
+    def __init__(self, files: list[tuple[str, list[tuple[int, int]]]], sample_rate: int):
+        self.files = files
+        self.sample_rate = sample_rate
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, list[np.ndarray] | None, str | None]:
+        path, windows = self.files[i]
+        out = []
+        try:
+            for start, length in windows:
+                wave = read_crop(path, self.sample_rate, start, length)
+                if len(wave) != length:
+                    raise AudioError(f"{path}: window at sample {start} gave {len(wave)} samples, expected {length} (file shorter than its header says)")
+                out.append(wave)
+        except AudioError as exc:
+            return i, None, str(exc)
+        return i, out, None
+
+
+def _as_is(item):
+    return item  # DataLoader collate: keep the numpy windows as they are
+
+
+def write_label_store(
+    teacher: Teacher,
+    files: Iterable[str | Path],
+    out_dir: str | Path,
+    window_samples: int = DEFAULT_WINDOW_SAMPLES,
+    sample_rate: int = 24000,
+    batch_size: int = 16,
+    min_samples: int = STUDENT_WINDOW_SAMPLES,
+    progress: bool = True,
+    overwrite: bool = False,
+    num_workers: int = 0,
+) -> LabelStoreSummary:
+    """Label every window of every file with ``teacher`` into one store folder.
+
+    Args:
+        teacher: a fitted discrete teacher, already on the device to use.
+        files: audio files, folders or manifests (anything
+            :func:`mert_core.data.scan_audio` reads).
+        out_dir: the store folder to create (atomically: written under a
+            temporary name, then renamed).
+        window_samples: window = training crop length (SPEC: 120000).
+        sample_rate: the student's rate.
+        batch_size: full windows per teacher call.
+        min_samples: a file's last, partial window is labelled if it holds at
+            least this many samples (at least 400, one student frame).
+        progress: show a progress bar.
+        overwrite: replace an existing store at ``out_dir``.
+        num_workers: processes decoding audio (0: decode in this process).
+
+    Returns:
+        a :class:`LabelStoreSummary`; unreadable files are skipped and listed.
+
+    Raises:
+        LabelStoreError: the teacher is continuous or not fitted, the folder
+            exists, or the teacher gives a frame count that does not match the
+            audio (naming the file and both counts).
+    """
+    from mert_core.data import scan_audio
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir).absolute()
+    spec = teacher.target_spec()
+    if spec.kind != "discrete":
+        raise LabelStoreError(f"teacher {teacher.name!r} makes continuous targets; a label store holds discrete labels only (compute {teacher.name!r} online)")
+    if getattr(teacher, "needs_fit", lambda: False)():
+        raise LabelStoreError(f"teacher {teacher.name!r} is not fitted; pass its teacher file (`mert teacher fit {teacher.name} ...` makes one)")
+    if out_dir.exists() and not overwrite:
+        raise LabelStoreError(f"{out_dir}: already exists; pass overwrite=True (--overwrite) to replace it, or choose another folder")
+    if window_samples < STUDENT_WINDOW_SAMPLES:
+        raise LabelStoreError(f"window_samples must be >= {STUDENT_WINDOW_SAMPLES} (one student frame), got {window_samples}")
+    min_samples = max(min_samples, STUDENT_WINDOW_SAMPLES)
+    hop = teacher.hop_samples
+    dtype = label_dtype(spec.num_classes)
+    C = spec.num_codebooks
+    device = next((t.device for t in teacher.buffers()), torch.device("cpu"))
+    config_hash = teacher.config_hash()
+
+    manifest = scan_audio(list(files), progress=progress)
+    skipped: dict[str, str] = dict(manifest.skipped)
+    plan = []
+    for f in manifest.files:
+        windows = _windows_of(f.num_samples(sample_rate), window_samples, min_samples)
+        if windows:
+            plan.append((f.path, windows))
+        else:
+            skipped[f.path] = f"shorter than {min_samples} samples at {sample_rate} Hz: nothing to label"
+
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True)
+    entries: dict[int, dict[str, Any]] = {}
+    total_frames, total_windows = 0, 0
+    try:
+        with open(tmp_dir / LABELS_FILE, "wb") as labels_out:
+            pending: list[tuple[int, int, np.ndarray]] = []  # (file index, window index, wave) of full windows
+            results: dict[int, dict[int, np.ndarray]] = {}
+
+            def run(items: list[tuple[int, int, np.ndarray]]) -> None:
+                wave = torch.from_numpy(np.stack([w for _, _, w in items])).to(device)
+                with torch.no_grad():
+                    labels = teacher.targets(wave)  # B, T, C
+                want = student_frames(wave.shape[1], hop)
+                for b, (fi, k, _) in enumerate(items):
+                    path = plan[fi][0]
+                    if labels.dim() != 3 or labels.shape[2] != C or labels.shape[1] not in (want, want + 1):
+                        raise LabelStoreError(
+                            f"{path}: teacher {teacher.name!r} gave labels of shape {tuple(labels.shape[1:])} for window {k} "
+                            f"({wave.shape[1]} samples), expected ({want} or {want + 1}, {C}) frames x codebooks; the teacher is broken"
+                        )
+                    lab = labels[b]
+                    if bool(((lab < 0) | (lab >= spec.num_classes)).any()):
+                        raise LabelStoreError(
+                            f"{path}: teacher {teacher.name!r} gave labels outside 0..{spec.num_classes - 1} "
+                            f"(min {int(lab.min())}, max {int(lab.max())}) in window {k}; a store holds only real classes"
+                        )
+                    results.setdefault(fi, {})[k] = lab.cpu().numpy().astype(dtype)
+
+            def flush_done() -> None:
+                nonlocal total_frames, total_windows
+                for fi in [fi for fi, got in results.items() if len(got) == len(plan[fi][1])]:
+                    path, windows = plan[fi]
+                    got = results.pop(fi)
+                    rows = []
+                    for k in range(len(windows)):
+                        lab = np.ascontiguousarray(got[k])
+                        labels_out.write(lab.tobytes())
+                        rows.append([total_frames, int(lab.shape[0])])
+                        total_frames += int(lab.shape[0])
+                    total_windows += len(windows)
+                    st = os.stat(path)
+                    num_samples = windows[-1][0] + windows[-1][1]
+                    entries[fi] = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "num_samples": num_samples, "windows": rows}
+
+            reader = torch.utils.data.DataLoader(
+                _FileWindows(plan, sample_rate), batch_size=None, shuffle=False, num_workers=num_workers,
+                collate_fn=_as_is,
+            )
+            bar = tqdm(total=sum(len(w) for _, w in plan), desc=f"labelling with {teacher.name}", unit="window", disable=not progress)
+            for fi, waves, error in reader:
+                if error is not None:
+                    skipped[plan[fi][0]] = error
+                    log.warning("skipping %s", error)
+                    bar.update(len(plan[fi][1]))
+                    continue
+                for k, wave in enumerate(waves):
+                    if len(wave) == window_samples:
+                        pending.append((fi, k, wave))
+                    else:  # the last, partial window: labelled on its own, at its own length
+                        run([(fi, k, wave)])
+                        bar.update(1)
+                while len(pending) >= batch_size:
+                    run(pending[:batch_size])
+                    bar.update(batch_size)
+                    pending = pending[batch_size:]
+                flush_done()
+            if pending:
+                run(pending)
+                bar.update(len(pending))
+            flush_done()
+            bar.close()
+            labels_out.flush()
+            os.fsync(labels_out.fileno())
+
+        index = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "teacher": teacher.name,
+            "options": teacher.options.model_dump(mode="json"),
+            "config_hash": config_hash,
+            "window_samples": window_samples,
+            "min_samples": min_samples,
+            "sample_rate": sample_rate,
+            "hop_samples": hop,
+            "frame_rate_hz": sample_rate / hop,
+            "num_codebooks": C,
+            "num_classes": spec.num_classes,
+            "dtype": dtype.name,
+            "total_frames": total_frames,
+            "files": [entries[i] for i in sorted(entries)],
+            "skipped": skipped,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": _versions(),
+        }
+        with open(tmp_dir / INDEX_FILE, "w") as f:
+            json.dump(index, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if out_dir.exists():  # overwrite: move the old store aside first, so a crash leaves one of the two
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.rename(out_dir, old)
+            os.rename(tmp_dir, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp_dir, out_dir)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+    summary = LabelStoreSummary(
+        out_dir=out_dir,
+        num_files=len(entries),
+        num_windows=total_windows,
+        num_frames=total_frames,
+        num_codebooks=C,
+        dtype=dtype.name,
+        labels_bytes=total_frames * C * dtype.itemsize,
+        seconds=time.perf_counter() - started,
+        skipped=skipped,
+    )
+    log.info(
+        "label store %s: %d files, %d windows, %d frames x %d codebooks (%s), %d files skipped, %.1f s",
+        out_dir, summary.num_files, total_windows, total_frames, C, dtype.name, len(skipped), summary.seconds,
+    )
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("mert", "torch", "torchaudio", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+class LabelStore:
+    """A label store opened for reading: the index in memory, the labels memory-mapped.
+
+    Use :meth:`open`, then :meth:`check` once against the run's teacher, then
+    :meth:`targets` per batch.
+    """
+
+    def __init__(self, root: Path, index: dict[str, Any], labels: np.ndarray):
+        self.root = root
+        self.index = index
+        self.labels = labels  # total_frames, C (memory-mapped)
+        self.window_samples: int = index["window_samples"]
+        self.num_codebooks: int = index["num_codebooks"]
+        self._files = {e["path"]: e for e in index["files"]}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "LabelStore":
+        """Open the store folder ``path`` (written by :func:`write_label_store`)."""
+        root = Path(path).absolute()
+        index_file = root / INDEX_FILE
+        if not index_file.is_file():
+            raise LabelStoreError(f"{root}: not a label store (no {INDEX_FILE}); make one with `mert teacher label NAME --data AUDIO --out {root}`")
+        try:
+            index = json.loads(index_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise LabelStoreError(f"{index_file}: cannot read it ({exc}); the store is damaged, re-run `mert teacher label`") from None
+        if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
+            raise LabelStoreError(
+                f"{root}: format {index.get('format')!r} version {index.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}; "
+                f"re-run `mert teacher label` with this mert"
+            )
+        dtype = np.dtype(index["dtype"])
+        C, N = index["num_codebooks"], index["total_frames"]
+        labels_file = root / LABELS_FILE
+        want = N * C * dtype.itemsize
+        have = labels_file.stat().st_size if labels_file.exists() else None
+        if have != want:
+            raise LabelStoreError(
+                f"{labels_file}: holds {have} bytes, the index promises {want} ({N} frames x {C} codebooks x {dtype.itemsize}); "
+                f"the store is damaged or incomplete, re-run `mert teacher label`"
+            )
+        labels = np.memmap(labels_file, dtype=dtype, mode="r", shape=(N, C)) if N else np.zeros((0, C), dtype)
+        return cls(root, index, labels)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._files)
+
+    def check(self, teacher: Teacher, window_samples: int, files: Iterable[str | Path] | None = None) -> None:
+        """Refuse a store made by another teacher configuration, window size or audio.
+
+        Args:
+            teacher: the run's teacher (fitted).
+            window_samples: the run's crop length.
+            files: if given, every one must be in the store and unchanged.
+
+        Raises:
+            LabelStoreMismatch: naming each difference and what to do.
+        """
+        ix = self.index
+        problems = []
+        if ix["teacher"] != teacher.name:
+            problems.append(f"it was made by teacher {ix['teacher']!r}, this run uses {teacher.name!r}")
+        else:
+            mine = teacher.config_hash()
+            if ix["config_hash"] != mine:
+                now = teacher.options.model_dump(mode="json")
+                diff = [k for k in sorted(set(now) | set(ix["options"])) if now.get(k) != ix["options"].get(k)]
+                was = ix["options"]
+                changes = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in diff)
+                hint = f" (options that differ: {changes})" if diff else " (same options: the fitted state differs)"
+                problems.append(f"it was made with teacher configuration {ix['config_hash']}, this run's {teacher.name!r} has {mine}{hint}")
+        if ix["window_samples"] != window_samples:
+            problems.append(f"its windows are {ix['window_samples']} samples, this run's crops are {window_samples}")
+        for key, mine in (("sample_rate", teacher.sample_rate), ("hop_samples", teacher.hop_samples)):
+            if ix[key] != mine:
+                problems.append(f"its {key} is {ix[key]}, this run's is {mine}")
+        if problems:
+            raise LabelStoreMismatch(
+                f"label store {self.root} does not match this run: {'; '.join(problems)}. "
+                f"Re-run `mert teacher label {teacher.name} --data AUDIO --out DIR` with this teacher and crop length, "
+                f"or drop label_store to compute labels online"
+            )
+        if files is not None:
+            bad = []
+            for p in files:
+                try:
+                    self._entry(str(p))
+                except LabelStoreError as exc:
+                    bad.append(str(exc))
+            if bad:
+                raise LabelStoreMismatch(f"label store {self.root} does not cover this run's audio ({len(bad)} files), e.g. {bad[0]}")
+
+    def _entry(self, path: str) -> dict[str, Any]:
+        entry = self._files.get(os.path.abspath(path))
+        if entry is None:
+            raise LabelStoreError(
+                f"{path}: not in label store {self.root} ({len(self._files)} files); the store was made for other audio: "
+                f"re-run `mert teacher label` on this data"
+            )
+        try:
+            st = os.stat(entry["path"])
+        except OSError as exc:
+            raise LabelStoreError(f"{path}: cannot stat it ({exc})") from None
+        if st.st_size != entry["size"] or st.st_mtime_ns != entry["mtime_ns"]:
+            raise LabelStoreError(
+                f"{path}: changed since it was labelled (size {entry['size']} -> {st.st_size}, mtime_ns {entry['mtime_ns']} -> {st.st_mtime_ns}); "
+                f"re-run `mert teacher label` for label store {self.root}"
+            )
+        return entry
+
+    def window(self, path: str, offset_samples: int) -> np.ndarray:
+        """The stored ``(frames, C)`` labels of the window starting at ``offset_samples``."""
+        entry = self._entry(path)
+        W = self.window_samples
+        if offset_samples % W:
+            raise LabelStoreError(
+                f"{path}: crop offset {offset_samples} is not on the store's grid of {W}-sample windows; "
+                f"crops must start at multiples of {W} (CropBatches(align_crops=True))"
+            )
+        k = offset_samples // W
+        windows = entry["windows"]
+        if k >= len(windows):
+            raise LabelStoreError(f"{path}: crop offset {offset_samples} is past the {len(windows)} labelled windows of this file ({entry['num_samples']} samples)")
+        start, count = windows[k]
+        length = min(W, entry["num_samples"] - k * W)
+        expected = student_frames(length, self.index["hop_samples"])
+        if count not in (expected, expected + 1):
+            raise LabelStoreError(
+                f"{path}: window {k} of the label store holds {count} frames, but its {length} samples give {expected} "
+                f"student frames; the store does not match this audio, re-run `mert teacher label`"
+            )
+        return self.labels[start : start + count]
+
+    def targets(self, paths: list[str], offsets_samples: list[int], num_frames: int) -> torch.Tensor:
+        """Labels of a batch of grid-aligned crops.
+
+        Args:
+            paths: ``B`` audio files.
+            offsets_samples: ``B`` crop starts, multiples of ``window_samples``.
+            num_frames: frames the student makes from the batch.
+
+        Returns:
+            ``(B, num_frames, C)`` int64; ``IGNORE_LABEL`` past the end of a window.
+        """
+        if len(paths) != len(offsets_samples):
+            raise ValueError(f"targets: {len(paths)} paths but {len(offsets_samples)} offsets; give one offset per path")
+        out = np.full((len(paths), num_frames, self.num_codebooks), IGNORE_LABEL, dtype=np.int64)
+        for b, (path, offset) in enumerate(zip(paths, offsets_samples)):
+            lab = self.window(path, int(offset))
+            n = min(num_frames, lab.shape[0])
+            out[b, :n] = lab[:n]
+        return torch.from_numpy(out)
+
+
+# -- the Python API behind `mert teacher fit` / `mert teacher label` ---------------------
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def fit_teacher(
+    name: str,
+    data_paths: Iterable[str | Path],
+    out_file: str | Path,
+    options: dict[str, Any] | None = None,
+    registry=None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    sample_rate: int = 24000,
+    progress: bool = True,
+) -> Path:
+    """Fit teacher ``name`` on audio under ``data_paths`` and save it to ``out_file``.
+
+    Args:
+        name: a registered teacher that needs fitting (``kmeans-mfcc``, ...).
+        data_paths: audio folders, files or manifests.
+        out_file: the artifact to write (``.safetensors``).
+        options: teacher options (validated by the teacher's ``Options``).
+        registry: default: the installed plugins.
+        seed: seed of the sample and initialisation (unless ``options['seed']``).
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda:0``, ...
+        sample_rate: the student's rate.
+        progress: show progress bars.
+
+    Returns:
+        ``out_file``.
+    """
+    from mert_core.registry import default_registry
+
+    registry = registry or default_registry()
+    options = dict(options or {})
+    if options.get("teacher_file") is not None:
+        raise ValueError(f"option 'teacher_file' is what fitting writes (--out); drop it from the options of {name!r}")
+    teacher = registry.build("teacher", name, options, sample_rate=sample_rate, hop_samples=HOP_SAMPLES)
+    if type(teacher).fit is Teacher.fit:
+        fittable = [n for n in registry.names("teacher") if registry.get("teacher", n).obj.fit is not Teacher.fit]
+        raise ValueError(f"teacher {name!r} has nothing to fit; teachers that do: {', '.join(fittable) or 'none'}")
+    teacher.to(_resolve_device(device))
+    return teacher.fit([Path(p) for p in data_paths], Path(out_file), seed=seed, progress=progress)
+
+
+def label_data(
+    name: str,
+    data_paths: Iterable[str | Path],
+    out_dir: str | Path,
+    options: dict[str, Any] | None = None,
+    teacher_file: str | Path | None = None,
+    registry=None,
+    window_samples: int = DEFAULT_WINDOW_SAMPLES,
+    sample_rate: int = 24000,
+    batch_size: int = 16,
+    min_samples: int = STUDENT_WINDOW_SAMPLES,
+    device: str | torch.device = "auto",
+    overwrite: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> LabelStoreSummary:
+    """Label audio under ``data_paths`` with teacher ``name`` into the store ``out_dir``.
+
+    ``teacher_file`` (the fitted artifact) is required for teachers that need
+    fitting; other discrete teachers (EnCodec) take only ``options``. See
+    :func:`write_label_store` for the other arguments.
+    """
+    from mert_core.registry import default_registry
+
+    registry = registry or default_registry()
+    options = dict(options or {})
+    if teacher_file is not None:
+        options["teacher_file"] = str(teacher_file)
+    teacher = registry.build("teacher", name, options, sample_rate=sample_rate, hop_samples=HOP_SAMPLES)
+    if teacher.needs_fit():
+        raise ValueError(f"teacher {name!r} must be fitted first: pass --teacher-file FILE (made by `mert teacher fit {name} --data AUDIO --out FILE`)")
+    teacher.to(_resolve_device(device)).eval()
+    return write_label_store(
+        teacher, list(data_paths), out_dir, window_samples=window_samples, sample_rate=sample_rate, batch_size=batch_size,
+        min_samples=min_samples, progress=progress, overwrite=overwrite, num_workers=num_workers,
+    )

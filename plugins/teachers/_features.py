@@ -1,0 +1,198 @@
+"""Frame-aligned acoustic features in torch, shared by fitting and labelling.
+
+Every extractor here maps ``(B, S)`` waveforms to ``(B, T, D)`` features with
+exactly the student's frame count ``T = floor((S - 400) / hop) + 1``: the
+student's conv stack sees samples ``[t * hop, t * hop + 400)`` for frame ``t``,
+so we centre an ``n_fft`` analysis window on the middle of that span (sample
+``t * hop + 200``). Concretely the wave is zero-padded by ``(n_fft - 400) // 2``
+on the left and the rest of ``n_fft - 400`` on the right, and the STFT runs
+with ``center=False``. Zero padding (not reflection) keeps the features of a
+window a function of that window's samples alone, whatever its length.
+
+The same modules run when a k-means teacher is fitted (streamed, chunk by
+chunk) and when it labels audio (online in the trainer or offline into a label
+store), which is what makes online and offline labels identical.
+"""
+
+from __future__ import annotations
+
+import librosa
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import nn
+
+STUDENT_WINDOW_SAMPLES = 400
+"""Receptive field of the student's conv stack (kernels 10,3,3,3,3,2,2; strides 5,2,2,2,2,2,2)."""
+
+LOG_OFFSET = 1e-6
+"""Added to mel energies before the log (torchaudio's MFCC uses the same)."""
+
+
+def num_student_frames(num_samples: int, hop_samples: int = 320) -> int:
+    """Frames the student's conv stack makes from ``num_samples`` samples (0 if too short)."""
+    if num_samples < STUDENT_WINDOW_SAMPLES:
+        return 0
+    return (num_samples - STUDENT_WINDOW_SAMPLES) // hop_samples + 1
+
+
+def pad_for_frames(wave: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """Zero-pad ``(B, S)`` so an ``n_fft``-window, ``center=False`` STFT gives
+    the student's frames, each window centred on its student frame."""
+    if n_fft < STUDENT_WINDOW_SAMPLES:
+        raise ValueError(f"n_fft must be >= {STUDENT_WINDOW_SAMPLES} (the student's window), got {n_fft}")
+    extra = n_fft - STUDENT_WINDOW_SAMPLES
+    return F.pad(wave, (extra // 2, extra - extra // 2))
+
+
+def _check_wave(wave: torch.Tensor) -> torch.Tensor:
+    if wave.dim() != 2:
+        raise ValueError(f"expected a (B, S) batch of waveforms, got shape {tuple(wave.shape)}")
+    return wave.float()
+
+
+class FrameFeatures(nn.Module):
+    """Base of the extractors: ``forward((B, S)) -> (B, T, dim)``."""
+
+    dim: int
+
+    def __init__(self, hop_samples: int):
+        super().__init__()
+        self.hop_samples = hop_samples
+
+    def empty(self, wave: torch.Tensor) -> torch.Tensor:
+        return wave.new_zeros(wave.shape[0], 0, self.dim)
+
+
+class MFCCFeatures(FrameFeatures):
+    """MFCC (log-mel, orthonormal DCT-II) plus delta and delta-delta.
+
+    13 coefficients give 39 dims (MusicHuBERT's default), 20 give 60. Mel
+    filters use the Slaney scale and norm (librosa's defaults), so the
+    coefficients equal librosa's ``mfcc`` of ``log(mel + 1e-6)``.
+
+    Args:
+        sample_rate: waveform rate.
+        hop_samples: student hop.
+        n_mfcc: cepstral coefficients.
+        n_mels: mel bands.
+        n_fft: analysis window (hann).
+        deltas: append delta and delta-delta (``compute_deltas``, 5 frames).
+    """
+
+    def __init__(self, sample_rate: int, hop_samples: int, n_mfcc: int = 13, n_mels: int = 64, n_fft: int = 1024, deltas: bool = True):
+        super().__init__(hop_samples)
+        self.n_fft = n_fft
+        self.deltas = deltas
+        self.dim = n_mfcc * (3 if deltas else 1)
+        self.mfcc = torchaudio.transforms.MFCC(
+            sample_rate=sample_rate,
+            n_mfcc=n_mfcc,
+            log_mels=True,
+            melkwargs=dict(n_fft=n_fft, hop_length=hop_samples, n_mels=n_mels, center=False, power=2.0, mel_scale="slaney", norm="slaney"),
+        )
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` -> ``(B, T, dim)``."""
+        wave = _check_wave(wave)
+        if num_student_frames(wave.shape[1], self.hop_samples) == 0:
+            return self.empty(wave)
+        c = self.mfcc(pad_for_frames(wave, self.n_fft))  # B, n_mfcc, T
+        if self.deltas:
+            d1 = torchaudio.functional.compute_deltas(c, win_length=5)
+            d2 = torchaudio.functional.compute_deltas(d1, win_length=5)
+            c = torch.cat([c, d1, d2], dim=1)
+        return c.transpose(1, 2).contiguous()  # B, T, dim
+
+
+class LogMelFeatures(FrameFeatures):
+    """Log-mel energies ``log(mel + 1e-6)`` (power spectrum, Slaney mel filters).
+
+    Args:
+        sample_rate: waveform rate.
+        hop_samples: student hop.
+        n_mels: mel bands (= feature dims).
+        n_fft: analysis window (hann).
+    """
+
+    def __init__(self, sample_rate: int, hop_samples: int, n_mels: int = 128, n_fft: int = 1024):
+        super().__init__(hop_samples)
+        self.n_fft = n_fft
+        self.dim = n_mels
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_samples, n_mels=n_mels, center=False, power=2.0, mel_scale="slaney", norm="slaney"
+        )
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` -> ``(B, T, n_mels)``."""
+        wave = _check_wave(wave)
+        if num_student_frames(wave.shape[1], self.hop_samples) == 0:
+            return self.empty(wave)
+        mel = self.mel(pad_for_frames(wave, self.n_fft))  # B, n_mels, T
+        return torch.log(mel + LOG_OFFSET).transpose(1, 2).contiguous()
+
+
+class ChromaFeatures(FrameFeatures):
+    """Chroma from the power STFT, each frame scaled to max 1 (librosa's ``chroma_stft``).
+
+    The chroma filterbank is ``librosa.filters.chroma`` (tuning 0) turned into a
+    buffer, so the result equals ``librosa.feature.chroma_stft(..., tuning=0)``
+    on the same padded frames.
+
+    Args:
+        sample_rate: waveform rate.
+        hop_samples: student hop.
+        n_chroma: pitch classes.
+        n_fft: analysis window (hann); 2048 at 24 kHz resolves 11.7 Hz bins.
+    """
+
+    def __init__(self, sample_rate: int, hop_samples: int, n_chroma: int = 12, n_fft: int = 2048):
+        super().__init__(hop_samples)
+        self.n_fft = n_fft
+        self.dim = n_chroma
+        self.spectrogram = torchaudio.transforms.Spectrogram(n_fft=n_fft, hop_length=hop_samples, center=False, power=2.0)
+        fb = librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, n_chroma=n_chroma, tuning=0.0)
+        self.register_buffer("chroma_fb", torch.from_numpy(fb).float())  # n_chroma, n_fft // 2 + 1
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` -> ``(B, T, n_chroma)``."""
+        wave = _check_wave(wave)
+        if num_student_frames(wave.shape[1], self.hop_samples) == 0:
+            return self.empty(wave)
+        power = self.spectrogram(pad_for_frames(wave, self.n_fft))  # B, F, T
+        chroma = torch.matmul(power.transpose(1, 2), self.chroma_fb.T)  # B, T, n_chroma
+        # librosa.util.normalize(norm=inf): frames below the smallest normal float stay as they are
+        peak = chroma.amax(dim=-1, keepdim=True)
+        peak = torch.where(peak < torch.finfo(chroma.dtype).tiny, torch.ones_like(peak), peak)
+        return chroma / peak
+
+
+class HiddenStateFeatures(FrameFeatures):
+    """Hidden states of one layer of a trained student (HuBERT's second iteration).
+
+    Args:
+        student: a ``MertStudent`` (kept in eval mode: no dropout, no masking).
+        layer: index into ``hidden_states`` (0 = the transformer's input,
+            ``num_layers`` = its output).
+        hop_samples: the student's hop.
+    """
+
+    def __init__(self, student: nn.Module, layer: int, hop_samples: int, dim: int):
+        super().__init__(hop_samples)
+        self.student = student.eval()
+        self.layer = layer
+        self.dim = dim
+
+    def train(self, mode: bool = True):  # the student stays in eval mode whatever the caller does
+        super().train(mode)
+        self.student.eval()
+        return self
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` -> ``(B, T, dim)``."""
+        wave = _check_wave(wave)
+        if num_student_frames(wave.shape[1], self.hop_samples) == 0:
+            return self.empty(wave)
+        lengths = torch.full((wave.shape[0],), wave.shape[1], dtype=torch.long, device=wave.device)
+        out = self.student(wave, lengths, output_hidden_states=True)
+        return out.hidden_states[self.layer].float()

@@ -1,0 +1,621 @@
+"""The k-means family of acoustic teachers (MusicHuBERT, MERT-v0, HuBERT iteration 2).
+
+* ``kmeans-mfcc``: MFCC + delta + delta-delta (13 -> 39 dims, or 20 -> 60),
+  one codebook of K = 500 classes (SPEC: 100, 500 or 2000).
+* ``kmeans-logmel-chroma``: one clustering of log-mel frames (K = 300) and one
+  of chroma frames (K = 200), combined into 300 x 200 = 60000 product classes
+  as one target (the paper's way), or kept as two codebooks.
+* ``kmeans-hidden``: k-means of one hidden layer of a trained ``mert``
+  student (HuBERT's second iteration), K = 500 or 2000.
+
+A k-means teacher is fitted once (:meth:`KMeansTeacher.fit`, ``mert teacher
+fit``) into a self-describing safetensors file: centroids plus JSON metadata
+(feature settings, sample and frame rate, inertia, the data sample it saw,
+library versions). That one file serves every split. Targets are the index of
+the nearest centroid of each frame, computed in torch on the training device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from mert_core.hookspecs import hookimpl
+from mert_core.teacher import TargetSpec, Teacher, TeacherOptions
+from mert_plugins.teachers._features import (
+    ChromaFeatures,
+    FrameFeatures,
+    HiddenStateFeatures,
+    LogMelFeatures,
+    MFCCFeatures,
+    num_student_frames,
+)
+from mert_plugins.teachers._streaming_kmeans import Codebook, FeatureCache, KMeansResult, fit_kmeans
+
+log = logging.getLogger("mert.teachers.kmeans")
+
+ARTIFACT_FORMAT = "mert-kmeans-teacher"
+ARTIFACT_VERSION = 1
+
+
+class TeacherFileError(ValueError):
+    """A fitted teacher file that is missing, unreadable or does not fit the options."""
+
+
+class NotFittedError(ValueError):
+    """Targets were asked of a k-means teacher that has no centroids yet."""
+
+
+# -- options ------------------------------------------------------------------------
+
+
+class KMeansFitOptions(TeacherOptions):
+    """Options shared by the k-means teachers: where the fit is, and how to make one."""
+
+    teacher_file: Path | None = Field(
+        None, description="Fitted teacher (.safetensors from `mert teacher fit`); None: not fitted yet (`mert train` fits it on the training data)."
+    )
+    sample_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the audio to fit on, drawn at random in chunks (seeded).")
+    sample_hours: float | None = Field(None, gt=0, description="Upper bound on the hours of audio to fit on; None: no bound beyond sample_fraction.")
+    chunk_seconds: float = Field(5.0, gt=0, description="The fit sample is drawn as chunks of this length (5 s = the training crop).")
+    batch_size: int = Field(16, ge=1, description="Chunks per feature batch while fitting.")
+    init_frames: int = Field(
+        100_000, ge=1, description="Frames held in memory for k-means++ and the first Lloyd iterations (a random subsample of the sample)."
+    )
+    n_init: int = Field(1, ge=1, description="k-means++ restarts on the in-memory subsample; the lowest inertia wins.")
+    max_iter: int = Field(100, ge=1, description="Lloyd iterations per restart on the in-memory subsample.")
+    max_passes: int = Field(30, ge=1, description="Lloyd passes streamed over all sampled frames afterwards.")
+    tol: float = Field(1e-4, ge=0, description="Stop when the squared centroid shift is <= tol x mean feature variance (scikit-learn's rule).")
+    seed: int | None = Field(None, description="Seed of the sample and the initialisation; None: the seed passed to fit() (the run's seed).")
+    cache_dir: Path | None = Field(
+        None, description="Folder for the temporary on-disk feature cache while fitting (4 bytes x dims x 75 per second of sample); None: the system temp folder."
+    )
+
+
+FIT_FIELDS = frozenset(KMeansFitOptions.model_fields)
+"""Options that only steer fitting; the rest (feature settings, K) determine the targets."""
+
+
+class MFCCOptions(KMeansFitOptions):
+    n_clusters: int = Field(500, ge=2, description="K (SPEC: 100, 500 or 2000; 2000 was best for music).")
+    n_mfcc: int = Field(13, ge=1, description="Cepstral coefficients: 13 -> 39 dims with deltas (MusicHuBERT), 20 -> 60.")
+    n_mels: int = Field(64, ge=1, description="Mel bands under the MFCC.")
+    n_fft: int = Field(1024, ge=400, description="STFT window (hann), centred on each student frame.")
+    deltas: bool = Field(True, description="Append delta and delta-delta coefficients.")
+
+
+class LogMelChromaOptions(KMeansFitOptions):
+    n_clusters_logmel: int = Field(300, ge=2, description="K of the log-mel clustering (SPEC: 300).")
+    n_clusters_chroma: int = Field(200, ge=2, description="K of the chroma clustering (SPEC: 200).")
+    combine: Literal["product", "separate"] = Field(
+        "product", description="product: one target of logmel x chroma classes (SPEC: 60000); separate: two codebooks."
+    )
+    n_mels: int = Field(128, ge=1, description="Mel bands of the log-mel features.")
+    n_fft: int = Field(1024, ge=400, description="STFT window of the log-mel features.")
+    n_chroma: int = Field(12, ge=2, description="Pitch classes of the chroma features.")
+    chroma_n_fft: int = Field(2048, ge=400, description="STFT window of the chroma features (finer frequency resolution for low notes).")
+
+
+class HiddenOptions(KMeansFitOptions):
+    checkpoint: Path | None = Field(
+        None, description="Trained student: run folder, .pt checkpoint or student.safetensors. Needed to fit; taken from teacher_file otherwise."
+    )
+    layer: int = Field(6, ge=0, description="Hidden layer to cluster (0 = transformer input; HuBERT base used layer 6 of 12).")
+    n_clusters: int = Field(500, ge=2, description="K (SPEC: 500 or 2000).")
+
+
+# -- the fit sample -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    path: str
+    offset_samples: int
+    num_samples: int
+
+
+@dataclass
+class SamplePlan:
+    """Which chunks of which files a fit reads."""
+
+    chunks: list[Chunk]
+    total_files: int
+    total_hours: float
+    sample_hours: float
+    unusable: dict[str, str]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready: every file with its sampled spans ``[offset_seconds, seconds]``
+        (adjacent chunks merged)."""
+        spans: dict[str, list[list[float]]] = {}
+        for c in self.chunks:  # sorted by file and offset
+            rows = spans.setdefault(c.path, [])
+            if rows and rows[-1][2] == c.offset_samples:
+                rows[-1][2] = c.offset_samples + c.num_samples
+            else:
+                rows.append([c.path, c.offset_samples, c.offset_samples + c.num_samples])
+        return {
+            "total_files": self.total_files,
+            "total_hours": self.total_hours,
+            "sample_hours": self.sample_hours,
+            "num_chunks": len(self.chunks),
+            "num_files": len(spans),
+            "unusable_files": self.unusable,
+            "spans_samples": {p: [[a, b] for _, a, b in rows] for p, rows in spans.items()},
+        }
+
+
+def plan_sample(
+    files: list[str | Path],
+    sample_rate: int,
+    chunk_seconds: float,
+    sample_fraction: float,
+    sample_hours: float | None,
+    seed: int,
+    progress: bool = True,
+) -> SamplePlan:
+    """Draw the chunks a fit reads: every file cut into ``chunk_seconds`` pieces,
+    shuffled with ``seed``, taken until the fraction (or the hours bound) is reached."""
+    from mert_core.data import scan_audio
+
+    manifest = scan_audio([Path(f) for f in files], progress=progress)
+    chunk = max(1, round(chunk_seconds * sample_rate))
+    candidates = []
+    for f in manifest.files:
+        n = f.num_samples(sample_rate)
+        for start in range(0, n, chunk):
+            length = min(chunk, n - start)
+            if num_student_frames(length) > 0:
+                candidates.append(Chunk(f.path, start, length))
+    total = sum(c.num_samples for c in candidates)
+    if not candidates:
+        raise ValueError(
+            f"no usable audio to fit on: {len(manifest.files)} readable files, {len(manifest.skipped)} unreadable "
+            f"(e.g. {next(iter(manifest.skipped.items()), ('-', '-'))}); pass folders of wav/flac/ogg/mp3 files"
+        )
+    target = sample_fraction * total
+    if sample_hours is not None:
+        target = min(target, sample_hours * 3600 * sample_rate)
+    order = np.random.default_rng(seed).permutation(len(candidates))
+    chosen, have = [], 0
+    for i in order:
+        if have >= target:
+            break
+        chosen.append(candidates[i])
+        have += candidates[i].num_samples
+    chosen.sort(key=lambda c: (c.path, c.offset_samples))  # read files in order: much faster than random seeks
+    hours = 1 / (3600 * sample_rate)
+    return SamplePlan(chosen, len(manifest.files), total * hours, have * hours, dict(manifest.skipped))
+
+
+# -- the artifact ---------------------------------------------------------------------
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("mert", "torch", "torchaudio", "numpy", "librosa", "safetensors"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def read_teacher_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a fitted k-means teacher: ``(metadata, {"centroids.<stream>": (K, D)})``.
+
+    Raises:
+        TeacherFileError: missing, unreadable, or not a k-means teacher file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherFileError(f"teacher_file {path}: no such file; fit one with `mert teacher fit NAME --data AUDIO --out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(ARTIFACT_FORMAT)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TeacherFileError(f"teacher_file {path}: cannot read it as safetensors ({exc}); re-run `mert teacher fit`") from None
+    if raw is None:
+        raise TeacherFileError(f"teacher_file {path}: a safetensors file without {ARTIFACT_FORMAT!r} metadata, not a fitted k-means teacher")
+    meta = json.loads(raw)
+    if meta.get("format_version") != ARTIFACT_VERSION:
+        raise TeacherFileError(
+            f"teacher_file {path}: format version {meta.get('format_version')}, this mert reads {ARTIFACT_VERSION}; refit it with this version"
+        )
+    return meta, tensors
+
+
+def centroid_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the centroids' names, shapes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().float().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- the teachers -----------------------------------------------------------------------
+
+
+class KMeansTeacher(Teacher):
+    """Base of the k-means teachers: one or more feature *streams*, each with
+    its extractor and its codebook; the labels of the streams make the targets.
+
+    Subclasses define ``streams`` (name -> K), ``_extractors()`` and, with
+    more than one stream, ``_combine``.
+    """
+
+    Options: ClassVar[type[KMeansFitOptions]] = KMeansFitOptions
+
+    def __init__(self, options: KMeansFitOptions, sample_rate: int = 24000, hop_samples: int = 320):
+        super().__init__(options, sample_rate, hop_samples)
+        self.fit_info: dict[str, Any] | None = None
+        tensors = None
+        if options.teacher_file is not None:
+            meta, tensors = read_teacher_file(options.teacher_file)
+            self._check_artifact(meta, tensors)
+            self.options = self._adopt_settings(meta)
+            self.fit_info = meta
+        self.extractors = nn.ModuleDict(self._extractors())
+        self.codebooks = nn.ModuleDict()
+        self._digest: str | None = None
+        if tensors is not None:
+            self._load_centroids(tensors)
+
+    # -- what subclasses say --------------------------------------------------------------
+
+    def streams(self) -> dict[str, int]:
+        """Feature stream name -> number of clusters."""
+        raise NotImplementedError
+
+    def _extractors(self) -> dict[str, FrameFeatures]:
+        raise NotImplementedError
+
+    def _combine(self, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-stream ``(B, T)`` labels -> ``(B, T, C)`` targets."""
+        (only,) = labels.values()
+        return only.unsqueeze(-1)
+
+    def feature_settings(self) -> dict[str, Any]:
+        """The options that determine the targets (everything but fitting knobs), JSON-ready."""
+        data = self.options.model_dump(mode="json")
+        return {k: v for k, v in data.items() if k not in FIT_FIELDS}
+
+    # -- the contract -----------------------------------------------------------------------
+
+    def target_spec(self) -> TargetSpec:
+        return TargetSpec(kind="discrete", frame_rate_hz=self.frame_rate_hz, num_codebooks=1, num_classes=math.prod(self.streams().values()))
+
+    def needs_fit(self) -> bool:
+        return len(self.codebooks) == 0
+
+    @torch.no_grad()
+    def targets(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` clean audio -> ``(B, T, C)`` int64 labels, ``T = floor((S - 400) / hop) + 1``."""
+        if self.needs_fit():
+            raise NotFittedError(
+                f"teacher {self.name!r} has no centroids: pass options.teacher_file (made by "
+                f"`mert teacher fit {self.name} --data AUDIO --out FILE`) or let `mert train` fit it"
+            )
+        labels = {name: self.codebooks[name](self.extractors[name](wave)) for name in self.streams()}
+        return self._combine(labels)
+
+    def config_hash(self) -> str:
+        """Hash of the teacher name, rates, feature settings and the fitted centroids.
+
+        The path of the teacher file and the fitting knobs are left out: a
+        moved copy of the same fit makes the same labels.
+        """
+        if self.needs_fit():
+            raise NotFittedError(f"teacher {self.name!r} is not fitted, so it has no configuration hash yet; fit it first")
+        settings = json.dumps(self._identity(), sort_keys=True)
+        payload = f"{self.name}|{self.sample_rate}|{self.hop_samples}|{settings}|{self._digest}"
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def _identity(self) -> dict[str, Any]:
+        return self.feature_settings()
+
+    # -- fitting ------------------------------------------------------------------------------
+
+    def fit(self, files: list[Path], out_file: Path, seed: int = 0, progress: bool = True) -> Path:
+        """Fit every stream's codebook on a sample of ``files``, save the
+        artifact to ``out_file`` (atomically) and load it into this teacher.
+
+        Memory stays bounded: features go to a temporary on-disk cache; RAM
+        holds one batch of audio, ``init_frames`` frames and the centroids.
+        """
+        from mert_core.audio import AudioError, read_crop
+        from mert_core.checkpoint import atomic_write
+
+        opts = self.options
+        seed = opts.seed if opts.seed is not None else seed
+        device = self._device()
+        started = time.perf_counter()
+        plan = plan_sample(files, self.sample_rate, opts.chunk_seconds, opts.sample_fraction, opts.sample_hours, seed, progress)
+        log.info(
+            "%s: fitting on %.3g h of %.3g h (%d chunks of %g s from %d of %d files; sample_fraction=%g, sample_hours=%s, seed=%d)",
+            self.name, plan.sample_hours, plan.total_hours, len(plan.chunks), opts.chunk_seconds,
+            len({c.path for c in plan.chunks}), plan.total_files, opts.sample_fraction, opts.sample_hours, seed,
+        )
+        read_failures: dict[str, str] = {}
+        cache_dir = Path(opts.cache_dir) if opts.cache_dir is not None else None
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="mert-kmeans-", dir=cache_dir) as tmp:
+            caches = {name: FeatureCache(Path(tmp) / f"{name}.f32", ext.dim) for name, ext in self.extractors.items()}
+            try:
+                # 1. features of the sample, batched, into the caches
+                bar = tqdm(total=len(plan.chunks), desc=f"{self.name}: features", unit="chunk", disable=not progress)
+                used_chunks = []
+                for group in _batches(plan.chunks, opts.batch_size):
+                    waves, kept = [], []
+                    for c in group:
+                        if c.path in read_failures:
+                            continue
+                        try:
+                            waves.append(read_crop(c.path, self.sample_rate, c.offset_samples, c.num_samples))
+                            kept.append(c)
+                        except AudioError as exc:
+                            read_failures[c.path] = str(exc)
+                            log.warning("%s: skipping %s", self.name, exc)
+                    bar.update(len(group))
+                    for length in sorted({len(w) for w in waves}):  # a short read (file shorter than its header) gets its own batch
+                        batch = torch.from_numpy(np.stack([w for w in waves if len(w) == length])).to(device)
+                        with torch.no_grad():
+                            for name, ext in self.extractors.items():
+                                caches[name].append(ext(batch).reshape(-1, ext.dim))
+                    used_chunks += kept
+                bar.close()
+                for cache in caches.values():
+                    cache.finish()
+                log.info(
+                    "%s: %d frames cached (%.1f MB on disk), %d files failed to decode",
+                    self.name, next(iter(caches.values())).rows, sum(c.nbytes for c in caches.values()) / 1e6, len(read_failures),
+                )
+                # 2. one k-means per stream
+                results: dict[str, KMeansResult] = {}
+                for name, k in self.streams().items():
+                    results[name] = fit_kmeans(
+                        caches[name], k, seed=seed + sum(map(ord, name)), n_init=opts.n_init, init_frames=opts.init_frames,
+                        max_iter=opts.max_iter, max_passes=opts.max_passes, tol=opts.tol, device=device, progress=progress,
+                        name=f"{self.name}/{name}",
+                    )
+                    r = results[name]
+                    log.info(
+                        "%s/%s: K=%d, inertia %.6g per frame over %d frames (%d streamed passes, %s)",
+                        self.name, name, k, r.mean_inertia, r.num_frames, r.passes, "converged" if r.converged else "stopped at max_passes",
+                    )
+            finally:
+                for cache in caches.values():
+                    cache.close()
+
+        plan.chunks = used_chunks
+        plan.unusable.update(read_failures)
+        tensors = {f"centroids.{name}": r.centroids.contiguous() for name, r in results.items()}
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            "format_version": ARTIFACT_VERSION,
+            "teacher": self.name,
+            "sample_rate": self.sample_rate,
+            "hop_samples": self.hop_samples,
+            "frame_rate_hz": self.frame_rate_hz,
+            "features": self.feature_settings(),
+            "identity": self._identity(),
+            "streams": {
+                name: {
+                    "num_clusters": r.centroids.shape[0],
+                    "dim": r.centroids.shape[1],
+                    "inertia": r.inertia,
+                    "inertia_per_frame": r.mean_inertia,
+                    "num_frames": r.num_frames,
+                    "init_frames": r.init_frames,
+                    "init_inertia_per_frame": r.init_inertia,
+                    "streamed_passes": r.passes,
+                    "converged": r.converged,
+                    "inertia_per_frame_by_pass": r.history,
+                    "relocated_empty_clusters": r.relocated,
+                }
+                for name, r in results.items()
+            },
+            "fit": {
+                **{k: v for k, v in opts.model_dump(mode="json").items() if k in FIT_FIELDS and k != "teacher_file"},
+                "seed": seed,
+                "device": str(device),
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+            "sample": plan.describe(),
+            "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        out_file = Path(out_file)
+        atomic_write(out_file, lambda tmp: save_file(tensors, str(tmp), metadata={ARTIFACT_FORMAT: json.dumps(meta)}))
+        log.info("%s: saved %s (%.1f s)", self.name, out_file, time.perf_counter() - started)
+        self.options = self.options.model_copy(update={"teacher_file": out_file})
+        self.fit_info = meta
+        self._load_centroids(tensors)
+        return out_file
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def _load_centroids(self, tensors: dict[str, torch.Tensor]) -> None:
+        device = self._device()
+        self.codebooks = nn.ModuleDict({name: Codebook(tensors[f"centroids.{name}"]).to(device) for name in self.streams()})
+        self._digest = centroid_digest({f"centroids.{name}": tensors[f"centroids.{name}"] for name in self.streams()})
+
+    def _check_artifact(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        path = self.options.teacher_file
+        if meta.get("teacher") != self.name:
+            raise TeacherFileError(
+                f"teacher_file {path}: fitted for teacher {meta.get('teacher')!r}, not {self.name!r}; use it with that teacher or fit one for {self.name!r}"
+            )
+        for key, mine in (("sample_rate", self.sample_rate), ("hop_samples", self.hop_samples)):
+            if meta.get(key) != mine:
+                raise TeacherFileError(f"teacher_file {path}: fitted at {key}={meta.get(key)}, this run uses {mine}; refit it for this run")
+        for name, info in meta.get("streams", {}).items():
+            t = tensors.get(f"centroids.{name}")
+            if t is None or tuple(t.shape) != (info["num_clusters"], info["dim"]):
+                got = None if t is None else tuple(t.shape)
+                raise TeacherFileError(
+                    f"teacher_file {path}: centroids.{name} has shape {got}, metadata says {(info['num_clusters'], info['dim'])}; the file is damaged, refit it"
+                )
+
+    def _adopt_settings(self, meta: dict[str, Any]) -> KMeansFitOptions:
+        """The options with the artifact's feature settings; an option the user
+        set explicitly to another value is an error naming it."""
+        fitted = meta.get("features", {})
+        given = self.options.model_dump(mode="json")
+        for key in sorted(self.options.model_fields_set & set(fitted)):
+            if given[key] != fitted[key] and key not in self._settings_checked_elsewhere():
+                raise TeacherFileError(
+                    f"option {key}={given[key]!r}, but teacher_file {self.options.teacher_file} was fitted with {key}={fitted[key]!r}; "
+                    f"drop the option or refit with it"
+                )
+        update = {k: v for k, v in fitted.items() if k in self.Options.model_fields and k not in self.options.model_fields_set}
+        return type(self.options)(**{**self.options.model_dump(), **update})
+
+    def _settings_checked_elsewhere(self) -> set[str]:
+        return set()
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class MFCCKMeansTeacher(KMeansTeacher):
+    """k-means of MFCC + delta + delta-delta frames (MusicHuBERT): one codebook of K classes."""
+
+    name = "kmeans-mfcc"
+    description = "k-means of MFCC+deltas (13 -> 39 dims), K=500 (SPEC 100/500/2000): MusicHuBERT's acoustic teacher"
+    Options = MFCCOptions
+
+    def streams(self) -> dict[str, int]:
+        return {"mfcc": self.options.n_clusters}
+
+    def _extractors(self) -> dict[str, FrameFeatures]:
+        o = self.options
+        return {"mfcc": MFCCFeatures(self.sample_rate, self.hop_samples, n_mfcc=o.n_mfcc, n_mels=o.n_mels, n_fft=o.n_fft, deltas=o.deltas)}
+
+
+class LogMelChromaKMeansTeacher(KMeansTeacher):
+    """Two k-means, on log-mel (K=300) and on chroma (K=200) frames (MERT-v0).
+
+    ``combine="product"`` gives one codebook of ``300 x 200 = 60000`` classes,
+    ``label = logmel * K_chroma + chroma``. ``combine="separate"`` gives two
+    codebooks (log-mel first) that share ``num_classes = max(K_logmel,
+    K_chroma)``; chroma labels then use only the first ``K_chroma`` classes.
+    """
+
+    name = "kmeans-logmel-chroma"
+    description = "k-means of log-mel (K=300) x chroma (K=200) = 60000 product classes (SPEC): MERT-v0's acoustic teacher"
+    Options = LogMelChromaOptions
+
+    def streams(self) -> dict[str, int]:
+        return {"logmel": self.options.n_clusters_logmel, "chroma": self.options.n_clusters_chroma}
+
+    def _extractors(self) -> dict[str, FrameFeatures]:
+        o = self.options
+        return {
+            "logmel": LogMelFeatures(self.sample_rate, self.hop_samples, n_mels=o.n_mels, n_fft=o.n_fft),
+            "chroma": ChromaFeatures(self.sample_rate, self.hop_samples, n_chroma=o.n_chroma, n_fft=o.chroma_n_fft),
+        }
+
+    def target_spec(self) -> TargetSpec:
+        k = self.streams()
+        if self.options.combine == "product":
+            return TargetSpec(kind="discrete", frame_rate_hz=self.frame_rate_hz, num_codebooks=1, num_classes=k["logmel"] * k["chroma"])
+        return TargetSpec(kind="discrete", frame_rate_hz=self.frame_rate_hz, num_codebooks=2, num_classes=max(k.values()))
+
+    def _combine(self, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.options.combine == "product":
+            return (labels["logmel"] * self.options.n_clusters_chroma + labels["chroma"]).unsqueeze(-1)
+        return torch.stack([labels["logmel"], labels["chroma"]], dim=-1)
+
+
+class HiddenKMeansTeacher(KMeansTeacher):
+    """k-means of one hidden layer of a trained student (HuBERT's second iteration).
+
+    The student is loaded with :func:`mert_core.checkpoint.load_student` and
+    runs in eval mode on the teacher's device. The fitted file records the
+    checkpoint's content id; a different checkpoint is refused.
+    """
+
+    name = "kmeans-hidden"
+    description = "k-means of a trained student's hidden layer, K=500 or 2000 (SPEC: HuBERT iteration 2)"
+    Options = HiddenOptions
+
+    def __init__(self, options: HiddenOptions, sample_rate: int = 24000, hop_samples: int = 320):
+        self._checkpoint_id: str | None = None
+        super().__init__(options, sample_rate, hop_samples)
+        if self.fit_info is not None:
+            want = self.fit_info.get("identity", {}).get("checkpoint_id")
+            if want != self._checkpoint_id:
+                raise TeacherFileError(
+                    f"teacher_file {self.options.teacher_file} was fitted on checkpoint id {want}, but checkpoint "
+                    f"{self.options.checkpoint} has id {self._checkpoint_id}; pass the checkpoint it was fitted on, or refit"
+                )
+
+    def streams(self) -> dict[str, int]:
+        return {"hidden": self.options.n_clusters}
+
+    def _extractors(self) -> dict[str, FrameFeatures]:
+        from mert_core.checkpoint import load_student
+
+        ckpt = self.options.checkpoint
+        if ckpt is None:
+            raise TeacherFileError(
+                "kmeans-hidden: option 'checkpoint' is required (a trained student: run folder, .pt or student.safetensors)"
+            )
+        if not Path(ckpt).exists():
+            raise TeacherFileError(f"kmeans-hidden: option checkpoint={str(ckpt)!r}: no such file or folder; pass a trained student")
+        student, info = load_student(ckpt, "cpu")
+        for p in student.parameters():
+            p.requires_grad_(False)
+        self._checkpoint_id = info["checkpoint_id"]
+        num_layers = len(student.encoder.layers) if hasattr(student, "encoder") and hasattr(student.encoder, "layers") else None
+        layer = self.options.layer
+        if num_layers is not None and layer > num_layers:
+            raise TeacherFileError(
+                f"kmeans-hidden: option layer={layer}, but checkpoint {ckpt} has {num_layers} layers (hidden states 0..{num_layers}); pick one of those"
+            )
+        return {"hidden": HiddenStateFeatures(student, layer, self.hop_samples, dim=student.embed_dim)}
+
+    def _identity(self) -> dict[str, Any]:
+        # the checkpoint by content, not by path: a copied run folder is the same teacher
+        settings = {k: v for k, v in self.feature_settings().items() if k != "checkpoint"}
+        return {**settings, "checkpoint_id": self._checkpoint_id}
+
+    def _settings_checked_elsewhere(self) -> set[str]:
+        return {"checkpoint"}  # compared by content id in __init__
+
+
+@hookimpl
+def register_teachers(register):
+    register(MFCCKMeansTeacher)
+    register(LogMelChromaKMeansTeacher)
+    register(HiddenKMeansTeacher)
