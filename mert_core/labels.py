@@ -62,6 +62,10 @@ class LabelStoreMismatch(LabelStoreError):
     """A label store made by another teacher configuration or window size."""
 
 
+class MissingTeacherFile(ValueError):
+    """A teacher that must be fitted was given no fitted file."""
+
+
 def student_frames(num_samples: int, hop_samples: int = HOP_SAMPLES) -> int:
     """Frames the student makes from ``num_samples`` samples: ``floor((S - 400) / hop) + 1`` (0 if shorter)."""
     return 0 if num_samples < STUDENT_WINDOW_SAMPLES else (num_samples - STUDENT_WINDOW_SAMPLES) // hop_samples + 1
@@ -585,7 +589,7 @@ def label_data(
         options["teacher_file"] = str(teacher_file)
     teacher = registry.build("teacher", name, options, sample_rate=sample_rate, hop_samples=HOP_SAMPLES)
     if teacher.needs_fit():
-        raise ValueError(f"teacher {name!r} must be fitted first: pass --teacher-file FILE (made by `mert teacher fit {name} --data AUDIO --out FILE`)")
+        raise MissingTeacherFile(f"teacher {name!r} must be fitted first: pass --teacher-file FILE (made by `mert teacher fit {name} --data AUDIO --out FILE`)")
     teacher.to(_resolve_device(device)).eval()
     return write_label_store(
         teacher, list(data_paths), out_dir, window_samples=window_samples, sample_rate=sample_rate, batch_size=batch_size,

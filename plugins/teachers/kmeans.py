@@ -490,7 +490,7 @@ class KMeansTeacher(Teacher):
         fitted = meta.get("features", {})
         given = self.options.model_dump(mode="json")
         for key in sorted(self.options.model_fields_set & set(fitted)):
-            if given[key] != fitted[key] and key not in self._settings_checked_elsewhere():
+            if given[key] != fitted[key] and key not in self._overridable_settings():
                 raise TeacherFileError(
                     f"option {key}={given[key]!r}, but teacher_file {self.options.teacher_file} was fitted with {key}={fitted[key]!r}; "
                     f"drop the option or refit with it"
@@ -498,7 +498,8 @@ class KMeansTeacher(Teacher):
         update = {k: v for k, v in fitted.items() if k in self.Options.model_fields and k not in self.options.model_fields_set}
         return type(self.options)(**{**self.options.model_dump(), **update})
 
-    def _settings_checked_elsewhere(self) -> set[str]:
+    def _overridable_settings(self) -> set[str]:
+        """Settings an explicit option may change with respect to the teacher file."""
         return set()
 
 
@@ -550,6 +551,9 @@ class LogMelChromaKMeansTeacher(KMeansTeacher):
         if self.options.combine == "product":
             return TargetSpec(kind="discrete", frame_rate_hz=self.frame_rate_hz, num_codebooks=1, num_classes=k["logmel"] * k["chroma"])
         return TargetSpec(kind="discrete", frame_rate_hz=self.frame_rate_hz, num_codebooks=2, num_classes=max(k.values()))
+
+    def _overridable_settings(self) -> set[str]:
+        return {"combine"}  # how the two codebooks make targets does not change the fit
 
     def _combine(self, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.options.combine == "product":
@@ -610,8 +614,8 @@ class HiddenKMeansTeacher(KMeansTeacher):
         settings = {k: v for k, v in self.feature_settings().items() if k != "checkpoint"}
         return {**settings, "checkpoint_id": self._checkpoint_id}
 
-    def _settings_checked_elsewhere(self) -> set[str]:
-        return {"checkpoint"}  # compared by content id in __init__
+    def _overridable_settings(self) -> set[str]:
+        return {"checkpoint"}  # another path to the same checkpoint is fine: compared by content id in __init__
 
 
 @hookimpl

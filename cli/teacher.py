@@ -1,0 +1,122 @@
+"""``mert teacher fit`` and ``mert teacher label``: the offline teacher path.
+
+Thin layers over :func:`mert_core.labels.fit_teacher` and
+:func:`mert_core.labels.label_data`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from mert_cli.errors import ErrorHandlingGroup
+
+
+def parse_sets(assignments: tuple[str, ...]) -> dict:
+    """``("n_clusters=2000", "n_mfcc=20")`` -> ``{"n_clusters": 2000, "n_mfcc": 20}`` (values as YAML scalars)."""
+    from mert_core.runconfig import parse_value
+
+    options = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set n_clusters=2000")
+        options[key.strip()] = parse_value(value)
+    return options
+
+
+def _logging(quiet: bool) -> None:
+    # show the sample and fit summaries (INFO) unless the caller configured logging already
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+_data = click.option(
+    "--data", "data", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
+    help="Audio folder (recursive), audio file or .tsv/.csv manifest (repeatable).",
+)
+_set = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Teacher option, e.g. n_clusters=2000 (repeatable).")
+_device = click.option("--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda, cuda:N.")
+_quiet = click.option("--quiet", is_flag=True, help="No progress bars or info messages.")
+
+
+@click.group("teacher", cls=ErrorHandlingGroup)
+def teacher_group():
+    """Fit teachers and write offline label stores.
+
+    \b
+    Examples:
+      mert teacher fit kmeans-mfcc --data /music --out mfcc500.safetensors
+      mert teacher fit kmeans-mfcc --data /music --out mfcc2000.safetensors --set n_clusters=2000 --set sample_hours=50
+      mert teacher label kmeans-mfcc --teacher-file mfcc500.safetensors --data /music --out labels/mfcc500
+    """
+
+
+@teacher_group.command("fit")
+@click.argument("name")
+@_data
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Fitted teacher file to write (.safetensors).")
+@_set
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample and the initialisation.")
+@_device
+@_quiet
+def fit_cmd(name, data, out_file, sets, seed, device, quiet):
+    """Fit teacher NAME (a k-means teacher) on a sample of the audio.
+
+    Features are streamed from a seeded random sample (--set sample_fraction=0.1
+    or --set sample_hours=20); memory stays bounded. The file holds the
+    centroids, feature settings, inertia, the sample and library versions, and
+    serves every split.
+    """
+    from mert_core.labels import fit_teacher
+
+    _logging(quiet)
+    options = parse_sets(sets)
+    path = fit_teacher(name, list(data), out_file, options, seed=seed, device=device, progress=not quiet)
+    click.echo(f"fitted {name} -> {path}")
+
+
+@teacher_group.command("label")
+@click.argument("name")
+@click.option("--teacher-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Fitted teacher (from `mert teacher fit`); needed by k-means teachers.")
+@_data
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Label store folder to create.")
+@_set
+@click.option("--window-seconds", default=5.0, show_default=True, help="Window = training crop (SPEC: 5 s; 5.12 s for the large model).")
+@click.option("--sample-rate", default=24000, show_default=True, help="The student's sample rate.")
+@click.option("--batch-size", default=16, show_default=True, help="Windows per teacher call.")
+@click.option("--num-workers", default=0, show_default=True, help="Processes decoding audio.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@_device
+@_quiet
+def label_cmd(name, teacher_file, data, out_dir, sets, window_seconds, sample_rate, batch_size, num_workers, overwrite, device, quiet):
+    """Label the audio with teacher NAME into one memory-mapped store.
+
+    Labels are made per window of --window-seconds on a grid from the start of
+    each file, exactly as the trainer's aligned crops; pass the folder as
+    `label_store` of the teacher in the training config.
+    """
+    from mert_core.labels import MissingTeacherFile, label_data
+
+    _logging(quiet)
+    options = parse_sets(sets)
+    window = round(window_seconds * sample_rate)
+    try:
+        s = label_data(
+            name, list(data), out_dir, options, teacher_file=teacher_file, window_samples=window, sample_rate=sample_rate,
+            batch_size=batch_size, device=device, overwrite=overwrite, num_workers=num_workers, progress=not quiet,
+        )
+    except MissingTeacherFile as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(
+        f"labelled {s.num_files} files ({s.num_windows} windows, {s.num_frames} frames x {s.num_codebooks} codebooks, "
+        f"{s.dtype}, {s.labels_bytes / 1e6:.2f} MB) -> {s.out_dir}"
+        + (f"; skipped {len(s.skipped)} files, e.g. {next(iter(s.skipped.values()))}" if s.skipped else "")
+    )
+
+
+if __name__ == "__main__":
+    teacher_group()
