@@ -1,0 +1,272 @@
+"""The offline label store: online == offline, compact format, refusals that name the problem."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from pydantic import Field
+
+from conftest import music
+from mert_core.audio import read_crop
+from mert_core.data import CropBatches, scan_audio
+from mert_core.hookspecs import hookimpl
+from mert_core.labels import (
+    IGNORE_LABEL,
+    LabelStore,
+    LabelStoreError,
+    LabelStoreMismatch,
+    fit_teacher,
+    label_data,
+    student_frames,
+    write_label_store,
+)
+from mert_core.registry import load_registry
+from mert_core.teacher import TargetSpec, Teacher, TeacherOptions
+
+SR = 24000
+W = 36000  # 1.5 s windows keep the tests small; the rule is the same for 120000
+
+
+# -- a tiny discrete test teacher: quantised frame energy, any number of classes ------
+
+
+class LoudnessOptions(TeacherOptions):
+    num_classes: int = Field(16, ge=2, description="Classes (energy bins).")
+    continuous: bool = Field(False, description="Declare continuous targets instead.")
+
+
+class LoudnessTeacher(Teacher):
+    name = "test-loudness"
+    description = "frame energy in bins (tests only)"
+    Options: ClassVar = LoudnessOptions
+
+    def target_spec(self):
+        if self.options.continuous:
+            return TargetSpec(kind="continuous", frame_rate_hz=self.frame_rate_hz, dim=1)
+        return TargetSpec(kind="discrete", frame_rate_hz=self.frame_rate_hz, num_codebooks=2, num_classes=self.options.num_classes)
+
+    def targets(self, wave):
+        T = student_frames(wave.shape[1])
+        frames = wave[:, : (T - 1) * 320 + 400].unfold(1, 400, 320) if T else wave.new_zeros(wave.shape[0], 0, 400)
+        energy = frames.pow(2).mean(-1)  # B, T
+        k = self.options.num_classes
+        a = (energy.sqrt() * 40 * k).long().clamp(0, k - 1)
+        b = (k - 1 - a) if k > 2 else a
+        return torch.stack([a, b], -1)
+
+
+class _TestPlugins:
+    @hookimpl
+    def register_teachers(self, register):
+        register(LoudnessTeacher)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry(extra_plugins=[_TestPlugins()])
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("label-audio")
+    sf.write(folder / "a.wav", music(4.0, SR, seed=1), SR)  # 2 full windows + a 1 s partial one
+    sf.write(folder / "b.flac", music(3.0, SR, seed=2), SR)  # exactly 2 windows
+    sf.write(folder / "c.wav", music(3.3, 44100, seed=3), 44100)  # resampled: 2 windows + 0.3 s
+    sf.write(folder / "d.wav", np.stack([music(1.0, SR, seed=4), music(1.0, SR, seed=5)], 1), SR)  # stereo, one partial window
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mfcc_file(registry, audio_dir, tmp_path_factory):
+    return fit_teacher("kmeans-mfcc", [audio_dir], tmp_path_factory.mktemp("fit") / "mfcc.safetensors", {"n_clusters": 10, "n_mels": 40}, registry=registry, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def lmc_file(registry, audio_dir, tmp_path_factory):
+    opts = {"n_clusters_logmel": 6, "n_clusters_chroma": 4, "n_mels": 32}
+    return fit_teacher("kmeans-logmel-chroma", [audio_dir], tmp_path_factory.mktemp("fit") / "lmc.safetensors", opts, registry=registry, device="cpu", progress=False)
+
+
+def teacher(registry, name, **options):
+    return registry.build("teacher", name, options, sample_rate=SR, hop_samples=320)
+
+
+def assert_online_equals_offline(t, store, audio_dir):
+    num_frames = student_frames(W)
+    checked = 0
+    for path in sorted(str(p) for p in audio_dir.iterdir()):
+        entry = store.index["files"][[e["path"] for e in store.index["files"]].index(path)]
+        for k in range(len(entry["windows"])):
+            wave = torch.from_numpy(read_crop(path, SR, k * W, W))[None]
+            online = t.targets(wave)[0]
+            offline = store.targets([path], [k * W], num_frames)[0]
+            n = online.shape[0]
+            assert n <= num_frames
+            assert torch.equal(offline[:n], online), f"{path} window {k}"
+            assert (offline[n:] == IGNORE_LABEL).all()
+            checked += 1
+    return checked
+
+
+# -- online == offline ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,options", [("kmeans-mfcc", {}), ("kmeans-logmel-chroma", {}), ("kmeans-logmel-chroma", {"combine": "separate"})])
+def test_offline_labels_equal_online_labels(registry, audio_dir, mfcc_file, lmc_file, tmp_path, name, options):
+    t = teacher(registry, name, teacher_file=str(mfcc_file if name == "kmeans-mfcc" else lmc_file), **options)
+    summary = write_label_store(t, [audio_dir], tmp_path / "store", window_samples=W, batch_size=3, progress=False)
+    store = LabelStore.open(tmp_path / "store")
+    store.check(t, W, files=[str(p) for p in audio_dir.iterdir()])
+    # a: 3 windows, b: 2, c: 2 full + 0.3 s, d: 1 partial
+    assert summary.num_files == 4 and summary.num_windows == 3 + 2 + 3 + 1
+    assert assert_online_equals_offline(t, store, audio_dir) == summary.num_windows
+    assert summary.num_codebooks == t.target_spec().num_codebooks
+
+
+def test_store_serves_the_trainers_aligned_crops(registry, audio_dir, mfcc_file, tmp_path):
+    """End to end with the data pipeline: each full crop's stored labels == teacher.targets(crop)."""
+    t = teacher(registry, "kmeans-mfcc", teacher_file=str(mfcc_file))
+    label_data("kmeans-mfcc", [audio_dir], tmp_path / "store", teacher_file=mfcc_file, registry=registry, window_samples=W, device="cpu", progress=False)
+    store = LabelStore.open(tmp_path / "store")
+    batches = CropBatches(scan_audio([audio_dir], progress=False), 3, sample_rate=SR, crop_seconds=W / SR, min_seconds=0.0, align_crops=True)
+    full = 0
+    for i in range(6):
+        batch = batches[i]
+        num_frames = student_frames(batch["wave"].shape[1])
+        offline = store.targets(batch["paths"], batch["offsets"], num_frames)
+        online = t.targets(batch["wave"])
+        for b in range(3):
+            if batch["lengths"][b] == W:
+                assert torch.equal(offline[b], online[b])
+                full += 1
+    assert full >= 10
+
+
+# -- format ---------------------------------------------------------------------
+
+
+def test_store_is_compact_and_self_describing(registry, audio_dir, mfcc_file, tmp_path):
+    t = teacher(registry, "kmeans-mfcc", teacher_file=str(mfcc_file))
+    s = write_label_store(t, [audio_dir], tmp_path / "store", window_samples=W, progress=False)
+    assert s.dtype == "uint16" and s.bytes_per_frame_per_codebook == 2
+    assert (tmp_path / "store" / "labels.bin").stat().st_size == s.num_frames * 2
+    index = json.loads((tmp_path / "store" / "index.json").read_text())
+    assert index["teacher"] == "kmeans-mfcc" and index["config_hash"] == t.config_hash()
+    assert index["window_samples"] == W and index["hop_samples"] == 320 and index["num_classes"] == 10
+    for e in index["files"]:
+        assert os.path.isabs(e["path"]) and e["size"] == os.stat(e["path"]).st_size
+        offsets = [w[0] for w in e["windows"]]
+        assert offsets == sorted(offsets)
+    assert sum(w[1] for e in index["files"] for w in e["windows"]) == index["total_frames"] == s.num_frames
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".store")]  # no temp folder left
+
+
+def test_more_than_65536_classes_use_uint32(registry, audio_dir, tmp_path):
+    t = teacher(registry, "test-loudness", num_classes=70000)
+    s = write_label_store(t, [audio_dir], tmp_path / "store", window_samples=W, progress=False)
+    assert s.dtype == "uint32" and s.num_codebooks == 2
+    store = LabelStore.open(tmp_path / "store")
+    assert store.labels.dtype == np.uint32
+    assert assert_online_equals_offline(t, store, audio_dir) == s.num_windows
+    with pytest.raises(LabelStoreError, match="continuous"):
+        write_label_store(teacher(registry, "test-loudness", continuous=True), [audio_dir], tmp_path / "c", progress=False)
+
+
+# -- refusals --------------------------------------------------------------------
+
+
+@pytest.fixture
+def mfcc_store(registry, audio_dir, mfcc_file, tmp_path):
+    t = teacher(registry, "kmeans-mfcc", teacher_file=str(mfcc_file))
+    write_label_store(t, [audio_dir], tmp_path / "store", window_samples=W, progress=False)
+    return t, tmp_path / "store"
+
+
+def test_store_refuses_another_teacher_configuration(registry, audio_dir, mfcc_store, lmc_file, tmp_path):
+    t, path = mfcc_store
+    store = LabelStore.open(path)
+    store.check(t, W)
+    with pytest.raises(LabelStoreMismatch, match="teacher 'kmeans-mfcc'.*'kmeans-logmel-chroma'"):
+        store.check(teacher(registry, "kmeans-logmel-chroma", teacher_file=str(lmc_file)), W)
+    other = fit_teacher("kmeans-mfcc", [audio_dir], tmp_path / "k8.safetensors", {"n_clusters": 8, "n_mels": 40}, registry=registry, device="cpu", progress=False)
+    with pytest.raises(LabelStoreMismatch, match=r"configuration .*n_clusters: 10 -> 8"):
+        store.check(teacher(registry, "kmeans-mfcc", teacher_file=str(other)), W)
+    with pytest.raises(LabelStoreMismatch, match=f"windows are {W} samples, this run's crops are 120000"):
+        store.check(t, 120000)
+    with pytest.raises(LabelStoreMismatch, match="does not cover"):
+        store.check(t, W, files=[str(tmp_path / "elsewhere.wav")])
+
+
+def test_store_refuses_other_audio_and_off_grid_crops(audio_dir, mfcc_store, tmp_path):
+    _, path = mfcc_store
+    store = LabelStore.open(path)
+    a = str(audio_dir / "a.wav")
+    T = student_frames(W)
+    with pytest.raises(LabelStoreError, match="other.wav: not in label store"):
+        store.targets([str(tmp_path / "other.wav")], [0], T)
+    with pytest.raises(LabelStoreError, match="a.wav: crop offset 1000 is not on the store's grid of 36000"):
+        store.targets([a], [1000], T)
+    with pytest.raises(LabelStoreError, match="past the 3 labelled windows"):
+        store.targets([a], [3 * W], T)
+    # the last, partial window: labels for its frames, IGNORE_LABEL after them
+    last = store.targets([a], [2 * W], T)[0]
+    n = student_frames(4 * SR - 2 * W)
+    assert (last[:n] >= 0).all() and (last[n:] == IGNORE_LABEL).all()
+
+
+def test_store_refuses_a_changed_file(audio_dir, mfcc_store, tmp_path):
+    _, path = mfcc_store
+    store = LabelStore.open(path)
+    b = audio_dir / "b.flac"
+    original, stat = b.read_bytes(), b.stat()
+    try:
+        sf.write(b, music(3.0, SR, seed=99), SR)
+        with pytest.raises(LabelStoreError, match="b.flac: changed since it was labelled"):
+            store.targets([str(b)], [0], student_frames(W))
+    finally:
+        b.write_bytes(original)
+        os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    store.targets([str(b)], [0], student_frames(W))
+
+
+def test_frame_counts_that_disagree_with_the_audio_name_the_file(audio_dir, mfcc_store):
+    _, path = mfcc_store
+    index = json.loads((path / "index.json").read_text())
+    entry = next(e for e in index["files"] if e["path"].endswith("a.wav"))
+    entry["windows"][1][1] -= 3  # as if labelled with another frame convention
+    (path / "index.json").write_text(json.dumps(index))
+    store = LabelStore.open(path)
+    with pytest.raises(LabelStoreError, match=f"a.wav: window 1 .* holds {student_frames(W) - 3} frames, but its {W} samples give {student_frames(W)}"):
+        store.targets([entry["path"]], [W], student_frames(W))
+
+
+def test_damaged_or_existing_stores(registry, audio_dir, mfcc_store, tmp_path):
+    t, path = mfcc_store
+    with pytest.raises(LabelStoreError, match="already exists"):
+        write_label_store(t, [audio_dir], path, window_samples=W, progress=False)
+    write_label_store(t, [audio_dir], path, window_samples=W, progress=False, overwrite=True)
+    labels = path / "labels.bin"
+    labels.write_bytes(labels.read_bytes()[:-2])
+    with pytest.raises(LabelStoreError, match="damaged or incomplete"):
+        LabelStore.open(path)
+    with pytest.raises(LabelStoreError, match="not a label store"):
+        LabelStore.open(tmp_path)
+
+
+def test_bad_files_are_skipped_and_counted(registry, audio_dir, mfcc_file, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "good.wav").write_bytes((audio_dir / "a.wav").read_bytes())
+    (data / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio")
+    sf.write(data / "tiny.wav", music(0.01, SR), SR)
+    t = teacher(registry, "kmeans-mfcc", teacher_file=str(mfcc_file))
+    s = write_label_store(t, [data], tmp_path / "store", window_samples=W, progress=False)
+    assert s.num_files == 1 and set(s.skipped) == {str(data / "broken.wav"), str(data / "tiny.wav")}
+    assert json.loads((tmp_path / "store" / "index.json").read_text())["skipped"].keys() == s.skipped.keys()
