@@ -196,7 +196,7 @@ def train(
     distributed.barrier(dist_info)
     if not is_main:
         manifest = scan_audio(data_paths, progress=False)  # reads rank 0's cache
-    usable = [f for f in manifest.files if f.duration_seconds >= config.data.min_seconds]
+    usable, _ = manifest.split_by_duration(config.data.min_seconds)
     if not usable:
         raise ValueError(
             f"data: no usable audio in {', '.join(map(str, data_paths))} "
@@ -262,10 +262,11 @@ def train(
         )
 
     dataset = CropBatches(
-        usable,
-        batch_size=config.data.batch_size,
-        crop_samples=crop_samples,
+        manifest,
+        config.data.batch_size,
         sample_rate=sr,
+        crop_seconds=config.data.crop_seconds,
+        min_seconds=config.data.min_seconds,
         seed=config.seed,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
