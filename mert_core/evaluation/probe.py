@@ -113,7 +113,7 @@ class ProbeGrid(torch.nn.Module):
         """
         h = torch.einsum("gl,bld->gbd", self.layer_weights(), x)  # G, B, D
         h = torch.relu(torch.baddbmm(self.b1, h, self.w1))  # G, B, H
-        h = F.dropout(h, self.dropout, self.training, inplace=True)
+        h = F.dropout(h, self.dropout, self.training)
         return torch.baddbmm(self.b2, h, self.w2)  # G, B, C
 
 
