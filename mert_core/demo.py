@@ -22,6 +22,7 @@ from it, so it only changes with a new ``DEMO_VERSION``.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.signal
 import soundfile as sf
 from tqdm.auto import tqdm
 
@@ -183,7 +185,11 @@ def generate_demo_data(out_dir: Path, seed: int = 0, size: DemoSize = DemoSize()
             audio = _render_note(timbre, midi, size.note_seconds, rng)
             rel = f"notes/note-{midi:03d}-{timbre}.wav"
             rec = {"path": rel, "kind": "note", "split": split, "duration_seconds": size.note_seconds, "pitch": midi, "timbre": timbre}
-        sf.write(str(out_dir / rel), np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
+        # Encode in memory: soundfile's file writer fsyncs each file, which is
+        # most of the run time on a busy disk.
+        buf = io.BytesIO()
+        sf.write(buf, np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        (out_dir / rel).write_bytes(buf.getvalue())
         records.append(rec)
 
     with open(out_dir / _METADATA, "w", encoding="utf-8") as f:
@@ -334,9 +340,7 @@ def _karplus_strong(f0: float, n: int, rng: np.random.Generator, decay_seconds: 
     The loop filter ``(1 - s) + s z^-1`` damps high harmonics; ``s`` shrinks
     for high notes (Jaffe-Smith) so that they ring about as long as low ones.
     Loop delay ``N + s + d`` = ``SAMPLE_RATE / f0`` samples (``d`` by linear
-    interpolation), so the pitch is exact. The feedback only looks >= N
-    samples back, so a block of N samples is computed at once (a Python loop
-    over periods, not samples).
+    interpolation), so the pitch is exact.
     """
     period = SAMPLE_RATE / f0
     w0 = 2 * np.pi / period
@@ -352,13 +356,22 @@ def _karplus_strong(f0: float, n: int, rng: np.random.Generator, decay_seconds: 
     t = np.arange(N) / SAMPLE_RATE
     burst = (np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi, (len(k), 1))) / k).sum(axis=0)
     burst /= np.abs(burst).max()
-    pad = N + 2
-    y = np.zeros(pad + n)
-    y[pad : pad + min(N, n)] = burst[: min(N, n)]
-    for start in range(pad + N, pad + n, N):
-        stop = min(start + N, pad + n)
-        y[start:stop] = w[0] * y[start - N : stop - N] + w[1] * y[start - N - 1 : stop - N - 1] + w[2] * y[start - N - 2 : stop - N - 2]
-    y = y[pad:]
+    x = np.zeros(n)
+    x[: min(N, n)] = burst[: min(N, n)]
+    if N < 128:
+        # Short loops (high notes): as an IIR filter in C; its cost grows with N.
+        a = np.zeros(N + 3)
+        a[0], a[N:] = 1.0, -w
+        y = scipy.signal.lfilter([1.0], a, x)
+    else:
+        # Long loops: N samples at a time, the feedback only looks >= N back.
+        pad = N + 2
+        y = np.zeros(pad + n)
+        y[pad:] = x
+        for start in range(pad + N, pad + n, N):
+            stop = min(start + N, pad + n)
+            y[start:stop] += w[0] * y[start - N : stop - N] + w[1] * y[start - N - 1 : stop - N - 1] + w[2] * y[start - N - 2 : stop - N - 2]
+        y = y[pad:]
     return y - y.mean()
 
 
@@ -376,19 +389,26 @@ def _render_note(timbre: str, midi: int, seconds: float, rng: np.random.Generato
 def _kick(rng: np.random.Generator) -> np.ndarray:
     t = np.arange(int(0.3 * SAMPLE_RATE)) / SAMPLE_RATE
     f = 45 + 75 * np.exp(-t / 0.03)
-    return np.sin(2 * np.pi * np.cumsum(f) / SAMPLE_RATE) * np.exp(-t / 0.12)
+    return _fade_out(np.sin(2 * np.pi * np.cumsum(f) / SAMPLE_RATE) * np.exp(-t / 0.12))
 
 
 def _snare(rng: np.random.Generator) -> np.ndarray:
     t = np.arange(int(0.2 * SAMPLE_RATE)) / SAMPLE_RATE
     noise = np.diff(rng.standard_normal(len(t) + 1)) * 0.5
-    return noise * np.exp(-t / 0.06) + 0.5 * np.sin(2 * np.pi * 185 * t) * np.exp(-t / 0.04)
+    return _fade_out(noise * np.exp(-t / 0.06) + 0.5 * np.sin(2 * np.pi * 185 * t) * np.exp(-t / 0.04))
 
 
 def _hat(rng: np.random.Generator) -> np.ndarray:
     t = np.arange(int(0.06 * SAMPLE_RATE)) / SAMPLE_RATE
     noise = np.diff(rng.standard_normal(len(t) + 2), n=2) * 0.25
-    return noise * np.exp(-t / 0.015)
+    return _fade_out(noise * np.exp(-t / 0.015))
+
+
+def _fade_out(sound: np.ndarray, seconds: float = 0.01) -> np.ndarray:
+    """Ramp the last ``seconds`` to zero: a sound cut off mid-decay is a click (a false onset)."""
+    n = min(len(sound), int(seconds * SAMPLE_RATE))
+    sound[len(sound) - n :] *= np.linspace(1, 0, n)
+    return sound
 
 
 def _add(track: np.ndarray, sound: np.ndarray, start_s: float, gain: float) -> None:
@@ -471,9 +491,9 @@ def _render_piece(key: str, seconds: float, rng: np.random.Generator) -> tuple[n
 
     # Drums: kick on 1 and 3, snare on 2 and 4, hi-hat on eighths.
     for b, t in enumerate(beats):
-        _add(mix, _kick(rng) if b % 2 == 0 else _snare(rng), t, 0.3 if b % 2 == 0 else 0.15)
-        _add(mix, _hat(rng), t, 0.04)
-        _add(mix, _hat(rng), t + beat_s / 2, 0.03)
+        _add(mix, _kick(rng) if b % 2 == 0 else _snare(rng), t, 0.4 if b % 2 == 0 else 0.3)
+        _add(mix, _hat(rng), t, 0.05)
+        _add(mix, _hat(rng), t + beat_s / 2, 0.035)
 
     fade = int(0.05 * SAMPLE_RATE)
     mix[-fade:] *= np.linspace(1, 0, fade)
