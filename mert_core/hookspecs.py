@@ -24,19 +24,19 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def register_teachers(register):
-    """Register teacher classes (subclasses of ``mert_core.teacher.Teacher``) that make training targets."""
+    """Register teacher classes that make training targets: ``register(TeacherSubclass)``."""
 
 
 @hookspec
 def register_augmentations(register):
-    """Register augmentation classes (subclasses of ``mert_core.augment.Augmentation``) applied after the targets are made."""
+    """Register augmentations, applied after the targets are made: ``register(AugmentationSubclass)``."""
 
 
 @hookspec
 def register_tasks(register):
-    """Register downstream task classes (subclasses of ``mert_core.tasks.Task``) used by extract/probe/eval."""
+    """Register downstream tasks for extract/probe/eval: ``register(TaskSubclass)``."""
 
 
 @hookspec
 def register_recipes(register):
-    """Register ``mert_core.recipes.Recipe`` objects: named bundles of teachers, augmentations and hyperparameters."""
+    """Register named bundles of teachers, augmentations and hyperparameters: ``register(Recipe(...))``."""

@@ -108,7 +108,8 @@ def resolve_data_paths(config: TrainConfig) -> list[Path]:
         return [Path(p) for p in config.data.paths]
     from mert_core.demo import ensure_demo_data
 
-    return [ensure_demo_data()]
+    # the demo's single notes (1.5 s) are for downstream tasks, not pretraining
+    return [ensure_demo_data() / "pieces"]
 
 
 def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], dist_info, log) -> dict[str, Teacher]:
@@ -466,7 +467,7 @@ def _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, 
         "counters": counters,
         "plugin_versions": registry.versions(),
         "teacher_hashes": {name: t.config_hash() for name, t in teachers.items()},
-        "world_size": dist_info.world_size,
+        "world_size": len(rng["torch"]),
     }
     ckpt_dir = out_dir / "checkpoints"
     numbered = ckpt_dir / f"step_{step:08d}.pt"

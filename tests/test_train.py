@@ -20,7 +20,7 @@ from mert_core.checkpoint import load_student
 from mert_core.registry import load_registry
 from mert_core.trainer import TargetLengthError, TrainingError
 
-TINY = ["data.batch_size=2", "data.num_workers=0", "log_every=1", "model.overrides={num_layers: 2}"]
+TINY = ["data.batch_size=2", "data.num_workers=0", "data.crop_seconds=2.0", "data.min_seconds=1.0", "log_every=1"]
 
 # Test plugins, installed as real distributions through entry points (make_dist).
 CHECK_PLUGINS = '''
@@ -191,7 +191,7 @@ DDP_SCRIPT = '''
 import os, sys, torch
 from mert_core import api
 config = api.make_train_config(teachers=["cqt"], preset="tiny", data=[sys.argv[1]], out_dir=sys.argv[2], max_steps=3,
-                               overrides=["data.batch_size=1", "data.num_workers=0", "log_every=1", "model.overrides={num_layers: 2}"])
+                               overrides=["data.batch_size=1", "data.num_workers=0", "data.crop_seconds=2.0", "data.min_seconds=1.0", "log_every=1"])
 result = api.train(config, progress=False)
 torch.save(result.student.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
 '''
@@ -212,5 +212,5 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path, music_dir):
         assert torch.equal(r0[k], r1[k]), k
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3
-    # both ranks read their own 5 s crop per step: 2 x 3 x 5 s of audio in all
-    assert summary["audio_hours_seen"] * 3600 == pytest.approx(30.0, rel=0.01)
+    # both ranks read their own 5 s crop per step: 2 x 3 x 2 s of audio in all
+    assert summary["audio_hours_seen"] * 3600 == pytest.approx(12.0, rel=0.01)
