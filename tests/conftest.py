@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -35,9 +36,13 @@ def make_dist(tmp_path, monkeypatch):
         for mod, source in modules.items():
             (site / f"{mod}.py").write_text(textwrap.dedent(source))
         monkeypatch.syspath_prepend(str(site))
+        made.extend(modules)
         return site
 
-    return make
+    made: list[str] = []
+    yield make
+    for mod in made:  # the next test imports its own fresh copy
+        sys.modules.pop(mod, None)
 
 
 def music(seconds: float, sample_rate: int = 24000, seed: int = 0) -> np.ndarray:
