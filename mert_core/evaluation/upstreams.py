@@ -238,11 +238,7 @@ def random_upstream(like: Any = "tiny", seed: int = 0, device: str = "cpu", name
     from mert_core import model as model_lib
 
     if isinstance(like, str):
-        presets = {"tiny": "tiny", "95m": "base_95m", "base": "base_95m", "330m": "large_330m", "large": "large_330m"}
-        if like not in presets:
-            raise ValueError(f"--preset {like!r}: expected one of tiny, 95m, 330m")
-        args = getattr(model_lib, presets[like])().args
-        label = like
+        args, label = model_lib.student_args(like), like  # ValueError names the valid presets
     elif isinstance(like, dict):
         args, label = like, "student"
     else:
