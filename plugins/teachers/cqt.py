@@ -4,7 +4,7 @@ MERT regresses the magnitude of nnAudio's CQT (``nnAudio.features.CQT``, i.e.
 ``CQT1992v2``: fmin 32.7 Hz, 336 bins, 48 per octave, hop 320, hann window,
 L1-normalised kernels with librosa's sqrt(length) scaling, ``center=True``).
 nnAudio computes it as a strided ``conv1d`` in which *every* bin pays for the
-lowest bin's 65536-tap kernel; that runs at ~17 audio-seconds/s on 2 CPU cores.
+lowest bin's 65536-tap kernel: ~17 audio-seconds/s on 2 idle CPU cores.
 
 This module computes the same numbers from one FFT per clip (Brown & Puckette's
 sparse spectral kernels, with the hop folded into the frequency domain):
