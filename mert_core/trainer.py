@@ -249,12 +249,6 @@ def train(
             scaler.load_state_dict(state["scaler"])
         step = state["step"]
         counters.update(state["counters"])
-    torch.manual_seed(config.seed + 1 + dist_info.rank)  # dropout/layerdrop stream, distinct per rank
-    if state is not None:
-        torch.set_rng_state(state["rng"]["torch"][dist_info.rank % len(state["rng"]["torch"])])
-        if device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state(state["rng"]["cuda"][dist_info.rank % len(state["rng"]["cuda"])])
-
     train_model: nn.Module = model
     if dist_info.enabled:
         # layerdrop and one-random-codebook runs leave parameters unused on some steps
@@ -274,6 +268,13 @@ def train(
         align_crops=bool(label_stores),
     )
     batches = iter(make_loader(dataset, start_index=step * opt.grad_accum, num_workers=config.data.num_workers))
+    # Seeded only now: starting a DataLoader iterator draws from the global RNG,
+    # which would shift a resumed run's dropout stream by one draw.
+    torch.manual_seed(config.seed + 1 + dist_info.rank)  # dropout/layerdrop stream, distinct per rank
+    if state is not None:
+        torch.set_rng_state(state["rng"]["torch"][dist_info.rank % len(state["rng"]["torch"])])
+        if device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state(state["rng"]["cuda"][dist_info.rank % len(state["rng"]["cuda"])])
 
     writer = None
     if is_main:
