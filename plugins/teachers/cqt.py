@@ -75,7 +75,6 @@ class CQTOptions(TeacherOptions):
         description="'none': the CQT magnitude, as MERT regresses it (default). 'log1p': log(1 + magnitude), "
         "which tames the dynamic range of the MSE target (not in the paper).",
     )
-    weight: float = Field(1.0, ge=0, description="Default weight of this teacher's MSE loss (SPEC: musical loss weight 1).")
 
 
 # -- kernel geometry (nnAudio's create_cqt_kernels, filter_scale=1, norm=1) ----------
@@ -287,8 +286,7 @@ class CQTTeacher(Teacher):
         self.cqt = FastCQT(sample_rate, hop_samples, options.fmin_hz, options.n_bins, options.bins_per_octave, options.pad_mode)
 
     def target_spec(self) -> TargetSpec:
-        return TargetSpec(kind="continuous", dim=self.options.n_bins, frame_rate_hz=self.frame_rate_hz,
-                          default_weight=self.options.weight)
+        return TargetSpec(kind="continuous", dim=self.options.n_bins, frame_rate_hz=self.frame_rate_hz, default_weight=1.0)
 
     @torch.no_grad()
     def targets(self, wave: torch.Tensor) -> torch.Tensor:
