@@ -35,7 +35,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _options(model, value, what: str):
+def _options(model, value):
     if value is None:
         return model()
     if isinstance(value, model):
@@ -68,7 +68,7 @@ def build_upstreams(checkpoints: Iterable[str | Path] = (), baselines: Iterable[
     Raises:
         ValueError: unknown baseline, or a random baseline with nothing to size it.
     """
-    xo = _options(ExtractOptions, extract_options, "extract")
+    xo = _options(ExtractOptions, extract_options)
     kw = {"window_seconds": xo.window_seconds, "batch_windows": xo.batch_windows}
     device = resolve_device(device)
     ups: list[Upstream] = [checkpoint_upstream(c, device=device, **kw) for c in checkpoints]
@@ -99,7 +99,7 @@ def build_upstreams(checkpoints: Iterable[str | Path] = (), baselines: Iterable[
 def extract_task(upstream: Upstream, task: Task, splits: Sequence[str] = SPLITS, options: ExtractOptions | dict | None = None,
                  cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, FeatureSet]:
     """Extract (or reuse) the features of ``splits``; returns ``{split: FeatureSet}``."""
-    xo = _options(ExtractOptions, options, "extract")
+    xo = _options(ExtractOptions, options)
     return {s: extract(upstream, task, s, xo, cache_dir=cache_dir, progress=progress) for s in splits}
 
 
@@ -107,7 +107,7 @@ def probe_task(upstream: Upstream, task: Task, probe_options: ProbeOptions | dic
                extract_options: ExtractOptions | dict | None = None, cache_dir: str | Path | None = None, progress: bool = True) -> ProbeResult:
     """Extract (or reuse) features of all splits and run the MARBLE probe search."""
     feats = extract_task(upstream, task, SPLITS, extract_options, cache_dir, progress)
-    po = _options(ProbeOptions, probe_options, "probe")
+    po = _options(ProbeOptions, probe_options)
     return probe(task, feats["train"], feats["valid"], feats["test"], po, progress=progress, upstream_name=upstream.name, upstream_id=upstream.id)
 
 
@@ -140,8 +140,8 @@ def evaluate(upstreams: Sequence[Upstream], tasks: Sequence[str | Task], out_dir
         task_options: ``{task name: options dict}`` for tasks given by name.
     """
     started = time.time()
-    po = _options(ProbeOptions, probe_options, "probe")
-    xo = _options(ExtractOptions, extract_options, "extract")
+    po = _options(ProbeOptions, probe_options)
+    xo = _options(ExtractOptions, extract_options)
     task_objs = [build_task(t, (task_options or {}).get(t if isinstance(t, str) else t.name), registry) for t in tasks]
     results = []
     for task in task_objs:
