@@ -145,10 +145,14 @@ def test_frame_count_within_one_of_student(teacher, num_samples):
 
 
 def test_batch_equals_one_at_a_time(teacher):
-    wave = batch(0.6, seeds=(4, 5, 6, 7))
-    together = teacher.targets(wave)
+    """On CPU the teacher encodes clip by clip by default; batched encoding
+    (clips_per_call) gives the same codes for these signals too."""
+    wave = batch(0.6, seeds=(4, 5, 6, 7, 8))
     alone = torch.cat([teacher.targets(wave[i : i + 1]) for i in range(len(wave))])
-    assert torch.equal(together, alone)
+    assert torch.equal(teacher.targets(wave), alone)
+    for per_call in (2, 5):  # uneven and whole-batch chunks
+        options = teacher.Options(weights_path=teacher.options.weights_path, clips_per_call=per_call)
+        assert torch.equal(_with_options(teacher, options).targets(wave), alone)
 
 
 def test_padding_does_not_change_codes_of_real_frames(teacher):
