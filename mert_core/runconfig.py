@@ -56,7 +56,9 @@ def apply_overrides(data: dict[str, Any], assignments: Iterable[str]) -> dict[st
 
     Keys are dotted paths (``optim.lr=1e-4``, ``teachers.0.weight=0.5``). Two
     shorthands address plugins by name: ``teacher.NAME.OPTION=value`` and
-    ``augment.NAME.OPTION=value`` (the plugin must be in the config).
+    ``augment.NAME.OPTION=value`` (the plugin must be in the config);
+    ``teacher.NAME.weight`` and ``teacher.NAME.label_store`` set the run's
+    loss weight and offline label store for that teacher.
     """
     data = copy.deepcopy(data)
     for item in assignments:
@@ -72,8 +74,8 @@ def apply_overrides(data: dict[str, Any], assignments: Iterable[str]) -> dict[st
             if not match:
                 have = ", ".join(e.get("name", "?") for e in entries) or "none"
                 raise ConfigError(f"--set {key}: no {parts[0]} {parts[1]!r} in this run (have: {have}); add it with --{parts[0]} {parts[1]}")
-            if parts[2] == "weight" and parts[0] == "teacher":
-                match[0]["weight"] = value
+            if parts[0] == "teacher" and parts[2] in ("weight", "label_store"):
+                match[0][parts[2]] = value  # fields of the run's TeacherConfig, not teacher options
             else:
                 match[0].setdefault("options", {})[parts[2]] = value
             continue

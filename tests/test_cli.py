@@ -72,3 +72,9 @@ def test_recipe_values_follow_the_preset():
     assert (base.optim.lr, base.optim.grad_clip, base.loss.final_dim) == (5e-4, 10.0, 64)
     assert large.data.crop_seconds == 5.12 and [t.name for t in large.teachers] == ["rvq-vae", "cqt"]
     assert [a.name for a in large.augment] == ["inbatch-mixup"]
+
+
+def test_teacher_shorthand_sets_options_weight_and_label_store(tmp_path):
+    config = api.make_train_config(teachers=["cqt"], overrides=["teacher.cqt.n_bins=84", "teacher.cqt.weight=0.5", f"teacher.cqt.label_store={tmp_path}"])
+    t = config.teachers[0]
+    assert (t.options, t.weight, t.label_store) == ({"n_bins": 84}, 0.5, tmp_path)
