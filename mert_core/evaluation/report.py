@@ -82,6 +82,9 @@ def plot_layers(out_dir: Path, results: Sequence[ProbeResult]) -> list[Path]:
             weighted = [m for m in r.per_layer if m["layer"] == WEIGHTED]
             if weighted:
                 ax.axhline(weighted[0]["test"][metric], color=color, linestyle="--", alpha=0.7, label=f"{r.upstream} weighted sum")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer (0 = transformer input)")
         ax.set_ylabel(f"test {metric}")
         ax.set_title(f"{task}: score per layer")
