@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from pydantic import Field
