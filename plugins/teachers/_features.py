@@ -64,12 +64,38 @@ class FrameFeatures(nn.Module):
         return wave.new_zeros(wave.shape[0], 0, self.dim)
 
 
+class PowerSpectrogram(nn.Module):
+    """``|STFT|^2`` of frames centred on the student's frames (hann window).
+
+    ``re^2 + im^2`` rather than ``abs().pow(2)``: the same values (to float
+    rounding) without a square root per bin, 3x faster on CPU.
+    """
+
+    def __init__(self, n_fft: int, hop_samples: int):
+        super().__init__()
+        self.n_fft, self.hop_samples = n_fft, hop_samples
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` -> ``(B, T, n_fft // 2 + 1)``."""
+        z = torch.stft(pad_for_frames(wave, self.n_fft), self.n_fft, self.hop_samples, window=self.window, center=False, return_complex=True)
+        return (z.real.square() + z.imag.square()).transpose(1, 2)
+
+
+def _mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
+    """``(n_fft // 2 + 1, n_mels)`` Slaney-scale, Slaney-normalised mel filters (librosa's defaults)."""
+    return torchaudio.functional.melscale_fbanks(
+        n_freqs=n_fft // 2 + 1, f_min=0.0, f_max=sample_rate / 2, n_mels=n_mels, sample_rate=sample_rate, norm="slaney", mel_scale="slaney"
+    )
+
+
 class MFCCFeatures(FrameFeatures):
     """MFCC (log-mel, orthonormal DCT-II) plus delta and delta-delta.
 
     13 coefficients give 39 dims (MusicHuBERT's default), 20 give 60. Mel
     filters use the Slaney scale and norm (librosa's defaults), so the
-    coefficients equal librosa's ``mfcc`` of ``log(mel + 1e-6)``.
+    coefficients equal librosa's ``mfcc`` of ``log(mel + 1e-6)``; deltas are
+    ``torchaudio.functional.compute_deltas`` over 5 frames.
 
     Args:
         sample_rate: waveform rate.
@@ -77,32 +103,30 @@ class MFCCFeatures(FrameFeatures):
         n_mfcc: cepstral coefficients.
         n_mels: mel bands.
         n_fft: analysis window (hann).
-        deltas: append delta and delta-delta (``compute_deltas``, 5 frames).
+        deltas: append delta and delta-delta.
     """
 
     def __init__(self, sample_rate: int, hop_samples: int, n_mfcc: int = 13, n_mels: int = 64, n_fft: int = 1024, deltas: bool = True):
         super().__init__(hop_samples)
-        self.n_fft = n_fft
         self.deltas = deltas
         self.dim = n_mfcc * (3 if deltas else 1)
-        self.mfcc = torchaudio.transforms.MFCC(
-            sample_rate=sample_rate,
-            n_mfcc=n_mfcc,
-            log_mels=True,
-            melkwargs=dict(n_fft=n_fft, hop_length=hop_samples, n_mels=n_mels, center=False, power=2.0, mel_scale="slaney", norm="slaney"),
-        )
+        self.power = PowerSpectrogram(n_fft, hop_samples)
+        self.register_buffer("mel_fb", _mel_filters(sample_rate, n_fft, n_mels), persistent=False)
+        self.register_buffer("dct", torchaudio.functional.create_dct(n_mfcc, n_mels, norm="ortho"), persistent=False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, dim)``."""
         wave = _check_wave(wave)
         if num_student_frames(wave.shape[1], self.hop_samples) == 0:
             return self.empty(wave)
-        c = self.mfcc(pad_for_frames(wave, self.n_fft))  # B, n_mfcc, T
+        logmel = torch.log(self.power(wave) @ self.mel_fb + LOG_OFFSET)  # B, T, n_mels
+        c = logmel @ self.dct  # B, T, n_mfcc
         if self.deltas:
-            d1 = torchaudio.functional.compute_deltas(c, win_length=5)
+            ct = c.transpose(1, 2)  # compute_deltas runs along the last axis
+            d1 = torchaudio.functional.compute_deltas(ct, win_length=5)
             d2 = torchaudio.functional.compute_deltas(d1, win_length=5)
-            c = torch.cat([c, d1, d2], dim=1)
-        return c.transpose(1, 2).contiguous()  # B, T, dim
+            c = torch.cat([ct, d1, d2], dim=1).transpose(1, 2)
+        return c.contiguous()
 
 
 class LogMelFeatures(FrameFeatures):
@@ -117,19 +141,16 @@ class LogMelFeatures(FrameFeatures):
 
     def __init__(self, sample_rate: int, hop_samples: int, n_mels: int = 128, n_fft: int = 1024):
         super().__init__(hop_samples)
-        self.n_fft = n_fft
         self.dim = n_mels
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_samples, n_mels=n_mels, center=False, power=2.0, mel_scale="slaney", norm="slaney"
-        )
+        self.power = PowerSpectrogram(n_fft, hop_samples)
+        self.register_buffer("mel_fb", _mel_filters(sample_rate, n_fft, n_mels), persistent=False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, n_mels)``."""
         wave = _check_wave(wave)
         if num_student_frames(wave.shape[1], self.hop_samples) == 0:
             return self.empty(wave)
-        mel = self.mel(pad_for_frames(wave, self.n_fft))  # B, n_mels, T
-        return torch.log(mel + LOG_OFFSET).transpose(1, 2).contiguous()
+        return torch.log(self.power(wave) @ self.mel_fb + LOG_OFFSET)
 
 
 class ChromaFeatures(FrameFeatures):
@@ -148,19 +169,17 @@ class ChromaFeatures(FrameFeatures):
 
     def __init__(self, sample_rate: int, hop_samples: int, n_chroma: int = 12, n_fft: int = 2048):
         super().__init__(hop_samples)
-        self.n_fft = n_fft
         self.dim = n_chroma
-        self.spectrogram = torchaudio.transforms.Spectrogram(n_fft=n_fft, hop_length=hop_samples, center=False, power=2.0)
+        self.power = PowerSpectrogram(n_fft, hop_samples)
         fb = librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, n_chroma=n_chroma, tuning=0.0)
-        self.register_buffer("chroma_fb", torch.from_numpy(fb).float())  # n_chroma, n_fft // 2 + 1
+        self.register_buffer("chroma_fb", torch.from_numpy(fb).float().T.contiguous(), persistent=False)  # n_fft // 2 + 1, n_chroma
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, n_chroma)``."""
         wave = _check_wave(wave)
         if num_student_frames(wave.shape[1], self.hop_samples) == 0:
             return self.empty(wave)
-        power = self.spectrogram(pad_for_frames(wave, self.n_fft))  # B, F, T
-        chroma = torch.matmul(power.transpose(1, 2), self.chroma_fb.T)  # B, T, n_chroma
+        chroma = self.power(wave) @ self.chroma_fb  # B, T, n_chroma
         # librosa.util.normalize(norm=inf): frames below the smallest normal float stay as they are
         peak = chroma.amax(dim=-1, keepdim=True)
         peak = torch.where(peak < torch.finfo(chroma.dtype).tiny, torch.ones_like(peak), peak)

@@ -75,12 +75,12 @@ class KMeansFitOptions(TeacherOptions):
     sample_hours: float | None = Field(None, gt=0, description="Upper bound on the hours of audio to fit on; None: no bound beyond sample_fraction.")
     chunk_seconds: float = Field(5.0, gt=0, description="The fit sample is drawn as chunks of this length (5 s = the training crop).")
     batch_size: int = Field(16, ge=1, description="Chunks per feature batch while fitting.")
-    init_frames: int = Field(
-        100_000, ge=1, description="Frames held in memory for k-means++ and the first Lloyd iterations (a random subsample of the sample)."
+    init_frames: int | None = Field(
+        None, ge=1, description="Frames held in memory for k-means++ and the first Lloyd iterations (a random subsample); None: 100 per cluster, at most 256 MB."
     )
     n_init: int = Field(1, ge=1, description="k-means++ restarts on the in-memory subsample; the lowest inertia wins.")
     max_iter: int = Field(100, ge=1, description="Lloyd iterations per restart on the in-memory subsample.")
-    max_passes: int = Field(30, ge=1, description="Lloyd passes streamed over all sampled frames afterwards.")
+    max_passes: int = Field(300, ge=1, description="Exact Lloyd passes streamed over all sampled frames afterwards (scikit-learn's max_iter is 300).")
     tol: float = Field(1e-4, ge=0, description="Stop when the squared centroid shift is <= tol x mean feature variance (scikit-learn's rule).")
     seed: int | None = Field(None, description="Seed of the sample and the initialisation; None: the seed passed to fit() (the run's seed).")
     cache_dir: Path | None = Field(
@@ -388,6 +388,7 @@ class KMeansTeacher(Teacher):
                 bar.close()
                 for cache in caches.values():
                     cache.finish()
+                feature_seconds = time.perf_counter() - started
                 log.info(
                     "%s: %d frames cached (%.1f MB on disk), %d files failed to decode",
                     self.name, next(iter(caches.values())).rows, sum(c.nbytes for c in caches.values()) / 1e6, len(read_failures),
@@ -434,6 +435,9 @@ class KMeansTeacher(Teacher):
                     "converged": r.converged,
                     "inertia_per_frame_by_pass": r.history,
                     "relocated_empty_clusters": r.relocated,
+                    "subsample_iterations": r.subsample_iterations,
+                    "full_distance_passes": round(r.recomputed, 3),
+                    "seconds": r.seconds,
                 }
                 for name, r in results.items()
             },
@@ -442,6 +446,7 @@ class KMeansTeacher(Teacher):
                 "seed": seed,
                 "device": str(device),
                 "seconds": round(time.perf_counter() - started, 3),
+                "feature_seconds": round(feature_seconds, 3),
             },
             "sample": plan.describe(),
             "versions": library_versions(),

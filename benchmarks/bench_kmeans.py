@@ -1,0 +1,234 @@
+"""k-means teacher pipeline vs the straightforward reference, on the same audio in one run.
+
+Reference (the original MusicHuBERT/HuBERT recipe's shape): librosa MFCC +
+deltas of every frame held in memory, then scikit-learn full-batch ``KMeans``
+(k-means++, ``n_init=1``), labels with ``KMeans.predict`` file by file, and
+labels saved as one line of integers per file.
+
+Ours: ``fit_teacher("kmeans-mfcc")`` (torch features streamed to a disk cache,
+k-means++ and Lloyd on a subsample, streamed exact Lloyd passes), labels with
+``write_label_store`` (batched torch features + nearest centroid, one
+memory-mapped uint16 file).
+
+Inertia is compared in one feature space: scikit-learn ``KMeans`` and
+``MiniBatchKMeans`` are also run on *our* features (all frames in memory), so
+that "equal or better inertia" compares clusterings, not feature scalings.
+
+    python benchmarks/bench_kmeans.py                 # 30 min of audio, K=500
+    python benchmarks/bench_kmeans.py --minutes 5 --clusters 100   # quick
+
+Runs single-threaded by default (``--threads``) for both sides: the numbers are
+then comparable on a shared machine. Prints seconds and ratios; never gates CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SR = 24000
+HOP = 320
+
+
+def synth_piece(seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """Music-like audio with variety: chord progressions of harmonic tones with
+    random timbres, a melody, drums (kick sweeps, noise snares, hats), dynamics."""
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    out = np.zeros(n)
+    beat = 60 / rng.uniform(70, 160)
+    root = 55 * 2 ** (rng.integers(0, 12) / 12)
+    scale = np.array([0, 2, 4, 5, 7, 9, 11]) if rng.random() < 0.5 else np.array([0, 2, 3, 5, 7, 8, 10])
+    timbre = rng.uniform(0.1, 1.0, 8) / np.arange(1, 9) ** rng.uniform(0.5, 2)
+
+    def span(start: float, length: float) -> slice:
+        return slice(int(start * SR), min(n, int((start + length) * SR)))
+
+    bar = 4 * beat
+    for start in np.arange(0, seconds, bar):
+        degree = rng.integers(0, 7)
+        chord = [scale[(degree + i) % 7] + 12 * ((degree + i) // 7) for i in (0, 2, 4)]
+        seg = span(start, bar)
+        tt = t[seg]
+        for semis in chord:
+            f0 = root * 2 * 2 ** (semis / 12)
+            for h, a in enumerate(timbre, 1):
+                if f0 * h < SR / 2:
+                    out[seg] += 0.05 * a * np.sin(2 * np.pi * f0 * h * tt + rng.uniform(0, 6.28))
+        out[seg] *= np.exp(-rng.uniform(0.2, 2) * (tt - start))
+    for start in np.arange(0, seconds, beat / 2):  # melody in eighth notes
+        if rng.random() < 0.3:
+            continue
+        seg = span(start, beat / 2)
+        tt = t[seg]
+        f0 = root * 4 * 2 ** (scale[rng.integers(0, 7)] / 12 + rng.integers(0, 2))
+        out[seg] += 0.12 * np.exp(-6 * (tt - start)) * (np.sin(2 * np.pi * f0 * tt) + 0.3 * np.sin(4 * np.pi * f0 * tt))
+    for i, start in enumerate(np.arange(0, seconds, beat / 2)):  # drums
+        seg = span(start, 0.25)
+        tt = t[seg] - start
+        if i % 4 == 0:
+            out[seg] += 0.5 * np.sin(2 * np.pi * (50 + 100 * np.exp(-30 * tt)) * tt) * np.exp(-12 * tt)
+        elif i % 4 == 2:
+            out[seg] += 0.25 * rng.standard_normal(len(tt)) * np.exp(-20 * tt)
+        else:
+            out[seg] += 0.05 * np.diff(rng.standard_normal(len(tt) + 1)) * np.exp(-60 * tt)
+    out *= rng.uniform(0.3, 1.0) * (1 + 0.5 * np.sin(2 * np.pi * t / rng.uniform(5, 20)))
+    out += 10 ** rng.uniform(-4, -2) * rng.standard_normal(n)
+    return (out / max(1.0, np.abs(out).max())).astype(np.float32)
+
+
+def make_audio(folder: Path, minutes: float, seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    files, total = [], 0.0
+    while total < minutes * 60:
+        seconds = float(rng.uniform(20, 60))
+        path = folder / f"piece{len(files):04d}.wav"
+        sf.write(path, synth_piece(seconds, rng), SR)
+        files.append(path)
+        total += seconds
+    return files
+
+
+def librosa_features(path: Path, n_mfcc: int, n_mels: int) -> np.ndarray:
+    import librosa
+
+    y, _ = sf.read(path, dtype="float32")
+    m = librosa.feature.mfcc(y=y, sr=SR, n_mfcc=n_mfcc, n_fft=1024, hop_length=HOP, n_mels=n_mels)
+    return np.concatenate([m, librosa.feature.delta(m), librosa.feature.delta(m, order=2)]).T.astype(np.float32)
+
+
+def timed(fn):
+    """``(result, wall seconds, CPU seconds of this process)``. On a shared
+    machine CPU time is the stable measure: it does not count waiting for a core."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30.0, help="Audio to generate.")
+    ap.add_argument("--clusters", type=int, default=500, help="K (SPEC default 500).")
+    ap.add_argument("--threads", type=int, default=1, help="Threads for torch and scikit-learn alike.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None, help="Keep the audio and outputs here (default: a temp folder).")
+    args = ap.parse_args()
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    from mert_core.labels import LabelStore, fit_teacher, student_frames, write_label_store
+    from mert_core.registry import load_registry
+    from mert_plugins.teachers.kmeans import read_teacher_file
+
+    K, n_mfcc, n_mels = args.clusters, 13, 64
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-kmeans-"))
+    (work / "audio").mkdir(parents=True, exist_ok=True)
+    files, t_gen, _ = timed(lambda: make_audio(work / "audio", args.minutes, args.seed))
+    print(f"audio: {len(files)} files, {args.minutes:g} min at 24 kHz (generated in {t_gen:.1f} s); K={K}; {args.threads} thread(s); in {work}")
+    registry = load_registry()
+
+    # -- fitting ---------------------------------------------------------------------
+    def reference_fit():
+        x = np.concatenate([librosa_features(p, n_mfcc, n_mels) for p in files])
+        km = KMeans(K, n_init=1, random_state=args.seed).fit(x)
+        return x, km
+
+    (x_ref, km_ref), w_ref, c_ref = timed(reference_fit)
+    out_file = work / "mfcc.safetensors"
+    opts = {"n_clusters": K, "n_mels": n_mels}
+    _, w_ours, c_ours = timed(lambda: fit_teacher("kmeans-mfcc", [work / "audio"], out_file, opts, registry=registry, seed=args.seed, device="cpu", progress=False))
+    meta, tensors = read_teacher_file(out_file)
+    stream = meta["streams"]["mfcc"]
+    teacher = registry.build("teacher", "kmeans-mfcc", {"teacher_file": str(out_file)})
+
+    # our features, all in memory, for scikit-learn on the same feature space
+    chunk = round(meta["fit"]["chunk_seconds"] * SR)
+
+    def our_features():
+        rows = []
+        for p in sorted(files):
+            y, _ = sf.read(p, dtype="float32")
+            for a in range(0, len(y), chunk):
+                w = torch.from_numpy(y[a : a + chunk])[None]
+                rows.append(teacher.extractors["mfcc"](w)[0].numpy())
+        return np.concatenate(rows)
+
+    x_ours = our_features()
+    N = len(x_ours)
+    km_same, w_km, c_km = timed(lambda: KMeans(K, n_init=1, random_state=args.seed).fit(x_ours))
+    mb_same, w_mb, c_mb = timed(lambda: MiniBatchKMeans(K, n_init=1, random_state=args.seed, batch_size=4096).fit(x_ours))
+    inertia_mb = -mb_same.score(x_ours)
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in stream["seconds"].items())
+
+    print("\n== fitting (CPU s / wall s) ==")
+    print(f"reference  librosa features + KMeans, all {len(x_ref)} frames in RAM: {c_ref:7.2f} / {w_ref:7.2f}  ({km_ref.n_iter_} Lloyd iterations)")
+    print(f"ours       fit_teacher, streamed:                                  {c_ours:7.2f} / {w_ours:7.2f}  "
+          f"(wall: features {meta['fit']['feature_seconds']:.1f}, {stages}; subsample {stream['init_frames']} frames x "
+          f"{stream['subsample_iterations']} it., {stream['streamed_passes']} streamed passes, "
+          f"{stream['full_distance_passes']:.1f} passes' worth of full distance computations)")
+    print(f"  -> fit speed-up vs reference: {c_ref / c_ours:.2f}x CPU time, {w_ref / w_ours:.2f}x wall  (aim: >= 5x)")
+    print(f"inertia per frame on our features: ours {stream['inertia_per_frame']:.4f} | sklearn KMeans {km_same.inertia_ / N:.4f} "
+          f"({c_km:.1f} CPU s, {km_same.n_iter_} it.) | sklearn MiniBatchKMeans {inertia_mb / N:.4f} ({c_mb:.1f} CPU s)")
+    print(f"  -> inertia ratio ours / KMeans: {stream['inertia'] / km_same.inertia_:.4f}  (aim: <= 1); "
+          f"ours / MiniBatchKMeans: {stream['inertia'] / inertia_mb:.4f}")
+    print(f"  -> k-means alone on the same features: ours {c_ours - meta['fit']['feature_seconds']:.1f} s (approx.) vs KMeans {c_km:.1f} s")
+
+    # -- labelling ---------------------------------------------------------------------
+    def reference_label():
+        lines = []
+        for p in sorted(files):
+            lines.append(" ".join(map(str, km_ref.predict(librosa_features(p, n_mfcc, n_mels)))))
+        return lines
+
+    lines, w_ref_label, c_ref_label = timed(reference_label)
+    text_file = work / "labels.km"
+    text_file.write_text("\n".join(lines) + "\n")
+    ref_frames = sum(len(line.split()) for line in lines)
+    summary, w_label, c_label = timed(lambda: write_label_store(teacher, [work / "audio"], work / "store", batch_size=16, progress=False, overwrite=True))
+    print("\n== labelling (frames per CPU second / per wall second) ==")
+    print(f"reference  librosa + KMeans.predict per file: {ref_frames / c_ref_label:10.0f} / {ref_frames / w_ref_label:10.0f}")
+    print(f"ours       write_label_store (batched torch):  {summary.num_frames / c_label:10.0f} / {summary.num_frames / w_label:10.0f}")
+    print(f"  -> labelling throughput ratio: {(summary.num_frames / c_label) / (ref_frames / c_ref_label):.2f}x CPU, "
+          f"{(summary.num_frames / w_label) / (ref_frames / w_ref_label):.2f}x wall")
+
+    # -- label store vs text labels ----------------------------------------------------
+    store_bytes = sum(f.stat().st_size for f in (work / "store").iterdir())
+    text_bytes = text_file.stat().st_size
+
+    def load_text():
+        return [np.array(line.split(), dtype=np.int64) for line in text_file.read_text().splitlines()]
+
+    def load_store():
+        store = LabelStore.open(work / "store")
+        out = []
+        for e in store.index["files"]:
+            out.append(np.concatenate([store.window(e["path"], k * store.window_samples) for k in range(len(e["windows"]))]))
+        return out
+
+    t_text = min(timed(load_text)[2] for _ in range(5))
+    t_store = min(timed(load_store)[2] for _ in range(5))
+    store = LabelStore.open(work / "store")
+    rng = np.random.default_rng(0)
+    picks = [(e["path"], int(rng.integers(len(e["windows"]))) * store.window_samples) for e in (store.index["files"][i] for i in rng.integers(len(store.index["files"]), size=256))]
+    t_batch = timed(lambda: [store.targets([p for p, _ in picks[i : i + 16]], [o for _, o in picks[i : i + 16]], student_frames(store.window_samples)) for i in range(0, 256, 16)])[2]
+    print("\n== label store vs one text line per file ==")
+    print(f"size on disk: store {store_bytes / 1e6:.2f} MB ({summary.bytes_per_frame_per_codebook:.0f} bytes/frame/codebook, labels.bin {summary.labels_bytes / 1e6:.2f} MB + index) | text {text_bytes / 1e6:.2f} MB")
+    print(f"  -> size ratio text / store: {text_bytes / store_bytes:.2f}x  (aim: store <= 2 bytes/frame/codebook)")
+    print(f"load all labels (best of 5, CPU): store {t_store * 1e3:.1f} ms | text {t_text * 1e3:.1f} ms -> {t_text / t_store:.2f}x")
+    print(f"16 batches of 16 random crops from the store: {t_batch * 1e3:.1f} ms CPU ({t_batch / 16 * 1e3:.2f} ms per batch)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    main()
