@@ -17,7 +17,9 @@ from sklearn.cluster import KMeans
 
 from conftest import music
 from mert_core.audio import read_crop
+from mert_core.checkpoint import load_student, save_student
 from mert_core.labels import fit_teacher, student_frames
+from mert_core.model import tiny
 from mert_core.registry import PluginError, load_registry
 from mert_plugins.teachers._features import ChromaFeatures, LogMelFeatures, MFCCFeatures, pad_for_frames
 from mert_plugins.teachers._streaming_kmeans import FeatureCache, KMeansError, fit_kmeans
@@ -236,7 +238,7 @@ def test_fit_streams_through_a_bounded_cache_and_skips_bad_files(registry, audio
     assert list(cache_dir.iterdir()) == []  # the feature cache is gone
 
 
-def test_logmel_chroma_product_is_logmel_times_kchroma_plus_chroma(registry, lmc_file):
+def test_logmel_chroma_product_is_logmel_times_kchroma_plus_chroma(registry, lmc_file, audio_dir, tmp_path):
     product = build(registry, "kmeans-logmel-chroma", teacher_file=str(lmc_file))
     separate = build(registry, "kmeans-logmel-chroma", teacher_file=str(lmc_file), combine="separate")
     assert product.target_spec().num_classes == 30 and separate.target_spec().num_codebooks == 2
@@ -251,6 +253,9 @@ def test_logmel_chroma_product_is_logmel_times_kchroma_plus_chroma(registry, lmc
     c = separate.codebooks["chroma"].centroids.double().numpy()
     ref = ((chroma[:, None] - c[None]) ** 2).sum(-1).argmin(1)
     assert (s[0, :, 1].numpy() == ref).mean() > 0.999
+    # fitting is deterministic for both codebooks
+    again = fit_teacher("kmeans-logmel-chroma", [audio_dir], tmp_path / "again.safetensors", SMALL_LMC, registry=registry, device="cpu", progress=False)
+    assert build(registry, "kmeans-logmel-chroma", teacher_file=str(again)).config_hash() == product.config_hash()
 
 
 def test_teacher_file_errors_name_the_problem(registry, mfcc_file, lmc_file, tmp_path):
@@ -281,6 +286,55 @@ def test_an_unfitted_teacher_says_how_to_fit_it(registry):
         teacher.config_hash()
     with pytest.raises(ValueError, match="nothing to fit"):
         fit_teacher("cqt", ["."], "x.safetensors", registry=registry, progress=False)
+
+
+# -- kmeans-hidden: HuBERT's second iteration ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def student_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("student") / "student.safetensors"
+    save_student(tiny(), path)
+    return path
+
+
+def test_hidden_teacher_clusters_a_students_layer(registry, audio_dir, student_file, tmp_path):
+    opts = {"checkpoint": str(student_file), "layer": 1, "n_clusters": 6, "sample_fraction": 0.5}
+    out = fit_teacher("kmeans-hidden", [audio_dir], tmp_path / "h.safetensors", opts, registry=registry, device="cpu", progress=False)
+    again = fit_teacher("kmeans-hidden", [audio_dir], tmp_path / "h2.safetensors", opts, registry=registry, device="cpu", progress=False)
+    meta, tensors = read_teacher_file(out)
+    assert tensors["centroids.hidden"].shape == (6, 128) and meta["features"]["layer"] == 1
+    assert torch.equal(tensors["centroids.hidden"], read_teacher_file(again)[1]["centroids.hidden"])
+    teacher = build(registry, "kmeans-hidden", teacher_file=str(out))  # the checkpoint comes from the file
+    assert teacher.target_spec().num_classes == 6
+    wave = torch.from_numpy(np.stack([music(2.0, SR, seed=s) for s in (51, 52)]))
+    labels = teacher.targets(wave)
+    assert labels.shape == (2, student_frames(wave.shape[1]), 1)
+    # reference: the student's own hidden states, nearest centroid in float64
+    student, info = load_student(student_file)
+    assert meta["identity"]["checkpoint_id"] == info["checkpoint_id"]
+    with torch.no_grad():
+        hidden = student(wave, output_hidden_states=True).hidden_states[1].double().reshape(-1, 128).numpy()
+    c = tensors["centroids.hidden"].double().numpy()
+    ref = ((hidden[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+    assert (labels.flatten().numpy() == ref).mean() > 0.999
+    for b in range(2):
+        assert torch.equal(teacher.targets(wave[b : b + 1])[0], labels[b])
+
+    assert build(registry, "kmeans-hidden", checkpoint=str(student_file)).options.layer == 1  # middle of 2 layers
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(1)
+    save_student(tiny(), other)
+    with pytest.raises(TeacherFileError, match="checkpoint id"):
+        build(registry, "kmeans-hidden", teacher_file=str(out), checkpoint=str(other))
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(student_file.read_bytes())
+    assert build(registry, "kmeans-hidden", teacher_file=str(out), checkpoint=str(copy)).config_hash() == teacher.config_hash()
+    with pytest.raises(TeacherFileError, match="layer=5"):
+        build(registry, "kmeans-hidden", checkpoint=str(student_file), layer=5)
+    with pytest.raises(TeacherFileError, match="'checkpoint' is required"):
+        build(registry, "kmeans-hidden")
 
 
 # -- the CLI --------------------------------------------------------------------------

@@ -94,6 +94,18 @@ def lmc_file(registry, audio_dir, tmp_path_factory):
     return fit_teacher("kmeans-logmel-chroma", [audio_dir], tmp_path_factory.mktemp("fit") / "lmc.safetensors", opts, registry=registry, device="cpu", progress=False)
 
 
+@pytest.fixture(scope="module")
+def hidden_file(registry, audio_dir, tmp_path_factory):
+    from mert_core.checkpoint import save_student
+    from mert_core.model import tiny
+
+    folder = tmp_path_factory.mktemp("hidden")
+    torch.manual_seed(0)
+    save_student(tiny(), folder / "student.safetensors")
+    opts = {"checkpoint": str(folder / "student.safetensors"), "n_clusters": 8}
+    return fit_teacher("kmeans-hidden", [audio_dir], folder / "hidden.safetensors", opts, registry=registry, device="cpu", progress=False)
+
+
 def teacher(registry, name, **options):
     return registry.build("teacher", name, options, sample_rate=SR, hop_samples=320)
 
@@ -118,9 +130,12 @@ def assert_online_equals_offline(t, store, audio_dir):
 # -- online == offline ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,options", [("kmeans-mfcc", {}), ("kmeans-logmel-chroma", {}), ("kmeans-logmel-chroma", {"combine": "separate"})])
-def test_offline_labels_equal_online_labels(registry, audio_dir, mfcc_file, lmc_file, tmp_path, name, options):
-    t = teacher(registry, name, teacher_file=str(mfcc_file if name == "kmeans-mfcc" else lmc_file), **options)
+@pytest.mark.parametrize(
+    "name,options", [("kmeans-mfcc", {}), ("kmeans-logmel-chroma", {}), ("kmeans-logmel-chroma", {"combine": "separate"}), ("kmeans-hidden", {})]
+)
+def test_offline_labels_equal_online_labels(registry, audio_dir, request, tmp_path, name, options):
+    fitted = {"kmeans-mfcc": "mfcc_file", "kmeans-logmel-chroma": "lmc_file", "kmeans-hidden": "hidden_file"}[name]
+    t = teacher(registry, name, teacher_file=str(request.getfixturevalue(fitted)), **options)
     summary = write_label_store(t, [audio_dir], tmp_path / "store", window_samples=W, batch_size=3, progress=False)
     store = LabelStore.open(tmp_path / "store")
     store.check(t, W, files=[str(p) for p in audio_dir.iterdir()])

@@ -212,6 +212,5 @@ class HiddenStateFeatures(FrameFeatures):
         wave = _check_wave(wave)
         if num_student_frames(wave.shape[1], self.hop_samples) == 0:
             return self.empty(wave)
-        lengths = torch.full((wave.shape[0],), wave.shape[1], dtype=torch.long, device=wave.device)
-        out = self.student(wave, lengths, output_hidden_states=True)
+        out = self.student(wave, None, output_hidden_states=True)  # every clip full length: no padding mask
         return out.hidden_states[self.layer].float()

@@ -116,7 +116,9 @@ class HiddenOptions(KMeansFitOptions):
     checkpoint: Path | None = Field(
         None, description="Trained student: run folder, .pt checkpoint or student.safetensors. Needed to fit; taken from teacher_file otherwise."
     )
-    layer: int = Field(6, ge=0, description="Hidden layer to cluster (0 = transformer input; HuBERT base used layer 6 of 12).")
+    layer: int | None = Field(
+        None, ge=0, description="Hidden state to cluster: 0 = transformer input, i = output of layer i; None: the middle layer (6 of 12, as HuBERT's second iteration)."
+    )
     n_clusters: int = Field(500, ge=2, description="K (SPEC: 500 or 2000).")
 
 
@@ -606,12 +608,18 @@ class HiddenKMeansTeacher(KMeansTeacher):
         for p in student.parameters():
             p.requires_grad_(False)
         self._checkpoint_id = info["checkpoint_id"]
-        num_layers = len(student.encoder.layers) if hasattr(student, "encoder") and hasattr(student.encoder, "layers") else None
-        layer = self.options.layer
-        if num_layers is not None and layer > num_layers:
+        layer = self.options.layer if self.options.layer is not None else student.num_layers // 2
+        if layer > student.num_layers:
             raise TeacherFileError(
-                f"kmeans-hidden: option layer={layer}, but checkpoint {ckpt} has {num_layers} layers (hidden states 0..{num_layers}); pick one of those"
+                f"kmeans-hidden: option layer={layer}, but checkpoint {ckpt} has {student.num_layers} layers "
+                f"(hidden states 0..{student.num_layers}); pick one of those"
             )
+        if student.sample_rate != self.sample_rate or student.hop_samples != self.hop_samples:
+            raise TeacherFileError(
+                f"kmeans-hidden: checkpoint {ckpt} reads {student.sample_rate} Hz audio with hop {student.hop_samples}, "
+                f"this run uses {self.sample_rate} Hz and hop {self.hop_samples}"
+            )
+        self.options = self.options.model_copy(update={"layer": layer})  # the artifact records the layer actually used
         return {"hidden": HiddenStateFeatures(student, layer, self.hop_samples, dim=student.embed_dim)}
 
     def _identity(self) -> dict[str, Any]:
