@@ -26,6 +26,8 @@ too: :func:`fit_teacher` and :func:`label_data`.
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
 import logging
 import os
@@ -194,7 +196,7 @@ def write_label_store(
     hop = teacher.hop_samples
     dtype = label_dtype(spec.num_classes)
     C = spec.num_codebooks
-    device = next((t.device for t in teacher.buffers()), torch.device("cpu"))
+    device = next((t.device for t in itertools.chain(teacher.buffers(), teacher.parameters())), torch.device("cpu"))
     config_hash = teacher.config_hash()
 
     manifest = scan_audio(list(files), progress=progress)
@@ -555,8 +557,12 @@ def fit_teacher(
     if type(teacher).fit is Teacher.fit:
         fittable = [n for n in registry.names("teacher") if registry.get("teacher", n).obj.fit is not Teacher.fit]
         raise ValueError(f"teacher {name!r} has nothing to fit; teachers that do: {', '.join(fittable) or 'none'}")
-    teacher.to(_resolve_device(device))
-    return teacher.fit([Path(p) for p in data_paths], Path(out_file), seed=seed, progress=progress)
+    device = _resolve_device(device)
+    teacher.to(device)
+    # the contract is fit(files, out_file, seed); pass the extras a teacher accepts
+    accepted = inspect.signature(teacher.fit).parameters
+    extra = {k: v for k, v in (("progress", progress), ("device", device)) if k in accepted}
+    return teacher.fit([Path(p) for p in data_paths], Path(out_file), seed=seed, **extra)
 
 
 def label_data(

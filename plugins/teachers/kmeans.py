@@ -18,6 +18,7 @@ the nearest centroid of each frame, computed in torch on the training device.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -339,13 +340,34 @@ class KMeansTeacher(Teacher):
 
     # -- fitting ------------------------------------------------------------------------------
 
-    def fit(self, files: list[Path], out_file: Path, seed: int = 0, progress: bool = True) -> Path:
+    def fit(self, files: list[Path], out_file: Path, seed: int = 0, progress: bool = True, device: str | torch.device | None = None) -> Path:
         """Fit every stream's codebook on a sample of ``files``, save the
         artifact to ``out_file`` (atomically) and load it into this teacher.
 
         Memory stays bounded: features go to a temporary on-disk cache; RAM
         holds one batch of audio, ``init_frames`` frames and the centroids.
+
+        Args:
+            files: audio files, folders or manifests.
+            out_file: the ``.safetensors`` artifact to write.
+            seed: used unless ``options.seed`` is set.
+            progress: show progress bars.
+            device: where to compute; None: the teacher's device, or CUDA
+                when the teacher is on the CPU and a GPU is available (the
+                teacher is moved back afterwards).
         """
+        original = self._device()
+        if device is None:
+            device = original
+            if device.type == "cpu" and torch.cuda.is_available():
+                device = torch.device("cuda", torch.cuda.current_device())
+        self.to(torch.device(device))
+        try:
+            return self._fit(files, Path(out_file), seed, progress)
+        finally:
+            self.to(original)
+
+    def _fit(self, files: list[Path], out_file: Path, seed: int, progress: bool) -> Path:
         from mert_core.audio import AudioError, read_crop
         from mert_core.checkpoint import atomic_write
 
@@ -465,7 +487,7 @@ class KMeansTeacher(Teacher):
     # -- loading ---------------------------------------------------------------------------
 
     def _device(self) -> torch.device:
-        for t in self.buffers():
+        for t in itertools.chain(self.buffers(), self.parameters()):
             return t.device
         return torch.device("cpu")
 
