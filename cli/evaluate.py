@@ -90,7 +90,8 @@ def _setup_logging(quiet: bool) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
+    # propagation stays on: a process that also configures the root logger (or
+    # pytest's caplog) still sees these records
 
 
 def _usage_errors(fn):
