@@ -16,10 +16,11 @@ from mert_core.config import format_validation_error
 
 
 def _usage_types():
+    from mert_core.labels import LabelStoreMismatch
     from mert_core.registry import PluginError
     from mert_core.runconfig import ConfigError
 
-    return (ConfigError, PluginError)
+    return (ConfigError, PluginError, LabelStoreMismatch)
 
 
 class ErrorHandlingGroup(click.Group):

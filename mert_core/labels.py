@@ -223,7 +223,7 @@ def write_label_store(
             def run(items: list[tuple[int, int, np.ndarray]]) -> None:
                 wave = torch.from_numpy(np.stack([w for _, _, w in items])).to(device)
                 with torch.no_grad():
-                    labels = teacher.targets(wave)  # B, T, C
+                    labels = teacher.store_targets(wave)  # B, T, C
                 want = student_frames(wave.shape[1], hop)
                 for b, (fi, k, _) in enumerate(items):
                     path = plan[fi][0]

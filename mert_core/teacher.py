@@ -103,6 +103,19 @@ class Teacher(torch.nn.Module):
         """
         raise NotImplementedError
 
+    # -- optional: offline label stores ----------------------------------------
+
+    @torch.no_grad()
+    def store_targets(self, wave: torch.Tensor) -> torch.Tensor:
+        """What an offline label store saves for ``wave``: by default the
+        targets themselves. A teacher whose targets vary per batch (one random
+        codebook) stores the full labels and selects in :meth:`targets_from_store`."""
+        return self.targets(wave)
+
+    def targets_from_store(self, labels: torch.Tensor) -> torch.Tensor:
+        """Turn stored labels ``(B, T, C)`` into this batch's targets (default: as stored)."""
+        return labels
+
     # -- optional: teachers that must be fitted before use (k-means) ----------
 
     # Convention: a teacher that needs fitting takes its fitted artifact through

@@ -8,6 +8,7 @@ with the same weights as one never stopped.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -112,7 +113,7 @@ def resolve_data_paths(config: TrainConfig) -> list[Path]:
     return [ensure_demo_data() / "pieces"]
 
 
-def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], dist_info, log) -> dict[str, Teacher]:
+def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], dist_info, log, device=None) -> dict[str, Teacher]:
     """Instantiate every teacher; fit the ones that need it (rank 0) first."""
     names = [t.name for t in config.teachers]
     dupes = {n for n in names if names.count(n) > 1}
@@ -125,7 +126,7 @@ def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], d
             out_file = config.out_dir / f"teacher-{tc.name}.safetensors"
             if dist_info.is_main and not out_file.exists():
                 log(f"teacher {tc.name!r} has no fitted file: fitting it on the training data -> {out_file}")
-                teacher.fit(files, out_file, seed=config.seed)
+                teacher.fit(files, out_file, seed=config.seed, **({"device": device} if "device" in inspect.signature(teacher.fit).parameters else {}))
             distributed.barrier(dist_info)
             # recorded in the config, so the checkpoint is self-contained and a resume reloads it
             tc.options = {**tc.options, "teacher_file": str(out_file)}
@@ -208,7 +209,7 @@ def train(
         f"({len(manifest.files) - len(usable)} shorter than {config.data.min_seconds:g} s, {len(manifest.skipped)} unreadable)")
 
     # teachers: fitted if needed, on the training device, never trained
-    teachers = build_teachers(config, registry, [f.path for f in usable], dist_info, say)
+    teachers = build_teachers(config, registry, [f.path for f in usable], dist_info, say, device)
     specs = {name: t.target_spec() for name, t in teachers.items()}
     for name, spec in specs.items():
         if abs(spec.frame_rate_hz - sr / HOP_SAMPLES) > 1e-6:
@@ -221,7 +222,8 @@ def train(
             from mert_core.labels import LabelStore
 
             store = LabelStore.open(tc.label_store)
-            store.check(teachers[tc.name], window_samples=crop_samples)
+            # every training file must be in the store and unchanged: refused now, not at hour 3
+            store.check(teachers[tc.name], window_samples=crop_samples, files=[f.path for f in usable])
             label_stores[tc.name] = store
     augments = [registry.build("augment", a.name, a.options, sample_rate=sr).to(device) for a in config.augment]
 
@@ -319,7 +321,8 @@ def train(
                         if hasattr(teacher, "generator"):
                             teacher.generator = generator
                         if name in label_stores:
-                            t = label_stores[name].targets(batch["paths"], batch["offsets"], num_frames).to(device)
+                            stored = label_stores[name].targets(batch["paths"], batch["offsets"], num_frames).to(device)
+                            t = teacher.targets_from_store(stored)
                         else:
                             t = teacher.targets(wave)
                         targets[name], have = align_targets(name, t, num_frames, specs[name], batch["paths"])

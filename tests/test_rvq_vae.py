@@ -316,10 +316,11 @@ def test_config_hash_follows_weights_content(registry, weights, other_teacher, t
     moved = registry.build("teacher", "rvq-vae", {"weights_path": str(copy)})
     assert moved.config_hash() == teacher.config_hash()  # same bytes, other place: same labels
     assert other_teacher.config_hash() != teacher.config_hash()
-    assert teacher_1_5.config_hash() != teacher.config_hash()
+    # the codebook choice is applied after the codes: one label store serves every ablation
+    assert teacher_1_5.config_hash() == teacher.config_hash()
 
 
-def test_online_codes_equal_offline_label_store(teacher, other_teacher, tmp_path):
+def test_online_codes_equal_offline_label_store(teacher, other_teacher, teacher_1_5, tmp_path):
     """`mert teacher label rvq-vae` and online targets give the same codes: the
     store labels each grid window alone, the trainer's grid-aligned crop is that
     window, and batching does not change the codes."""
@@ -356,3 +357,8 @@ def test_online_codes_equal_offline_label_store(teacher, other_teacher, tmp_path
     # a store made with other weights is refused
     with pytest.raises(LabelStoreMismatch, match="configuration"):
         store.check(other_teacher, window_samples=window)
+    # the same store serves a codebook ablation: stored codes, then this teacher's selection
+    store.check(teacher_1_5, window_samples=window)
+    chosen = teacher_1_5.targets_from_store(offline)
+    assert torch.equal(chosen, teacher_1_5.targets(wave)[:, :num_frames])
+    assert (chosen[..., [1, 5]] >= 0).all() and (chosen[..., [0, 2, 3, 4, 6, 7]] == -1).all()

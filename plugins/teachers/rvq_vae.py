@@ -321,12 +321,22 @@ class RVQVAETeacher(Teacher):
         """
         return self.select_codebooks(self.codes(wave))
 
+    @torch.no_grad()
+    def store_targets(self, wave: torch.Tensor) -> torch.Tensor:
+        """A label store keeps all 8 codebooks; :meth:`targets_from_store` applies
+        the ``codebooks`` option per batch, so one store serves every ablation."""
+        return self.codes(wave)
+
+    def targets_from_store(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.select_codebooks(labels)
+
     def config_hash(self) -> str:
-        """Options, framing, encodec version and the weights file's content."""
+        """Framing, encodec version and the weights file's content: what decides the codes."""
         import encodec
 
-        # where the weights lie does not change the codes, nor (beyond rare float near-ties) how many clips go per call
-        options = self.options.model_dump_json(exclude={"weights_path", "clips_per_call"})
+        # where the weights lie does not change the codes, nor (beyond rare float near-ties) how many clips
+        # go per call; the codebook choice is applied after the codes (store_targets / targets_from_store)
+        options = self.options.model_dump_json(exclude={"weights_path", "clips_per_call", "codebooks", "seed"})
         payload = (
             f"{self.name}|{self.sample_rate}|{self.hop_samples}|{options}"
             f"|bw={BANDWIDTH_KBPS}|encodec={getattr(encodec, '__version__', '?')}|weights={self._weights_sha256}"
