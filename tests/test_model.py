@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mert_core import model as model_lib
-from mert_core.components import dropout, softmax_attention
+from mert_core.components import ConvLayerBlock, _StridedConvGEMM, dropout, softmax_attention
 from mert_core.config import ModelConfig
 from mert_core.convert import HFConversionError, hf_config_from_args, hf_state_dict_to_mert, load_hf_hubert
 from mert_core.masking import compute_span_mask
@@ -308,6 +308,22 @@ def test_attention_written_out_matches_sdpa_and_relaxation_survives_fp16():
     assert not torch.isfinite(torch.matmul(qb.half(), kb.half().transpose(-2, -1))).all()
     relaxed = softmax_attention(qb.half(), kb.half(), v.half(), attend, relax=32.0)
     torch.testing.assert_close(relaxed.double(), exact, atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kernel_size,stride", [(3, 2), (2, 2), (10, 5), (3, 1), (2, 3), (7, 3)])
+def test_strided_conv_as_gemms_matches_conv1d_with_gradients(kernel_size, stride):
+    g = torch.Generator().manual_seed(kernel_size * 10 + stride)
+    x = torch.randn(2, 23, 4, dtype=torch.double, generator=g, requires_grad=True)  # B, T, C
+    w = torch.randn(5, 4, kernel_size, dtype=torch.double, generator=g, requires_grad=True)
+    reference = F.conv1d(x.transpose(1, 2), w, stride=stride).transpose(1, 2)
+    torch.testing.assert_close(_StridedConvGEMM.apply(x, w, stride), reference)
+    assert torch.autograd.gradcheck(lambda x, w: _StridedConvGEMM.apply(x, w, stride), (x, w))
+    block = ConvLayerBlock(4, 5, kernel_size, stride, bias=True, norm="layer").double()
+    lengths = torch.tensor([23, 17])
+    y_last, n_last = block(x, lengths, channels_last=True)
+    y_first, n_first = block(x.transpose(1, 2), lengths, channels_last=False)
+    torch.testing.assert_close(y_last, y_first.transpose(1, 2))
+    assert torch.equal(n_last, n_first)
 
 
 def test_backward_paths_agree_between_conv_layouts():
