@@ -166,14 +166,26 @@ class _StridedConvGEMM(torch.autograd.Function):
         grad = grad.contiguous().to(x.dtype)
         out_frames = grad.shape[1]
         w = weight.to(x.dtype)
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[1] else None
-        for first, taps in _tap_groups(kernel_size, stride):
+        grad_x = grad_w = None
+        # When the first run of taps covers whole strides, it tiles frames [0, stride * T_out):
+        # it is written, not added, and only the frames after it need zeros.
+        overwrite = kernel_size >= stride
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x) if overwrite else torch.zeros_like(x)
+            if overwrite:
+                grad_x[:, stride * out_frames :].zero_()
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(weight.shape, dtype=x.dtype, device=x.device)
+        for i, (first, taps) in enumerate(_tap_groups(kernel_size, stride)):
             w_taps = w[:, :, first : first + taps].permute(2, 1, 0).reshape(-1, out_channels)
             grad_w_taps = x.new_zeros(taps * in_channels, out_channels) if grad_w is not None else None
             for b in range(x.shape[0]):
                 if grad_x is not None:
-                    _tap_view(grad_x[b], out_frames, first, taps, stride).addmm_(grad[b], w_taps.t())
+                    view = _tap_view(grad_x[b], out_frames, first, taps, stride)
+                    if i == 0 and overwrite:
+                        torch.mm(grad[b], w_taps.t(), out=view)  # the view is contiguous here
+                    else:
+                        view.addmm_(grad[b], w_taps.t())
                 if grad_w_taps is not None:
                     grad_w_taps.addmm_(_tap_view(x[b], out_frames, first, taps, stride).t(), grad[b])
             if grad_w is not None:
