@@ -149,7 +149,8 @@ class MertStudent(nn.Module):
                 raise ValueError(f"MertStudent lengths: expected an integer tensor of shape ({batch},), got {lengths.dtype} {tuple(lengths.shape)}")
             if bool(((lengths < 0) | (lengths > samples)).any()):  # host sync, cheap next to the model
                 raise ValueError(f"MertStudent lengths: expected values in [0, {samples}] (the padded length), got {lengths.tolist()}")
-            lengths = lengths.long()
+            # nothing padded: take the mask-free paths (native GroupNorm, SDPA without a mask)
+            lengths = None if bool((lengths == samples).all()) else lengths.long()
         frames = int(self.num_frames(samples))
         if mask is not None and (mask.shape != (batch, frames) or mask.dtype != torch.bool):
             raise ValueError(f"MertStudent mask: expected a bool tensor of shape ({batch}, {frames}) for {samples} samples, "
