@@ -121,39 +121,41 @@ def _tap_groups(kernel_size: int, stride: int) -> list[tuple[int, int]]:
 
 
 def _tap_view(x: torch.Tensor, out_frames: int, first_tap: int, taps: int, stride: int) -> torch.Tensor:
-    """``(T_in, C)`` contiguous -> ``(T_out, taps * C)`` view: row t holds frames
-    ``stride * t + first_tap ...`` (they are adjacent in memory, so no copy)."""
-    channels = x.shape[1]
-    return x.as_strided((out_frames, taps * channels), (stride * channels, 1), x.storage_offset() + first_tap * channels)
+    """``(B, T_in, C)`` contiguous -> ``(B, T_out, taps * C)`` view: row t holds
+    frames ``stride * t + first_tap ...`` (adjacent in memory, so no copy)."""
+    batch, frames, channels = x.shape
+    return x.as_strided((batch, out_frames, taps * channels), (frames * channels, stride * channels, 1),
+                        x.storage_offset() + first_tap * channels)
+
+
+def _tap_matrix(weight: torch.Tensor, first_tap: int, taps: int) -> torch.Tensor:
+    """``(C_out, C_in, K)`` -> ``(taps * C_in, C_out)``, rows frame-major like ``_tap_view``'s columns."""
+    return weight[:, :, first_tap : first_tap + taps].permute(2, 1, 0).reshape(-1, weight.shape[0])
 
 
 class _StridedConvGEMM(torch.autograd.Function):
-    """A strided conv1d on ``(B, T, C)`` as GEMMs over views, forward and backward.
+    """A strided conv1d on ``(B, T, C)`` as batched GEMMs over views, forward and backward.
 
     In channels-last memory, the taps a window reads within one stride are
     adjacent, so "frames s*t .. s*t+s-1" of every output t is a strided matrix
-    view of the input with leading dimension s*C: the conv is one GEMM per run
-    of ``stride`` taps (two for kernel 3 / stride 2), written straight from
-    views, with no unfolded copy in the forward and none in the backward
+    view of the input with leading dimension s*C: the conv is one batched GEMM
+    per run of ``stride`` taps (two for kernel 3 / stride 2), read straight
+    from views, with no unfolded copy in the forward and none in the backward
     (the input gradient is accumulated into the same views). Saves only the
-    input. ~1.5x faster than oneDNN's conv1d on 2 CPU cores, 64 to 512 channels.
+    input. 1.3-1.7x faster than oneDNN's conv1d on 2 CPU cores, 64 to 512 channels.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
         batch, frames, _ = x.shape
-        out_channels, _, kernel_size = weight.shape
+        kernel_size = weight.shape[-1]
         out_frames = conv_output_length(frames, kernel_size, stride)
         w = weight.to(x.dtype)
-        y = x.new_empty(batch, out_frames, out_channels)
-        for b in range(batch):  # per item: a 2-D view keeps the GEMM copy-free
-            for i, (first, taps) in enumerate(_tap_groups(kernel_size, stride)):
-                w_taps = w[:, :, first : first + taps].permute(2, 1, 0).reshape(-1, out_channels)  # taps * C_in, C_out
-                view = _tap_view(x[b], out_frames, first, taps, stride)
-                if i == 0:
-                    torch.mm(view, w_taps, out=y[b])
-                else:
-                    y[b].addmm_(view, w_taps)
+        y = None
+        for first, taps in _tap_groups(kernel_size, stride):
+            view = _tap_view(x, out_frames, first, taps, stride)
+            w_taps = _tap_matrix(w, first, taps).expand(batch, -1, -1)
+            y = torch.bmm(view, w_taps) if y is None else y.baddbmm_(view, w_taps)
         ctx.save_for_backward(x, weight)
         ctx.stride = stride
         return y
@@ -164,31 +166,26 @@ class _StridedConvGEMM(torch.autograd.Function):
         stride = ctx.stride
         out_channels, in_channels, kernel_size = weight.shape
         grad = grad.contiguous().to(x.dtype)
-        out_frames = grad.shape[1]
+        batch, out_frames, _ = grad.shape
         w = weight.to(x.dtype)
         grad_x = grad_w = None
-        # When the first run of taps covers whole strides, it tiles frames [0, stride * T_out):
-        # it is written, not added, and only the frames after it need zeros.
+        # When the first run of taps covers whole strides it tiles frames [0, stride * T_out):
+        # it is written (beta=0), not added, and only the frames after it need zeros.
         overwrite = kernel_size >= stride
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty_like(x) if overwrite else torch.zeros_like(x)
             if overwrite:
                 grad_x[:, stride * out_frames :].zero_()
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros(weight.shape, dtype=x.dtype, device=x.device)
+            grad_w = torch.empty(weight.shape, dtype=x.dtype, device=x.device)
         for i, (first, taps) in enumerate(_tap_groups(kernel_size, stride)):
-            w_taps = w[:, :, first : first + taps].permute(2, 1, 0).reshape(-1, out_channels)
-            grad_w_taps = x.new_zeros(taps * in_channels, out_channels) if grad_w is not None else None
-            for b in range(x.shape[0]):
-                if grad_x is not None:
-                    view = _tap_view(grad_x[b], out_frames, first, taps, stride)
-                    if i == 0 and overwrite:
-                        torch.mm(grad[b], w_taps.t(), out=view)  # the view is contiguous here
-                    else:
-                        view.addmm_(grad[b], w_taps.t())
-                if grad_w_taps is not None:
-                    grad_w_taps.addmm_(_tap_view(x[b], out_frames, first, taps, stride).t(), grad[b])
+            if grad_x is not None:
+                w_taps = _tap_matrix(w, first, taps)
+                beta = 0.0 if (i == 0 and overwrite) else 1.0
+                _tap_view(grad_x, out_frames, first, taps, stride).baddbmm_(grad, w_taps.t().expand(batch, -1, -1), beta=beta)
             if grad_w is not None:
+                view = _tap_view(x, out_frames, first, taps, stride)
+                grad_w_taps = torch.bmm(view.transpose(1, 2), grad).sum(0)  # taps * C_in, C_out
                 grad_w[:, :, first : first + taps] = grad_w_taps.view(taps, in_channels, out_channels).permute(2, 1, 0)
         return grad_x, (grad_w.to(weight.dtype) if grad_w is not None else None), None
 
