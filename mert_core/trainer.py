@@ -8,6 +8,7 @@ with the same weights as one never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -336,7 +337,7 @@ def train(
                 frame_lengths = frame_lengths.clamp(max=valid_frames)
                 mask = compute_span_mask((wave.shape[0], num_frames), frame_lengths, config.mask.prob, config.mask.length, generator)
                 sync = micro == opt.grad_accum - 1 or not dist_info.enabled
-                ctx = train_model.no_sync() if not sync else _nullcontext()
+                ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                         predictions, features_penalty = train_model(wave, lengths, mask)
@@ -346,7 +347,7 @@ def train(
                 for k, v in terms.items():
                     window_terms[k] = window_terms.get(k, 0.0) + v.float() / opt.grad_accum
                 window_terms["loss"] = window_terms.get("loss", 0.0) + loss.detach().float() / opt.grad_accum
-                window_audio += float(lengths.sum()) / sr
+                window_audio += float(batch["lengths"].sum()) / sr  # the CPU copy: no device sync
                 step_loss_ok = step_loss_ok and bool(torch.isfinite(loss.detach()))  # host sync, once per micro-batch
 
             # step: clip, skip non-finite, update
@@ -531,10 +532,3 @@ def _flatten(d, prefix=""):
 def _prefixed(prefix: str, sd: dict) -> dict:
     return {prefix + k: v for k, v in sd.items()}
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
