@@ -74,6 +74,12 @@ def key_weighted_score(ref: Sequence[int], est: Sequence[int]) -> float:
 
 # -- classification ----------------------------------------------------------------
 
+
+def key_scores(outputs, ref: Sequence[int]) -> dict[str, float]:
+    """The key tasks' scores from probe outputs ``(N, 24)``: weighted score and accuracy."""
+    pred = np.asarray(outputs).argmax(axis=1)
+    return {"key_weighted_score": key_weighted_score(ref, pred), "accuracy": accuracy(ref, pred)}
+
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     """Fraction of items whose predicted class is the true one."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)

@@ -67,9 +67,7 @@ class DemoKeyTask(_DemoTask):
         return M.key_index(record["key"])
 
     def score(self, outputs, examples, frame_rate_hz=None):
-        pred = np.asarray(outputs).argmax(axis=1)
-        ref = self.targets(examples)
-        return {"key_weighted_score": M.key_weighted_score(ref, pred), "accuracy": M.accuracy(ref, pred)}
+        return M.key_scores(outputs, self.targets(examples))
 
 
 class DemoPitchTask(_DemoTask):

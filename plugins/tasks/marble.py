@@ -113,9 +113,7 @@ class GiantStepsKeyTask(Task):
         return list(M.KEY_NAMES)
 
     def score(self, outputs, examples, frame_rate_hz=None):
-        pred = np.asarray(outputs).argmax(axis=1)
-        ref = self.targets(examples)
-        return {"key_weighted_score": M.key_weighted_score(ref, pred), "accuracy": M.accuracy(ref, pred)}
+        return M.key_scores(outputs, self.targets(examples))
 
     def load_examples(self, split):
         if split == "test":
