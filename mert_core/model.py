@@ -47,6 +47,8 @@ class StudentOutput:
         mask: ``(B, T)`` bool, True on masked frames (the mask passed in), or None.
         features_penalty: scalar, mean square of the conv features over valid
             frames (HuBERT's feature penalty, fp32).
+        features: ``(B, T, C)`` the conv feature extractor's output (for
+            learning signals; kept for the backward pass anyway).
     """
 
     hidden_states: list[torch.Tensor] | None
@@ -54,6 +56,7 @@ class StudentOutput:
     padding_mask: torch.Tensor
     mask: torch.Tensor | None
     features_penalty: torch.Tensor
+    features: torch.Tensor | None = None
 
 
 class MertStudent(nn.Module):
@@ -179,7 +182,7 @@ class MertStudent(nn.Module):
         last_hidden, hidden_states = self.transformer(
             x, padding_mask if frame_lengths is not None else None, output_hidden_states=output_hidden_states
         )
-        return StudentOutput(hidden_states, last_hidden, padding_mask, mask, features_penalty)
+        return StudentOutput(hidden_states, last_hidden, padding_mask, mask, features_penalty, features)
 
     def _empty(self, wave: torch.Tensor, mask: torch.Tensor | None, output_hidden_states: bool) -> StudentOutput:
         batch = wave.shape[0]

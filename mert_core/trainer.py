@@ -29,6 +29,7 @@ from mert_core.loss import MultiTargetLoss
 from mert_core.masking import compute_span_mask
 from mert_core.model import build_student
 from mert_core.registry import Registry, default_registry
+from mert_core.signals import CollapseWatch, feature_signals, target_signals
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher
 
 
@@ -90,9 +91,13 @@ class Pretrainer(nn.Module):
         self.student, self.heads = student, heads
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor):
-        out = self.student(wave, lengths, mask=mask)
-        scored = out.last_hidden[mask]  # N, D: losses only on masked frames (SPEC)
-        return self.heads(scored), out.features_penalty
+        """Predictions at the masked frames, the feature penalty, and the
+        feature signals (``std/conv``, ``std/layer<i>``, detached)."""
+        # the hidden states are kept for the backward pass anyway: listing them costs nothing
+        out = self.student(wave, lengths, mask=mask, output_hidden_states=True)
+        scored = out.last_hidden[mask]  # N, D: losses only on masked frames
+        signals = feature_signals(out.features, out.hidden_states, out.padding_mask)
+        return self.heads(scored), out.features_penalty, signals
 
 
 @dataclass
@@ -291,6 +296,7 @@ def train(
         f"with teachers {', '.join(teachers)} on {device} ({dist_info.world_size} process(es)), "
         f"{'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}")
 
+    watch = CollapseWatch(warmup, say)
     window_terms: dict[str, torch.Tensor] = {}
     window_steps, window_audio, window_start = 0, 0.0, time.perf_counter()
     run_start = time.perf_counter() - counters["elapsed_seconds"]
@@ -340,10 +346,12 @@ def train(
                 ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        predictions, features_penalty = train_model(wave, lengths, mask)
+                        predictions, features_penalty, signals = train_model(wave, lengths, mask)
                     scored_targets = {name: t[mask] for name, t in targets.items()}
                     loss, terms = loss_fn(predictions, scored_targets, features_penalty)
                     scaler.scale(loss / opt.grad_accum).backward()
+                terms.update(signals)
+                terms.update(target_signals(predictions, scored_targets, specs))
                 for k, v in terms.items():
                     window_terms[k] = window_terms.get(k, 0.0) + v.float() / opt.grad_accum
                 window_terms["loss"] = window_terms.get("loss", 0.0) + loss.detach().float() / opt.grad_accum
@@ -392,11 +400,8 @@ def train(
                     for k, v in record.items():
                         if k != "step":
                             writer.add_scalar(k, v, step)
-                    bar.set_postfix_str(
-                        f"loss {record['loss']:.3f} "
-                        + " ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in record.items() if k.startswith("loss/"))
-                        + f" | {record['audio_seconds_per_second']:.1f} audio-s/s"
-                    )
+                    bar.set_postfix_str(_progress_text(record))
+                    watch.check(record)
                 window_terms, window_steps, window_audio, window_start = {}, 0, 0.0, time.perf_counter()
 
             # checkpoint (every rank takes part: the RNG states of all ranks are saved)
@@ -439,6 +444,18 @@ def train(
     distributed.barrier(dist_info)
     distributed.teardown(dist_info)
     return TrainResult(student=student, heads=heads, out_dir=out_dir, summary=summary)
+
+
+def _progress_text(record: dict[str, float]) -> str:
+    """The progress bar's numbers: the loss, each teacher's loss and its most
+    telling learning signal (explained variance or accuracy), throughput."""
+    parts = [f"loss {record['loss']:.3f}"]
+    for key, value in record.items():
+        if key.startswith("loss/"):
+            name = key.split("/", 1)[1]
+            signal = next((f" ({k.split('/')[0]} {record[k]:.2f})" for k in (f"r2/{name}", f"acc/{name}") if k in record), "")
+            parts.append(f"{name} {value:.3f}{signal}")
+    return " ".join(parts) + f" | {record['audio_seconds_per_second']:.1f} audio-s/s"
 
 
 # -- checkpoint helpers ---------------------------------------------------------
