@@ -158,3 +158,50 @@ def test_options_are_validated(registry):
         registry.options("teacher", "cqt", {"n_bins": 0})
     with pytest.raises(ValueError, match="Nyquist.*n_bins"):
         registry.build("teacher", "cqt", {"n_bins": 600}, sample_rate=SR, hop_samples=HOP)
+
+
+def _cqt(registry, **options):
+    return registry.build("teacher", "cqt", options, sample_rate=SR, hop_samples=HOP)
+
+
+def test_log_compression_and_per_bin_statistics(tmp_path, music_dir):
+    registry = load_registry()
+    raw = _cqt(registry)
+    logged = _cqt(registry, compression="log", log_floor=1e-3)
+    wave = torch.from_numpy(synthetic_music(3.0, seed=4))[None]
+    assert torch.allclose(logged.targets(wave), torch.log(raw.targets(wave) + 1e-3), atol=1e-5)
+
+    teacher = _cqt(registry, compression="log", normalize="per-bin", stats_hours=1.0)
+    assert teacher.needs_fit()
+    with pytest.raises(ValueError, match="no statistics"):
+        teacher.targets(wave)
+    stats = teacher.fit([music_dir], tmp_path / "stats.safetensors", seed=0, progress=False)
+    assert not teacher.needs_fit() and teacher.options.teacher_file == stats
+    # on the audio it was measured on (all of it: 1 h > the folder), every bin has mean 0 and std 1
+    from mert_plugins.teachers.kmeans import plan_sample
+    from mert_core.audio import read_crop
+
+    plan = plan_sample([music_dir], SR, 5.0, 1.0, None, 0, progress=False)
+    frames = torch.cat([teacher.targets(torch.from_numpy(read_crop(c.path, SR, c.offset_samples, c.num_samples))[None])[0] for c in plan.chunks])
+    assert frames.mean(0).abs().max() < 1e-3
+    assert (frames.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    # a teacher built from the file gives the same targets; other settings are refused
+    again = _cqt(registry, compression="log", normalize="per-bin", teacher_file=str(stats))
+    assert torch.equal(again.targets(wave), teacher.targets(wave))  # same code path, same statistics
+    with pytest.raises(ValueError, match="measured with compression='log'"):
+        _cqt(registry, compression="none", normalize="per-bin", teacher_file=str(stats))
+
+
+def test_training_fits_the_per_bin_statistics_first_and_records_them(tmp_path, music_dir):
+    from mert_core import api
+
+    out = tmp_path / "run"
+    config = api.make_train_config(
+        teachers=["cqt"], preset="tiny", data=[music_dir], out_dir=out, max_steps=2,
+        overrides=["data.batch_size=2", "data.num_workers=0", "data.crop_seconds=2.0", "data.min_seconds=1.0",
+                   "teacher.cqt.compression=log", "teacher.cqt.normalize=per-bin"],
+    )
+    api.train(config, progress=False, log=lambda m: None)
+    saved = torch.load(out / "last.pt", weights_only=True)["config"]["teachers"][0]["options"]
+    assert saved["teacher_file"] == str(out / "teacher-cqt.safetensors")
+    assert (out / "teacher-cqt.safetensors").is_file()

@@ -37,9 +37,12 @@ MERT's code does (``cqt[:, :T_student]``).
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import warnings
 from collections import OrderedDict
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -49,6 +52,11 @@ from pydantic import Field
 
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import TargetSpec, Teacher, TeacherOptions
+
+log = logging.getLogger("mert.teachers.cqt")
+
+STATS_FORMAT = "mert-cqt-bin-stats"
+"""Metadata key of a per-bin statistics file (JSON of the settings it was measured with)."""
 
 SIDELOBES = 16
 """Side lobes kept either side of each kernel's main lobe, in window-bins (sr / kernel
@@ -70,11 +78,28 @@ class CQTOptions(TeacherOptions):
         "'constant' (zeros, what MERT's code uses) or 'reflect' (nnAudio's default; needs clips longer than half "
         "the lowest bin's kernel, ~1.05 s at the SPEC settings).",
     )
-    compression: Literal["none", "log1p"] = Field(
+    compression: Literal["none", "log1p", "log"] = Field(
         "none",
         description="'none': the CQT magnitude, as MERT regresses it (default). 'log1p': log(1 + magnitude), "
-        "which tames the dynamic range of the MSE target (not in the paper).",
+        "which barely compresses (music's CQT magnitudes are mostly below 1). 'log': log(magnitude + log_floor), "
+        "which spreads the MSE over every octave instead of the loud bass bins (not in the paper; the 'cpu' recipe's).",
     )
+    log_floor: float = Field(
+        1e-3, gt=0, description="With compression='log': added to the magnitude before the log (1e-3 = -60 dB "
+        "below a full-scale sine's ~1), so silence gives a finite target.",
+    )
+    normalize: Literal["none", "per-bin"] = Field(
+        "none",
+        description="'none': the (compressed) magnitude as is (the paper). 'per-bin': standardise each bin with the mean "
+        "and std measured on the training audio (fitted once, like k-means: `mert train` does it before training, or "
+        "`mert teacher fit cqt --set normalize=per-bin`), so every bin weighs the same in the MSE and targets start "
+        "near 0 (not in the paper; the 'cpu' recipe's).",
+    )
+    teacher_file: Path | None = Field(
+        None, description="With normalize='per-bin': the per-bin statistics made by fitting (safetensors); set by "
+        "`mert train` after it fits them.",
+    )
+    stats_hours: float = Field(0.5, gt=0, description="With normalize='per-bin': hours of training audio (random 5 s chunks) the statistics are measured on.")
 
 
 # -- kernel geometry (nnAudio's create_cqt_kernels, filter_scale=1, norm=1) ----------
@@ -284,6 +309,98 @@ class CQTTeacher(Teacher):
     def __init__(self, options: CQTOptions, sample_rate: int = 24000, hop_samples: int = 320):
         super().__init__(options, sample_rate, hop_samples)
         self.cqt = FastCQT(sample_rate, hop_samples, options.fmin_hz, options.n_bins, options.bins_per_octave, options.pad_mode)
+        # per-bin statistics of normalize='per-bin' (identity until fitted or loaded)
+        self.register_buffer("bin_mean", torch.zeros(options.n_bins), persistent=False)
+        self.register_buffer("bin_std", torch.ones(options.n_bins), persistent=False)
+        if options.normalize == "per-bin" and options.teacher_file is not None:
+            self._load_stats(Path(options.teacher_file))
+
+    # -- per-bin statistics (normalize='per-bin') --------------------------------------
+
+    def needs_fit(self) -> bool:
+        return self.options.normalize == "per-bin" and self.options.teacher_file is None
+
+    def _stats_settings(self) -> dict:
+        """Everything the statistics depend on: a file made with other settings is refused."""
+        keys = ("fmin_hz", "n_bins", "bins_per_octave", "pad_mode", "compression", "log_floor")
+        return {"sample_rate": self.sample_rate, "hop_samples": self.hop_samples, **{k: getattr(self.options, k) for k in keys}}
+
+    @torch.no_grad()
+    def fit(self, files: list[Path], out_file: Path, seed: int = 0, progress: bool = True, device: str | torch.device | None = None) -> Path:
+        """Measure each bin's mean and std of the (compressed) CQT on ``stats_hours``
+        of random 5 s chunks of ``files``, save them to ``out_file`` and use them.
+
+        Args:
+            files: audio files, folders or manifests.
+            out_file: the ``.safetensors`` file to write.
+            seed: seed of the chunk sample.
+            progress: show a progress bar.
+            device: where to compute the CQT (default: the teacher's device).
+        """
+        from safetensors.torch import save_file
+        from tqdm import tqdm
+
+        from mert_core.audio import AudioError, read_crop
+        from mert_core.checkpoint import atomic_write
+        from mert_plugins.teachers.kmeans import plan_sample
+
+        device = torch.device(device) if device is not None else self.bin_mean.device
+        plan = plan_sample(files, self.sample_rate, 5.0, 1.0, self.options.stats_hours, seed, progress)
+        total = torch.zeros(self.options.n_bins, dtype=torch.float64)
+        total_sq = torch.zeros_like(total)
+        frames = 0
+        for chunk in tqdm(plan.chunks, desc="cqt: per-bin statistics", unit="chunk", disable=not progress):
+            try:
+                wave = read_crop(chunk.path, self.sample_rate, chunk.offset_samples, chunk.num_samples)
+            except AudioError as exc:
+                log.warning("cqt: skipping %s", exc)
+                continue
+            mag = self._compressed(torch.from_numpy(wave)[None].to(device))[0].double().cpu()  # T, K
+            total += mag.sum(0)
+            total_sq += mag.square().sum(0)
+            frames += mag.shape[0]
+        if frames < 2:
+            raise ValueError(f"cqt: no readable audio to measure per-bin statistics on in {len(plan.chunks)} chunks; check --data")
+        mean = total / frames
+        std = (total_sq / frames - mean.square()).clamp(min=0).sqrt().clamp(min=1e-6)
+        meta = {**self._stats_settings(), "frames": frames, "hours": plan.sample_hours, "seed": seed}
+        tensors = {"bin_mean": mean.float().contiguous(), "bin_std": std.float().contiguous()}
+        atomic_write(Path(out_file), lambda tmp: save_file(tensors, str(tmp), metadata={STATS_FORMAT: json.dumps(meta)}))
+        log.info("cqt: per-bin statistics of %d frames (%.3g h) -> %s", frames, plan.sample_hours, out_file)
+        self.options = self.options.model_copy(update={"teacher_file": Path(out_file)})
+        self._load_stats(Path(out_file))
+        return Path(out_file)
+
+    def _load_stats(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise ValueError(f"teacher 'cqt' option teacher_file {path}: no such file; fit it with `mert teacher fit cqt --set normalize=per-bin --data AUDIO --out {path}`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get(STATS_FORMAT, "null"))
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"teacher 'cqt' option teacher_file {path}: cannot read it ({exc}); fit it again") from None
+        if meta is None or set(tensors) != {"bin_mean", "bin_std"}:
+            raise ValueError(f"teacher 'cqt' option teacher_file {path}: not a file of CQT per-bin statistics; fit one with `mert teacher fit cqt`")
+        mine = self._stats_settings()
+        for key, value in mine.items():
+            if meta.get(key) != value:
+                raise ValueError(f"teacher 'cqt' option teacher_file {path}: measured with {key}={meta.get(key)!r}, this run uses {value!r}; fit it again for this run")
+        self.bin_mean.copy_(tensors["bin_mean"])
+        self.bin_std.copy_(tensors["bin_std"])
+
+    def _compressed(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, T, K)`` CQT magnitude after ``compression``, float32."""
+        with torch.autocast(device_type=wave.device.type, enabled=False):
+            mag = self.cqt(wave.float()).transpose(1, 2)  # B, T, K
+            if self.options.compression == "log1p":
+                mag = torch.log1p(mag)
+            elif self.options.compression == "log":
+                mag = torch.log(mag + self.options.log_floor)
+        return mag
 
     def target_spec(self) -> TargetSpec:
         return TargetSpec(kind="continuous", dim=self.options.n_bins, frame_rate_hz=self.frame_rate_hz, default_weight=1.0)
@@ -300,10 +417,11 @@ class CQTTeacher(Teacher):
         """
         # a regression target: float32 whatever the run's precision (FFTs and
         # sums of many small terms lose the spectrum's quiet bins in bf16)
-        with torch.autocast(device_type=wave.device.type, enabled=False):
-            mag = self.cqt(wave.float()).transpose(1, 2)  # B, T, K
-            if self.options.compression == "log1p":
-                mag = torch.log1p(mag)
+        mag = self._compressed(wave)
+        if self.options.normalize == "per-bin":
+            if self.needs_fit():
+                raise ValueError("teacher 'cqt' with normalize='per-bin' has no statistics: pass option teacher_file (made by `mert teacher fit cqt`)")
+            mag = (mag - self.bin_mean) / self.bin_std
         return mag.contiguous()
 
 
