@@ -74,9 +74,29 @@ def cqt_only(preset: str) -> dict:
     }
 
 
+def cpu(preset: str) -> dict:
+    """A run that learns in minutes on a laptop CPU (see docs/learning.md for
+    each difference from the paper and the measurement behind it)."""
+    return {
+        "model": {"preset": preset},
+        # log-compressed, per-bin standardised CQT: the raw magnitude's MSE is
+        # ~60% one octave of bass, and a target far from 0 costs Adam thousands
+        # of steps just to move the head's bias
+        "teachers": [{"name": "cqt", "options": {"compression": "log", "normalize": "per-bin"}}],
+        "optim": {**_optim(preset), "max_steps": 4000},
+        "data": _data(preset),
+        "mask": {"prob": 0.8, "length": 5},
+        # the conv-feature penalty shrinks a small conv stack to noise within
+        # ~100 Adam steps (the loss cannot resist: the LayerNorm after it
+        # hides the scale); HuBERT's value is kept in the paper recipes
+        "loss": {"feature_penalty": 0.0},
+    }
+
+
 @hookimpl
 def register_recipes(register):
     register(Recipe("mert-v1", "MERT-v1: EnCodec RVQ-VAE (8 codebooks) + CQT teachers, in-batch noise mixup (the paper's final model)", mert_v1))
     register(Recipe("mert-v0", "MERT-v0: log-mel x chroma k-means (60000 classes) + CQT teachers", mert_v0))
     register(Recipe("musichubert", "MusicHuBERT: MFCC k-means (K=2000) teacher only", musichubert))
     register(Recipe("cqt-only", "CQT reconstruction only (the musical teacher alone)", cqt_only, default_preset="tiny"))
+    register(Recipe("cpu", "A CPU-scale run that learns: log + per-bin standardised CQT, no conv feature penalty, tiny student (not the paper's settings)", cpu, default_preset="tiny"))
