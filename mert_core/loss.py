@@ -49,9 +49,12 @@ class MultiTargetLoss:
             pred, target = predictions[name], targets[name]
             if spec.kind == "discrete":
                 n, c, k = pred.shape
-                # mean over every (frame, codebook) pair that has a target
-                loss = F.cross_entropy(pred.reshape(n * c, k), target.reshape(n * c), ignore_index=IGNORE_LABEL)
+                # per codebook the mean over its frames with a target, summed over
+                # codebooks: MERT's fairseq criterion adds one cross-entropy per label
+                # stream and normalises by the number of masked frames
+                per_frame = F.cross_entropy(pred.reshape(n * c, k), target.reshape(n * c), ignore_index=IGNORE_LABEL, reduction="none").view(n, c)
                 valid = target != IGNORE_LABEL
+                loss = (per_frame.sum(0) / valid.sum(0).clamp(min=1)).sum()
                 if not valid.any():  # e.g. no masked frames this batch: contribute zero, keep the graph
                     loss = pred.sum() * 0.0
                 with torch.no_grad():
