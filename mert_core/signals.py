@@ -122,15 +122,18 @@ class CollapseWatch:
     """Warns once per kind when the logged signals show a collapse.
 
     Args:
-        warmup_steps: no verdict before the learning rate has warmed up.
+        warmup_steps: no verdict on the heads before the learning rate has
+            warmed up and ``grace_steps`` more have passed (a fresh head needs
+            a few steps to reach even the mean).
         warn: where the one-line warnings go.
+        grace_steps: see ``warmup_steps``.
     """
 
     CONV_SHRINK = 100.0
     """``std/conv`` this many times below its first logged value counts as a collapse."""
 
-    def __init__(self, warmup_steps: int, warn: Callable[[str], None]):
-        self.warmup_steps, self.warn = warmup_steps, warn
+    def __init__(self, warmup_steps: int, warn: Callable[[str], None], grace_steps: int = 100):
+        self.warmup_steps, self.warn = warmup_steps + grace_steps, warn
         self.first_conv_std: float | None = None
         self.warned: set[str] = set()
 
@@ -151,8 +154,8 @@ class CollapseWatch:
                 if key.startswith("r2/") and value <= 0.0:
                     issued.append(self._once(
                         key, f"step {step}: teacher {name!r} explains {value:.3f} of its target variance ({key} <= 0): "
-                        f"the student predicts the mean target; try teacher.{name}.compression=log1p, a lower optim.lr, "
-                        f"loss.feature_penalty=0, or the 'cpu' recipe"))
+                        f"the student predicts no more than the mean target; try teacher.{name}.compression=log with "
+                        f"teacher.{name}.normalize=per-bin (cqt), a lower optim.lr, loss.feature_penalty=0, or the 'cpu' recipe"))
                 if key.startswith("ppl_pred/"):
                     target_ppl = record.get(f"ppl_target/{name}", math.inf)
                     if value < 1.5 and target_ppl > 3.0:

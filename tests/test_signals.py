@@ -76,9 +76,10 @@ def test_feature_signals_use_only_valid_frames():
 
 def test_collapse_watch_warns_once_per_kind_and_not_during_warmup():
     said = []
-    watch = CollapseWatch(warmup_steps=10, warn=said.append)
+    watch = CollapseWatch(warmup_steps=10, warn=said.append, grace_steps=5)
     watch.check({"step": 5, "r2/cqt": -0.5, "std/conv": 1.0})
-    assert said == []  # still warming up
+    watch.check({"step": 14, "r2/cqt": -0.5, "std/conv": 1.0})
+    assert said == []  # still warming up (10 steps), then 5 steps of grace
     watch.check({"step": 20, "r2/cqt": 0.3, "std/conv": 0.5, "ppl_pred/codes": 40.0, "ppl_target/codes": 60.0})
     assert said == []
     watch.check({"step": 30, "r2/cqt": -0.01, "std/conv": 0.005, "ppl_pred/codes": 1.1, "ppl_target/codes": 60.0})
