@@ -64,6 +64,8 @@ class OptimConfig(_Strict):
 
 class LossConfig(_Strict):
     feature_penalty: float = Field(10.0, ge=0, description="Weight of the conv-feature L2 penalty (SPEC/HuBERT: 10).")
+    unmasked_weight: float = Field(
+        0.0, ge=0, description="Weight of the same losses at the unmasked frames (HuBERT's pred_nomask_weight; MERT: 0, masked frames only).")
     logit_temperature: float = Field(0.1, gt=0, description="Cosine-logit temperature of discrete heads (SPEC 0.1).")
     final_dim: int | None = Field(None, ge=1, description="Discrete head projection size; None: 64 for tiny/95m, 128 for 330m.")
 

@@ -26,6 +26,7 @@ from mert_core.checkpoint import LAST, STUDENT_FILE, load_checkpoint, save_check
 from mert_core.config import TrainConfig
 from mert_core.heads import TargetHeads
 from mert_core.loss import MultiTargetLoss
+from mert_core.components import valid_mask
 from mert_core.masking import compute_span_mask
 from mert_core.model import build_student
 from mert_core.registry import Registry, default_registry
@@ -90,14 +91,16 @@ class Pretrainer(nn.Module):
         super().__init__()
         self.student, self.heads = student, heads
 
-    def forward(self, wave: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor):
-        """Predictions at the masked frames, the feature penalty, and the
-        feature signals (``std/conv``, ``std/layer<i>``, detached)."""
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor, unmasked: torch.Tensor | None = None):
+        """Predictions at the masked frames, at the ``unmasked`` frames (``(B, T)``
+        bool, or None: not scored), the feature penalty, and the feature
+        signals (``std/conv``, ``std/layer<i>``, detached)."""
         # the hidden states are kept for the backward pass anyway: listing them costs nothing
         out = self.student(wave, lengths, mask=mask, output_hidden_states=True)
-        scored = out.last_hidden[mask]  # N, D: losses only on masked frames
+        scored = out.last_hidden[mask]  # N, D: losses on masked frames
         signals = feature_signals(out.features, out.hidden_states, out.padding_mask)
-        return self.heads(scored), out.features_penalty, signals
+        at_unmasked = self.heads(out.last_hidden[unmasked]) if unmasked is not None else None
+        return self.heads(scored), at_unmasked, out.features_penalty, signals
 
 
 @dataclass
@@ -344,11 +347,17 @@ def train(
                 mask = compute_span_mask((wave.shape[0], num_frames), frame_lengths, config.mask.prob, config.mask.length, generator)
                 sync = micro == opt.grad_accum - 1 or not dist_info.enabled
                 ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
+                # HuBERT's pred_nomask_weight: optionally also score the valid unmasked frames
+                unmasked = (~mask & valid_mask(frame_lengths, num_frames)) if config.loss.unmasked_weight > 0 else None
                 with ctx:
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        predictions, features_penalty, signals = train_model(wave, lengths, mask)
+                        predictions, at_unmasked, features_penalty, signals = train_model(wave, lengths, mask, unmasked)
                     scored_targets = {name: t[mask] for name, t in targets.items()}
                     loss, terms = loss_fn(predictions, scored_targets, features_penalty)
+                    if at_unmasked is not None:
+                        loss_u, terms_u = loss_fn(at_unmasked, {name: t[unmasked] for name, t in targets.items()})
+                        loss = loss + config.loss.unmasked_weight * loss_u
+                        terms.update({f"unmasked_{k}": v for k, v in terms_u.items()})
                     scaler.scale(loss / opt.grad_accum).backward()
                 terms.update(signals)
                 terms.update(target_signals(predictions, scored_targets, specs))

@@ -74,3 +74,23 @@ def test_lr_schedule_warms_up_then_decays_linearly_to_zero():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.5) and lrs[110] == 0.0
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_unmasked_frames_are_scored_only_when_weighted(tmp_path, music_dir):
+    """HuBERT's pred_nomask_weight: 0 (MERT) scores masked frames only; > 0 adds
+    the same losses at the valid unmasked frames, logged as unmasked_loss/*."""
+    import json
+
+    from mert_core import api
+
+    tiny = ["data.batch_size=2", "data.num_workers=0", "data.crop_seconds=2.0", "data.min_seconds=1.0", "log_every=1"]
+    rows = {}
+    for weight in (0.0, 0.5):
+        out = tmp_path / f"w{weight}"
+        config = api.make_train_config(teachers=["cqt"], preset="tiny", data=[music_dir], out_dir=out, max_steps=1,
+                                       overrides=[*tiny, f"loss.unmasked_weight={weight}", "loss.feature_penalty=0"])
+        api.train(config, progress=False, log=lambda m: None)
+        rows[weight] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert "unmasked_loss/cqt" not in rows[0.0]
+    assert rows[0.5]["loss/cqt"] == pytest.approx(rows[0.0]["loss/cqt"], rel=1e-5)  # same first step, same masks
+    assert rows[0.5]["loss"] == pytest.approx(rows[0.5]["loss/cqt"] + 0.5 * rows[0.5]["unmasked_loss/cqt"], rel=1e-5)
