@@ -28,7 +28,8 @@ def threads(preferred: int) -> int:
     return int(value)
 
 
-torch.set_num_threads(threads(2))
+def pytest_configure(config):
+    torch.set_num_threads(threads(2))  # here, so that a bad MERT_TEST_THREADS is one line, not a traceback
 
 
 # Labels computed with other batch shapes, lengths, thread counts or kernels agree up to near-ties
