@@ -13,7 +13,6 @@ import soundfile as sf
 import torch
 
 
-
 def threads(preferred: int) -> int:
     """Intra-op threads for the tests: ``MERT_TEST_THREADS`` when set, else ``preferred``.
 

@@ -211,6 +211,25 @@ def test_labels_are_the_nearest_centroid(registry, mfcc_file):
         assert teacher.targets(torch.zeros(1, S)).shape == (1, student_frames(S), 1)
 
 
+def test_tie_check_refuses_labels_that_are_no_tie(registry, mfcc_file, lmc_file):
+    """The tie-aware comparison fails on a label changed away from a tie, in a plain or a product codebook."""
+    wave = torch.from_numpy(np.stack([music(2.0, SR, seed=s) for s in (33, 34)]))
+    cases = (
+        ("kmeans-mfcc", mfcc_file, "mfcc", lambda label: (label + 1) % 12),
+        ("kmeans-logmel-chroma", lmc_file, "chroma", lambda label: label - label % 5 + (label + 1) % 5),  # logmel * 5 + chroma
+    )
+    for name, fitted, stream, other_label in cases:
+        t = build(registry, name, teacher_file=str(fitted))
+        want = t.targets(wave)
+        got = want.clone()
+        got[1, 20] = other_label(got[1, 20])
+        with pytest.raises(AssertionError, match=f"{stream} clip 1 frame 20: .* from a tie"):
+            assert_kmeans_labels_equal_up_to_ties(t, wave, want, got)
+        got[0, :10] = other_label(got[0, :10])
+        with pytest.raises(AssertionError, match="frames differ"):
+            assert_kmeans_labels_equal_up_to_ties(t, wave, want, got)
+
+
 def test_fitting_is_deterministic_for_a_seed(registry, audio_dir, mfcc_file, tmp_path):
     again = fit_teacher("kmeans-mfcc", [audio_dir], tmp_path / "again.safetensors", SMALL_MFCC, registry=registry, device="cpu", progress=False)
     a, b = build(registry, "kmeans-mfcc", teacher_file=str(mfcc_file)), build(registry, "kmeans-mfcc", teacher_file=str(again))
