@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import threads
 from mert_cli.evaluate import eval_cmd, extract_cmd, probe_cmd
 from mert_core.checkpoint import save_student
 from mert_core.demo import DemoSize, ensure_demo_data
@@ -27,7 +28,7 @@ TINY_PROBE = ["--set", "max_epochs=3", "--set", "lrs=[0.001]", "--set", "hidden_
 def _one_thread():
     """Tiny models: on a shared 2-core machine a second intra-op thread only adds stalls."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads(1))
     yield
     torch.set_num_threads(n)
 

@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import threads
 from mert_core.evaluation.extract import ExtractOptions, FeatureSet, _NpyAppender, extract
 from mert_core.evaluation.probe import GridAdam, ProbeGrid, ProbeOptions, probe
 from mert_core.evaluation.upstreams import HandcraftedUpstream
@@ -123,7 +124,7 @@ def _one_thread():
     """The probes here are tiny: on a shared 2-core machine a second intra-op
     thread only adds scheduling stalls (30x slower under load)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads(1))
     yield
     torch.set_num_threads(n)
 

@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 from pydantic import Field
 
-from conftest import music
+from conftest import assert_kmeans_labels_equal_up_to_ties, music
 from mert_core.audio import read_crop
 from mert_core.data import CropBatches, scan_audio
 from mert_core.hookspecs import hookimpl
@@ -109,6 +109,20 @@ def teacher(registry, name, **options):
     return registry.build("teacher", name, options, sample_rate=SR, hop_samples=320)
 
 
+def assert_same_labels(t, wave, online, offline):
+    """The store labelled ``wave`` in a batch of windows, ``online`` is ``t.targets(wave)`` alone.
+
+    The loudness bins are bitwise equal (each frame's energy is the same elementwise
+    square and one mean over its own 400 samples, whatever the batch); k-means labels
+    run batched GEMMs and FFTs whose rounding can change with the batch shape, so
+    they are equal up to near-ties.
+    """
+    if isinstance(t, LoudnessTeacher):
+        assert torch.equal(offline, online)
+    else:
+        assert_kmeans_labels_equal_up_to_ties(t, wave, online, offline)
+
+
 def assert_online_equals_offline(t, store, audio_dir):
     num_frames = student_frames(W)
     checked = 0
@@ -120,7 +134,7 @@ def assert_online_equals_offline(t, store, audio_dir):
             offline = store.targets([path], [k * W], num_frames)[0]
             n = online.shape[0]
             assert n <= num_frames
-            assert torch.equal(offline[:n], online), f"{path} window {k}"
+            assert_same_labels(t, wave, online[None], offline[None, :n])
             assert (offline[n:] == IGNORE_LABEL).all()
             checked += 1
     return checked
@@ -158,7 +172,7 @@ def test_store_serves_the_trainers_aligned_crops(registry, audio_dir, mfcc_file,
         online = t.targets(batch["wave"])
         for b in range(3):
             if batch["lengths"][b] == W:
-                assert torch.equal(offline[b], online[b])
+                assert_same_labels(t, batch["wave"][b : b + 1], online[b : b + 1], offline[b : b + 1])
                 full += 1
     assert full >= 10
 

@@ -263,6 +263,7 @@ def test_layerdrop_applies_in_training_only():
     with torch.no_grad():
         out = student(wave, output_hidden_states=True)
         assert not torch.equal(out.hidden_states[1], out.hidden_states[0])
+        # bitwise: in eval mode layerdrop is off, so both run the same layers on the same input
         torch.testing.assert_close(out.last_hidden, reference(wave).last_hidden, atol=0, rtol=0)
 
 
@@ -351,7 +352,7 @@ def test_args_round_trip_through_json():
     assert rebuilt.args == student.args and rebuilt.num_layers == 3
     wave = torch.randn(1, 3000)
     with torch.no_grad():
-        assert torch.equal(rebuilt.eval()(wave).last_hidden, student.eval()(wave).last_hidden)
+        assert torch.equal(rebuilt.eval()(wave).last_hidden, student.eval()(wave).last_hidden)  # same weights, same computation
     assert set(student.args) == set(model_lib.STUDENT_ARG_NAMES)
 
 

@@ -106,7 +106,7 @@ def test_smoke_run_writes_metrics_checkpoints_plots_and_summary(tmp_path, music_
     student, info = load_student(out)
     assert set(weights) == set(student.state_dict())
     for k, v in result.student.state_dict().items():
-        assert torch.equal(v, student.state_dict()[k])
+        assert torch.equal(v, student.state_dict()[k])  # saved and loaded: the same bytes
     # two numbered checkpoints kept (keep_checkpoints=2), last.pt is the newest
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
 
@@ -181,6 +181,8 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, music_dir, che
     a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == steps
+    # bitwise: both runs are the same computation (same machine, environment, thread count and batches);
+    # the checkpoint holds every state the rest of the run depends on, so the resume changes nothing
     for k in a["student"]:
         assert torch.equal(a["student"][k], b["student"][k]), k
     for k in a["heads"]:
@@ -208,6 +210,8 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path, music_dir):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    # bitwise: the all-reduce hands both ranks the same averaged gradient bytes, and the same optimizer
+    # step from the same start gives the same weights
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     summary = json.loads((out / "summary.json").read_text())
