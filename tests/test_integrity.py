@@ -229,6 +229,14 @@ def test_a_malformed_student_file_is_one_line_naming_it(make, cause, checkpoint,
         load_student(bad)
 
 
+def test_a_teacher_file_with_non_json_metadata_is_one_line_naming_it(mfcc_file, audio_dir, tmp_path):  # noqa: F811
+    bad = tmp_path / "mfcc.safetensors"
+    bad.write_bytes(_metadata(mfcc_file, **{"mert-kmeans-teacher": "not json"}))
+    result = CliRunner().invoke(cli, ["teacher", "label", "kmeans-mfcc", "--teacher-file", str(bad), "--data", str(audio_dir),
+                                      "--out", str(tmp_path / "store"), "--quiet"])
+    assert_one_line_error(result, str(bad), "metadata is not valid JSON")
+
+
 def test_mert_debug_shows_the_traceback(demo_root, tmp_path, monkeypatch):  # noqa: F811
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
@@ -310,7 +318,7 @@ print(json.dumps({"grew_mb": peak_mb() - before, "error": error}))
 
 
 def _load_in_a_fresh_process(path):
-    done = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, str(path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, str(path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
