@@ -1,12 +1,14 @@
 """Turning known errors into one-line messages instead of tracebacks.
 
-Bad options, config fields and plugin names exit with code 2 (usage errors);
-problems met while running (unreadable checkpoint, diverged training) exit 1.
-Set MERT_DEBUG=1 to see the traceback.
+Bad input (options, config fields, plugin names, data folders, damaged or
+malformed files) exits with code 2 and one line, ``Error: ...``, naming the
+file or field; problems met while running (diverged training, a full disk)
+exit 1. Set MERT_DEBUG=1 to see the traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 
 import click
@@ -15,33 +17,54 @@ from pydantic import ValidationError
 from mert_core.config import format_validation_error
 
 
+class InputError(click.UsageError):
+    """Bad input: exit code 2 like a usage error, but one line without the usage banner
+    (the message names the file or field; the banner would only push it down)."""
+
+    show = click.ClickException.show
+
+
 def _usage_types():
-    from mert_core.labels import LabelStoreMismatch
+    from mert_core.checkpoint import CheckpointError
+    from mert_core.convert import HFConversionError
+    from mert_core.data import DataError
+    from mert_core.labels import LabelStoreError
     from mert_core.registry import PluginError
     from mert_core.runconfig import ConfigError
+    from mert_core.tasks import TaskDataError
 
-    return (ConfigError, PluginError, LabelStoreMismatch)
+    return (ConfigError, PluginError, LabelStoreError, DataError, CheckpointError, HFConversionError, TaskDataError)
+
+
+def one_line(exc: BaseException) -> click.ClickException | None:
+    """The one-line CLI error for ``exc``, or None for an unexpected error (a bug: keep its traceback)."""
+    if isinstance(exc, ValidationError):
+        return InputError(format_validation_error(exc))
+    if isinstance(exc, _usage_types()):
+        return InputError(str(exc))
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return click.ClickException(f"no space left on device{where}; free some space and run again (earlier files are intact)")
+    if isinstance(exc, (ValueError, RuntimeError, OSError, KeyError)):
+        return click.ClickException(f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc))
+    return None
 
 
 class ErrorHandlingGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.exceptions.Exit:
+        except InputError:
             raise
-        except click.ClickException:
+        except click.UsageError as exc:  # click's own (missing option, bad choice): one line too, with where to look
+            where = f" (see `{exc.ctx.command_path} -h`)" if exc.ctx is not None else ""
+            raise InputError(exc.format_message() + where) from None
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
-        except click.exceptions.Abort:
-            raise
-        except ValidationError as exc:
+        except Exception as exc:  # noqa: BLE001 - everything known becomes one line
             if os.environ.get("MERT_DEBUG"):
                 raise
-            raise click.UsageError(format_validation_error(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - everything else becomes one line
-            if os.environ.get("MERT_DEBUG"):
+            error = one_line(exc)
+            if error is None:
                 raise
-            if isinstance(exc, _usage_types()):
-                raise click.UsageError(str(exc)) from None
-            if isinstance(exc, (ValueError, RuntimeError, OSError, KeyError)):
-                raise click.ClickException(f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)) from None
-            raise
+            raise error from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,23 +96,29 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _usage_errors(fn):
-    """Turn input errors into one-line usage errors (exit 2)."""
+    """Turn input errors into one-line errors with exit code 2 (see :mod:`mert_cli.errors`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pydantic import ValidationError
-
-        from mert_core.checkpoint import CheckpointError
-        from mert_core.config import format_validation_error
-        from mert_core.registry import PluginError
-        from mert_core.tasks import TaskDataError
+        from mert_cli.errors import InputError, one_line
 
         try:
             return fn(*args, **kwargs)
-        except ValidationError as exc:
-            raise click.UsageError(format_validation_error(exc)) from None
-        except (TaskDataError, PluginError, CheckpointError, _InputError) as exc:
-            raise click.UsageError(str(exc)) from None
+        except InputError:
+            raise
+        except click.UsageError as exc:
+            raise InputError(exc.format_message()) from None
+        except (click.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - known errors become one line
+            if os.environ.get("MERT_DEBUG"):
+                raise (exc.__cause__ or exc) if isinstance(exc, _InputError) else exc
+            if isinstance(exc, _InputError):
+                raise InputError(str(exc)) from None
+            error = one_line(exc)
+            if error is None:
+                raise
+            raise error from None
 
     return wrapper
 
@@ -139,7 +146,7 @@ def _prepare(checkpoints, hf_models, baselines, preset, tasks, task_sets, overri
     try:
         ups = api.build_upstreams(checkpoints, baselines, hf_models, preset=preset, device=device, seed=seed, extract_options=xo)
     except ValueError as exc:
-        raise _InputError(str(exc)) from None
+        raise _InputError(str(exc)) from exc
     return ups, task_objs, po, xo
 
 

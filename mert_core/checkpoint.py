@@ -10,9 +10,11 @@ The student export (``student.safetensors``) holds the student's weights with
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,9 +43,23 @@ def atomic_write(path: Path, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        if _disk_full(exc, path.parent):  # torch.save says only "unexpected pos", safetensors "I/O error"
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for lack of space (checked while the partial file still fills the disk)."""
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -79,12 +95,22 @@ def save_student(student, path: Path, config: dict[str, Any] | None = None) -> N
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def file_digest(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    """sha256 of a file's content (first 16 hex digits): a stable cache key."""
+def file_digest(path: Path, chunk_bytes: int = 1 << 22, each_chunk=None) -> str:
+    """sha256 of a file's content (first 16 hex digits): a stable cache key
+    and integrity check.
+
+    Args:
+        path: the file.
+        chunk_bytes: read size (a multiple of any array item size).
+        each_chunk: called with every chunk read, so a caller can check the
+            content in the same single pass.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
+            if each_chunk is not None:
+                each_chunk(chunk)
     return h.hexdigest()[:16]
 
 
@@ -116,17 +142,50 @@ def load_student(path: str | Path, device: str | torch.device = "cpu"):
         else:
             raise CheckpointError(f"{path}: holds neither {STUDENT_FILE}, {LAST} nor a Hugging Face config.json")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta, shapes = _safetensors_header(path)
         if "model_args" not in meta:
             raise CheckpointError(f"{path}: safetensors file without mert model_args metadata; export it with mert_core.checkpoint.save_student")
-        student = MertStudent.from_args(json.loads(meta["model_args"]))
-        student.load_state_dict(load_file(str(path)))
-        info = {"config": json.loads(meta.get("config", "{}")), "step": None}
+        args, config = _json_metadata(path, meta, "model_args"), _json_metadata(path, meta, "config", "{}")
+        student = _student_for(path, args, shapes)
+        try:
+            weights = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a file that changed or is damaged past its header
+            raise CheckpointError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc}); the file is damaged, export it again") from None
+        student.load_state_dict(weights)
+        info = {"config": config, "step": None}
     else:
         state = load_checkpoint(path)
-        student = MertStudent.from_args(state["model_args"])
-        student.load_state_dict(state["student"])
-        info = {"config": state["config"], "step": state["step"]}
+        weights = state.get("student")
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise CheckpointError(f"{path}: 'student' is not a dict of tensors; the checkpoint is damaged")
+        student = _student_for(path, state.get("model_args"), {k: tuple(v.shape) for k, v in weights.items()})
+        student.load_state_dict(weights)
+        info = {"config": state.get("config", {}), "step": state.get("step")}
     info.update(checkpoint_id=file_digest(path), path=str(path))
     return student.to(device).eval(), info
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """A safetensors file's metadata and tensor shapes, read from its header only."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every malformed header
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); it may be truncated or not a mert export") from None
+
+
+def _json_metadata(path: Path, meta: dict[str, str], key: str, default: str | None = None) -> Any:
+    try:
+        return json.loads(meta[key] if default is None else meta.get(key, default))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON ({exc}); export the student again with mert") from None
+
+
+def _student_for(path: Path, args: Any, shapes: dict[str, tuple[int, ...]]):
+    """The student ``args`` describe, refused before allocating unless it matches the file's tensor ``shapes``."""
+    from mert_core.model import MertStudent
+
+    try:
+        return MertStudent.from_args(args, stored_shapes=shapes)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: model_args do not match the weights it holds: {exc}") from None

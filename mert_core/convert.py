@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mert_core.model import MertStudent, mert_student
+from mert_core.model import MertStudent
 
 HUBERT_MODEL_TYPES = ("hubert", "mert_model", "music2vec")
 """``model_type`` values whose weights are HubertModel weights."""
@@ -66,6 +66,14 @@ def hf_config_to_args(config: dict[str, Any], where: str = "config.json") -> dic
                                     f"the MERT-v1 checkpoints use {key}={expected!r}")
     if c["feat_extract_norm"] not in ("group", "layer"):
         raise HFConversionError(f"{where}: feat_extract_norm={c['feat_extract_norm']!r}, expected 'group' or 'layer'")
+    try:
+        return _args_from(c)
+    except (TypeError, ValueError) as exc:
+        raise HFConversionError(f"{where}: a size or rate has the wrong type ({type(exc).__name__}: {exc}); the file is damaged") from None
+
+
+def _args_from(c: dict[str, Any]) -> dict[str, Any]:
+    """``MertStudent`` arguments from a HubertConfig dict with every key filled in."""
     relax = float(c["attention_relax"])
     return dict(
         conv_channels=list(c["conv_dim"]),
@@ -278,17 +286,11 @@ def load_hf_hubert(folder: str | Path) -> MertStudent:
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise HFConversionError(f"{folder}: cannot read the weights ({type(exc).__name__}: {exc}); the download may be incomplete") from None
     converted = hf_state_dict_to_mert(sd, config, where=str(folder))
-    student = mert_student(**args)
-    expected = student.state_dict()
+    try:  # config.json is untrusted: its sizes are checked against the weights before the student is allocated
+        student = MertStudent.from_args(args, stored_shapes={k: tuple(v.shape) for k, v in converted.items()}, optional=("mask_embedding.weight",))
+    except ValueError as exc:
+        raise HFConversionError(f"{config_path}: does not match the weights in {folder}: {exc}") from None
     if "mask_embedding.weight" not in converted:  # HubertModel without masking keeps our random init
-        converted["mask_embedding.weight"] = expected["mask_embedding.weight"]
-    for key, tensor in converted.items():
-        if key not in expected:
-            raise HFConversionError(f"{folder}: tensor {key!r} has no place in the student built from config.json")
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise HFConversionError(f"{folder}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}")
-    missing = sorted(set(expected) - set(converted))
-    if missing:
-        raise HFConversionError(f"{folder}: the weights lack {missing[0]!r} (and {len(missing) - 1} more); the file does not match config.json")
+        converted["mask_embedding.weight"] = student.mask_embedding.weight.detach()
     student.load_state_dict({k: v.float() for k, v in converted.items()})
     return student.eval()

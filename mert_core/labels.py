@@ -18,7 +18,13 @@ Layout of a store folder::
                  (total_frames, num_codebooks), row-major, memory-mapped
     index.json   teacher name, options and config hash, window/sample/hop
                  sizes, and per file: absolute path, size, mtime_ns,
-                 num_samples and per window [frame_offset, num_frames]
+                 num_samples and per window [frame_offset, num_frames];
+                 the content hash of labels.bin and a hash of the index itself
+
+:meth:`LabelStore.open` verifies a store before any training step: the window
+counts and frame offsets of every file against its length, both hashes (one
+streamed read of ``labels.bin``), and that every label is a class of the
+teacher. An edited, truncated or swapped file is refused naming the store.
 
 The Python API behind ``mert teacher fit`` and ``mert teacher label`` lives here
 too: :func:`fit_teacher` and :func:`label_data`.
@@ -42,12 +48,13 @@ import torch
 from tqdm.auto import tqdm
 
 from mert_core.audio import AudioError, read_crop
+from mert_core.checkpoint import file_digest
 from mert_core.teacher import IGNORE_LABEL, Teacher
 
 log = logging.getLogger("mert.labels")
 
 FORMAT = "mert-label-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: index.json holds labels_sha256 and index_sha256
 LABELS_FILE = "labels.bin"
 INDEX_FILE = "index.json"
 HOP_SAMPLES = 320  # the student's total conv stride (SPEC)
@@ -287,6 +294,7 @@ def write_label_store(
             os.fsync(labels_out.fileno())
 
         index = {
+            "labels_sha256": file_digest(tmp_dir / LABELS_FILE),
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "teacher": teacher.name,
@@ -306,6 +314,7 @@ def write_label_store(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": _versions(),
         }
+        index["index_sha256"] = _index_digest(index)
         with open(tmp_dir / INDEX_FILE, "w") as f:
             json.dump(index, f)
             f.flush()
@@ -338,6 +347,14 @@ def write_label_store(
     return summary
 
 
+def _index_digest(index: dict[str, Any]) -> str:
+    """Hash of the index's content, without its own hash field."""
+    import hashlib
+
+    rest = {k: v for k, v in index.items() if k != "index_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -351,6 +368,42 @@ def _versions() -> dict[str, str]:
 
 
 # -- reading ------------------------------------------------------------------------
+
+
+def _check_windows(index: dict[str, Any]) -> str | None:
+    """Every file's window count, frame counts and offsets against its length, or what is wrong.
+
+    Vectorised over all windows: a 1000-hour store has ~700k of them.
+    """
+    W, hop = int(index["window_samples"]), int(index["hop_samples"])
+    min_samples = index.get("min_samples", STUDENT_WINDOW_SAMPLES)
+    files = index["files"]
+    for entry in files:
+        full, rest = divmod(int(entry["num_samples"]), W)
+        expected = full + (rest >= min_samples)  # what _windows_of makes
+        if len(entry["windows"]) != expected:
+            return f"{entry['path']}: {len(entry['windows'])} windows listed, its {entry['num_samples']} samples make {expected}"
+    per_file = np.array([len(e["windows"]) for e in files], dtype=np.int64)
+    rows = np.array([w for e in files for w in e["windows"]], dtype=np.int64).reshape(-1, 2)  # M, (first frame, frames)
+    file_of = np.repeat(np.arange(len(files)), per_file)
+    k = np.arange(len(rows)) - np.repeat(np.cumsum(per_file) - per_file, per_file)  # window number within its file
+    lengths = np.minimum(W, np.array([e["num_samples"] for e in files], dtype=np.int64)[file_of] - k * W)
+    frames = np.where(lengths >= STUDENT_WINDOW_SAMPLES, (lengths - STUDENT_WINDOW_SAMPLES) // hop + 1, 0)
+    bad = np.flatnonzero((rows[:, 1] != frames) & (rows[:, 1] != frames + 1))  # +1: a teacher may give one frame more
+    if len(bad):
+        i = bad[0]
+        return (f"{files[file_of[i]]['path']}: window {k[i]} of the label store holds {rows[i, 1]} frames, "
+                f"but its {lengths[i]} samples give {frames[i]} student frames")
+    order = np.argsort(rows[:, 0], kind="stable")  # together the windows must tile labels.bin exactly
+    ends = np.cumsum(rows[order, 1])
+    gap = np.flatnonzero(rows[order, 0] != ends - rows[order, 1])
+    if len(gap):
+        i = order[gap[0]]
+        return f"{files[file_of[i]]['path']}: window {k[i]} starts at frame {rows[i, 0]}, expected {ends[gap[0]] - rows[i, 1]} (windows overlap or leave a gap)"
+    total = int(ends[-1]) if len(ends) else 0
+    if total != index["total_frames"]:
+        return f"the windows hold {total} frames, the index declares {index['total_frames']}"
+    return None
 
 
 class LabelStore:
@@ -379,13 +432,18 @@ class LabelStore:
             index = json.loads(index_file.read_text())
         except (OSError, ValueError) as exc:
             raise LabelStoreError(f"{index_file}: cannot read it ({exc}); the store is damaged, re-run `mert teacher label`") from None
+        if not isinstance(index, dict):
+            raise LabelStoreError(f"{index_file}: expected a JSON object, got {type(index).__name__}; the store is damaged, re-run `mert teacher label`")
         if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
             raise LabelStoreError(
                 f"{root}: format {index.get('format')!r} version {index.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}; "
                 f"re-run `mert teacher label` with this mert"
             )
-        dtype = np.dtype(index["dtype"])
-        C, N = index["num_codebooks"], index["total_frames"]
+        try:
+            dtype = np.dtype(index["dtype"])
+            C, N = int(index["num_codebooks"]), int(index["total_frames"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LabelStoreError(f"{index_file}: malformed ({type(exc).__name__}: {exc}); the store is damaged, re-run `mert teacher label`") from None
         labels_file = root / LABELS_FILE
         want = N * C * dtype.itemsize
         have = labels_file.stat().st_size if labels_file.exists() else None
@@ -394,6 +452,25 @@ class LabelStore:
                 f"{labels_file}: holds {have} bytes, the index promises {want} ({N} frames x {C} codebooks x {dtype.itemsize}); "
                 f"the store is damaged or incomplete, re-run `mert teacher label`"
             )
+        redo = "re-run `mert teacher label` to rebuild it"
+        try:
+            problem = _check_windows(index)
+        except (KeyError, TypeError, ValueError) as exc:
+            problem = f"{INDEX_FILE} is malformed ({type(exc).__name__}: {exc})"
+        if problem:
+            raise LabelStoreError(f"label store {root}: {problem}; the index does not match the audio, {redo}")
+        if index.get("index_sha256") != _index_digest(index):
+            raise LabelStoreError(f"label store {root}: {INDEX_FILE} was changed after it was written (its hash differs); {redo}")
+        highest = [-1]  # the largest label, found in the same read as the hash
+
+        def track_max(chunk: bytes) -> None:
+            highest[0] = max(highest[0], int(np.frombuffer(chunk, dtype=dtype).max()))
+
+        digest = file_digest(labels_file, each_chunk=track_max)
+        if highest[0] >= index["num_classes"]:
+            raise LabelStoreError(f"label store {root}: {LABELS_FILE} holds label {highest[0]}, outside the teacher's classes 0..{index['num_classes'] - 1}; {redo}")
+        if digest != index.get("labels_sha256"):
+            raise LabelStoreError(f"label store {root}: {LABELS_FILE} differs from what was written (its hash differs); {redo}")
         labels = np.memmap(labels_file, dtype=dtype, mode="r", shape=(N, C)) if N else np.zeros((0, C), dtype)
         return cls(root, index, labels)
 
@@ -428,6 +505,10 @@ class LabelStore:
                 changes = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in diff)
                 hint = f" (options that differ: {changes})" if diff else " (same options: the fitted state differs)"
                 problems.append(f"it was made with teacher configuration {ix['config_hash']}, this run's {teacher.name!r} has {mine}{hint}")
+        spec = teacher.target_spec()
+        if (ix["num_classes"], ix["num_codebooks"]) != (spec.num_classes, spec.num_codebooks):
+            problems.append(f"it holds {ix['num_codebooks']} codebooks of {ix['num_classes']} classes, "
+                            f"this run's {teacher.name!r} declares {spec.num_codebooks} of {spec.num_classes}")
         if ix["window_samples"] != window_samples:
             problems.append(f"its windows are {ix['window_samples']} samples, this run's crops are {window_samples}")
         for key, mine in (("sample_rate", teacher.sample_rate), ("hop_samples", teacher.hop_samples)):
@@ -481,13 +562,6 @@ class LabelStore:
         if k >= len(windows):
             raise LabelStoreError(f"{path}: crop offset {offset_samples} is past the {len(windows)} labelled windows of this file ({entry['num_samples']} samples)")
         start, count = windows[k]
-        length = min(W, entry["num_samples"] - k * W)
-        expected = student_frames(length, self.index["hop_samples"])
-        if count not in (expected, expected + 1):
-            raise LabelStoreError(
-                f"{path}: window {k} of the label store holds {count} frames, but its {length} samples give {expected} "
-                f"student frames; the store does not match this audio, re-run `mert teacher label`"
-            )
         return self.labels[start : start + count]
 
     def targets(self, paths: list[str], offsets_samples: list[int], num_frames: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ arguments (``student.args``), so a checkpoint can rebuild it with
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -102,15 +103,31 @@ class MertStudent(nn.Module):
         return dict(self._args)
 
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> "MertStudent":
-        """A freshly initialised student built from ``args`` (as stored by ``.args``)."""
+    def from_args(cls, args: dict[str, Any], stored_shapes: dict[str, tuple[int, ...]] | None = None,
+                  optional: tuple[str, ...] = ()) -> "MertStudent":
+        """A freshly initialised student built from ``args`` (as stored by ``.args``).
+
+        Args:
+            args: the builder arguments.
+            stored_shapes: if given, the shape of every tensor a file holds for
+                this student. ``args`` (untrusted metadata) are checked against
+                them on the meta device before anything is allocated, so a small
+                file cannot ask for a model that fills the memory.
+            optional: keys the file may lack (they keep their initial values).
+
+        Raises:
+            ValueError: arguments of the wrong type, unknown, or (with
+                ``stored_shapes``) implying other tensors than the file holds.
+        """
         if not isinstance(args, dict):
             raise ValueError(f"MertStudent.from_args: expected a dict of builder arguments, got {type(args).__name__}")
         unknown = [k for k in args if k not in STUDENT_ARG_NAMES]
         if unknown:
             raise ValueError(f"MertStudent.from_args: unknown argument {unknown[0]!r} (valid: {', '.join(STUDENT_ARG_NAMES)}); "
                              f"the checkpoint was written by another version of mert")
-        return mert_student(**args)
+        if stored_shapes is not None:
+            _check_stored_shapes(args, stored_shapes, optional)
+        return _build_from(args)
 
     # -- shapes --------------------------------------------------------------
 
@@ -307,6 +324,44 @@ def _init_bert_params(module: nn.Module) -> None:
 
 
 STUDENT_ARG_NAMES: tuple[str, ...] = tuple(inspect.signature(mert_student).parameters)
+
+
+def _build_from(args: dict[str, Any], device: str | None = None) -> "MertStudent":
+    """``mert_student(**args)`` (on ``device``), with arguments of the wrong type as one ValueError."""
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            return mert_student(**args)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ValueError(f"MertStudent.from_args: the model arguments do not build a student ({type(exc).__name__}: {exc})") from None
+
+
+def _check_stored_shapes(args: dict[str, Any], stored: dict[str, tuple[int, ...]], optional: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``mert_student(**args)`` has exactly the ``stored`` tensors and shapes.
+
+    Layer counts are compared first (building a billion layers, even on the
+    meta device, would take hours); then the student is built on the meta
+    device, which records shapes without allocating memory.
+    """
+    defaults = inspect.signature(mert_student).parameters
+
+    def stored_count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in stored if k.startswith(prefix)})
+
+    for name, prefix in (("num_layers", "transformer.layers."), ("conv_kernels", "feature_extractor.conv_layers.")):
+        value = args.get(name, defaults[name].default)
+        count = len(value) if name == "conv_kernels" and isinstance(value, (list, tuple)) else value
+        if count != stored_count(prefix):
+            raise ValueError(f"model argument {name} asks for {str(count)[:40]} layers, the file holds {stored_count(prefix)}")
+    skeleton = _build_from(args, device="meta")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    for key, shape in stored.items():
+        if key not in expected:
+            raise ValueError(f"the file holds tensor {key!r}, which has no place in the student the model arguments describe")
+        if tuple(shape) != expected[key]:
+            raise ValueError(f"{key} has shape {tuple(shape)} in the file, the model arguments imply {expected[key]}")
+    missing = sorted(set(expected) - set(stored) - set(optional))
+    if missing:
+        raise ValueError(f"the file lacks tensor {missing[0]!r} (and {len(missing) - 1} more) that the model arguments imply")
 """Every argument ``mert_student`` takes (the keys of ``student.args``)."""
 
 TINY_ARGS: dict[str, Any] = dict(

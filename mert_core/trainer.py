@@ -180,7 +180,7 @@ def train(
     """
     from tqdm import tqdm
 
-    from mert_core.data import CropBatches, make_loader, scan_audio
+    from mert_core.data import CropBatches, DataError, make_loader, scan_audio
 
     registry = registry or default_registry()
     config = config.model_copy(deep=True)
@@ -188,8 +188,6 @@ def train(
     is_main = dist_info.is_main
     say = (log or tqdm.write) if is_main else (lambda msg: None)
     out_dir = Path(config.out_dir)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     state = None
     if resume and (out_dir / LAST).exists():
         state = load_checkpoint(out_dir / LAST)
@@ -209,13 +207,15 @@ def train(
         manifest = scan_audio(data_paths, progress=False)  # reads rank 0's cache
     usable, _ = manifest.split_by_duration(config.data.min_seconds)
     if not usable:
-        raise ValueError(
+        raise DataError(
             f"data: no usable audio in {', '.join(map(str, data_paths))} "
             f"({len(manifest.files)} readable files, none of at least {config.data.min_seconds:g} s; "
             f"{len(manifest.skipped)} unreadable); give folders or manifests of wav/flac/ogg/mp3 files"
         )
     say(f"data: {len(usable)} files, {sum(f.duration_seconds for f in usable) / 3600:.2f} h "
         f"({len(manifest.files) - len(usable)} shorter than {config.data.min_seconds:g} s, {len(manifest.skipped)} unreadable)")
+    if is_main:  # only now: bad input leaves no empty run folder behind
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     # teachers: fitted if needed, on the training device, never trained
     teachers = build_teachers(config, registry, [f.path for f in usable], dist_info, say, device)

@@ -6,13 +6,21 @@ Features of one (upstream, task, split, settings) live in::
         features.npy   clip level: (N, L, D); frame level: (sum of T_i, L, D)
         offsets.npy    frame level only: (N + 1,) row where item i starts
         index.npy      (N,) which example of task.examples(split) row/item i is
-        meta.json      upstream, task, settings, layer names/sizes, skipped files
+        meta.json      upstream, task, settings, layer names/sizes, skipped files,
+                       and per data file its size, shape and content hash
 
 ``features.npy`` is opened memory-mapped, so a probe reads only what it uses.
 The folder is written under a temporary name and renamed when complete, so
 a crash never leaves a half-written cache that a later run would trust. The
 settings hash covers the task's file list (a changed dataset is re-extracted)
 and everything that changes the numbers (window length, dtype).
+
+An entry is self-verifying: ``meta.json``, written last, records each data
+file's size, array shape and content hash. Before a cached entry is reused
+they are checked (sizes and shapes first, then one streamed hash of the data);
+an entry that does not verify (edited, truncated, deleted or permuted files)
+is logged, removed and extracted again, so a damaged cache never changes a
+score.
 """
 
 from __future__ import annotations
@@ -33,10 +41,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from mert_core.audio import AudioError, load_audio
+from mert_core.checkpoint import file_digest
 from mert_core.tasks import Task, TaskDataError
 
 log = logging.getLogger("mert.evaluation")
-FORMAT = "mert-features-v1"
+FORMAT = "mert-features-v2"  # v2: meta.json holds the data files' sizes, shapes and hashes
+DATA_FILES = ("features.npy", "index.npy", "offsets.npy")
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -177,9 +187,13 @@ def extract(upstream, task: Task, split: str, options: ExtractOptions | None = N
     """
     options = options or ExtractOptions()
     final = feature_dir(upstream, task, split, options, cache_dir)
-    if (final / "meta.json").exists():
-        log.info("reusing cached features at %s", final)
-        return FeatureSet.open(final, reused=True)
+    if final.exists():
+        problem = verify_cache_entry(final)
+        if problem is None:
+            log.info("reusing cached features at %s", final)
+            return FeatureSet.open(final, reused=True)
+        log.warning("cached features at %s do not verify (%s); extracting them again", final, problem)
+        _remove(final)
 
     examples = task.examples(split)
     settings = settings_for(upstream, task, split, options)
@@ -189,7 +203,8 @@ def extract(upstream, task: Task, split: str, options: ExtractOptions | None = N
     tmp.mkdir()
     try:
         meta = _extract_into(tmp, upstream, task, split, examples, settings, options, progress)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        meta["files"] = _describe_files(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: its presence means the rest is complete
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished the same extraction first: use theirs
@@ -198,6 +213,73 @@ def extract(upstream, task: Task, split: str, options: ExtractOptions | None = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return FeatureSet.open(final, reused=False)
+
+
+def _describe_files(directory: Path) -> dict[str, dict]:
+    """Size, shape, dtype and content hash of each data file in ``directory``."""
+    out = {}
+    for name in DATA_FILES:
+        path = directory / name
+        if path.exists():
+            array = np.load(path, mmap_mode="r")
+            out[name] = {"bytes": path.stat().st_size, "shape": list(array.shape), "dtype": array.dtype.str, "sha256": file_digest(path)}
+    return out
+
+
+def verify_cache_entry(directory: Path) -> str | None:
+    """Why the cache entry in ``directory`` cannot be trusted, or None if it verifies.
+
+    Checks, cheapest first: ``meta.json`` parses and is of this format; every
+    data file it lists exists with the recorded size, array shape and dtype;
+    the index and offsets are consistent; and the content hash of each file
+    (one streamed read) matches the one recorded when it was written.
+    """
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except FileNotFoundError:
+        return "no meta.json (an unfinished or older entry)"
+    except (OSError, ValueError) as exc:
+        return f"meta.json unreadable: {exc}"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
+        return f"meta.json is not a {FORMAT} entry"
+    files = meta["files"]
+    wanted = {"features.npy", "index.npy"} | ({"offsets.npy"} if meta.get("level") == "frame" else set())
+    if set(files) != wanted:
+        return f"meta.json lists {sorted(files)}, expected {sorted(wanted)}"
+    arrays = {}
+    for name, want in files.items():
+        path = directory / name
+        try:
+            size = path.stat().st_size
+            if size != want["bytes"]:
+                return f"{name} holds {size} bytes, meta.json records {want['bytes']}"
+            arrays[name] = array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            return f"{name} unreadable: {exc}"
+        if list(array.shape) != want["shape"] or array.dtype.str != want["dtype"]:
+            return f"{name} has shape {list(array.shape)} {array.dtype.str}, meta.json records {want['shape']} {want['dtype']}"
+    index, rows = arrays["index.npy"], arrays["features.npy"].shape[0]
+    if len(index) != meta.get("num_kept") or (len(index) and (index.min() < 0 or index.max() >= meta.get("num_examples", 0))):
+        return "index.npy does not match the kept examples recorded in meta.json"
+    offsets = arrays.get("offsets.npy")
+    if offsets is not None and (len(offsets) != len(index) + 1 or offsets[0] != 0 or offsets[-1] != rows or (np.diff(offsets) < 0).any()):
+        return "offsets.npy does not split features.npy into the kept items"
+    if offsets is None and rows != len(index):
+        return f"features.npy has {rows} rows for {len(index)} items"
+    for name, want in files.items():
+        if file_digest(directory / name) != want["sha256"]:
+            return f"{name} content differs from the hash recorded when it was written"
+    return None
+
+
+def _remove(directory: Path) -> None:
+    """Move a bad entry out of the way, then delete it (a concurrent reader keeps its open files)."""
+    doomed = directory.parent / f".{directory.name}.bad-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(directory, doomed)
+    except FileNotFoundError:  # another process removed it first
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _load(upstream, ex):

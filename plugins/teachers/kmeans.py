@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mert_core.hookspecs import hookimpl
+from mert_core.runconfig import ConfigError
 from mert_core.teacher import TargetSpec, Teacher, TeacherOptions
 from mert_plugins.teachers._features import (
     ChromaFeatures,
@@ -55,8 +56,9 @@ ARTIFACT_FORMAT = "mert-kmeans-teacher"
 ARTIFACT_VERSION = 1
 
 
-class TeacherFileError(ValueError):
-    """A fitted teacher file that is missing, unreadable or does not fit the options."""
+class TeacherFileError(ConfigError):
+    """A fitted teacher file that is missing, unreadable or does not fit the options
+    (a bad ``teacher_file`` option: the CLI reports it in one line with exit code 2)."""
 
 
 class NotFittedError(ValueError):
@@ -239,7 +241,12 @@ def read_teacher_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch
         raise TeacherFileError(f"teacher_file {path}: cannot read it as safetensors ({exc}); re-run `mert teacher fit`") from None
     if raw is None:
         raise TeacherFileError(f"teacher_file {path}: a safetensors file without {ARTIFACT_FORMAT!r} metadata, not a fitted k-means teacher")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise TeacherFileError(f"teacher_file {path}: its {ARTIFACT_FORMAT!r} metadata is not valid JSON ({exc}); re-run `mert teacher fit`") from None
+    if not isinstance(meta, dict):
+        raise TeacherFileError(f"teacher_file {path}: its {ARTIFACT_FORMAT!r} metadata is not a JSON object; re-run `mert teacher fit`")
     if meta.get("format_version") != ARTIFACT_VERSION:
         raise TeacherFileError(
             f"teacher_file {path}: format version {meta.get('format_version')}, this mert reads {ARTIFACT_VERSION}; refit it with this version"
