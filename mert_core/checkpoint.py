@@ -95,6 +95,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu"):
     Returns:
         ``(student, info)``: the ``MertStudent`` in eval mode on ``device``, and
         a dict with ``config`` (plain data, may be empty), ``step`` (or None),
+        ``counters`` (a ``.pt``'s audio seconds etc., else absent),
         ``checkpoint_id`` (content hash, stable across copies) and ``path``.
     """
     from mert_core.model import MertStudent
@@ -127,6 +128,6 @@ def load_student(path: str | Path, device: str | torch.device = "cpu"):
         state = load_checkpoint(path)
         student = MertStudent.from_args(state["model_args"])
         student.load_state_dict(state["student"])
-        info = {"config": state["config"], "step": state["step"]}
+        info = {"config": state["config"], "step": state["step"], "counters": state.get("counters", {})}
     info.update(checkpoint_id=file_digest(path), path=str(path))
     return student.to(device).eval(), info

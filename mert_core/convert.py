@@ -6,7 +6,8 @@ A Hugging Face folder holds ``config.json`` and ``model.safetensors`` (or
 ``model_type: "mert_model"`` (remote code ``MERTModel``, a HubertModel
 subclass); their weights use HubertModel's names, which ``hf_state_dict_to_mert``
 maps onto ours. ``hf_config_from_args`` goes the other way for the config, so
-a ``transformers.HubertConfig`` can be built for any student (tests, benchmarks).
+a ``transformers.HubertConfig`` can be built for any student (tests, benchmarks),
+and ``mert_state_dict_to_hf`` for the weights (``mert export --format hf``).
 """
 
 from __future__ import annotations
@@ -226,6 +227,61 @@ def hf_state_dict_to_mert(sd: dict[str, torch.Tensor], config: dict[str, Any], w
     if extra_layers:
         raise HFConversionError(f"{where}: holds encoder layers {extra_layers} beyond num_hidden_layers={num_layers} in config.json")
     return out
+
+
+def hf_export_problem(args: dict[str, Any]) -> str | None:
+    """Why a student with builder ``args`` cannot be a plain HubertModel, or None if it can.
+
+    HubertModel expresses every other argument: ``attention_relax`` changes
+    only the fp16 arithmetic of the same softmax, and ``feature_grad_mult``
+    only training.
+    """
+    if float(args["layer_norm_eps"]) != 1e-5:
+        return (f"layer_norm_eps={args['layer_norm_eps']:g}: HubertModel's conv extractor norms always use eps 1e-5, "
+                f"so its outputs would differ; only students with layer_norm_eps=1e-5 can be exported")
+    return None
+
+
+def mert_state_dict_to_hf(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """The inverse of ``hf_state_dict_to_mert``: a ``MertStudent`` state dict in HubertModel's names.
+
+    The fused ``qkv`` is split into q/k/v; the positional conv keeps its weight
+    norm (``parametrizations.weight.original0/1``, the layout of current
+    transformers, which also renames it for older releases).
+
+    Args:
+        sd: ``MertStudent.state_dict()``.
+        num_layers: the student's transformer layers.
+
+    Returns:
+        tensors for ``HubertModel.load_state_dict`` (contiguous, on the CPU).
+    """
+    out: dict[str, torch.Tensor] = {}
+    conv_re = re.compile(r"feature_extractor\.conv_layers\.(\d+)\.(conv|norm)\.(weight|bias)$")
+    renames = {"mask_embedding.weight": "masked_spec_embed"}
+    for kind in ("weight", "bias"):
+        renames[f"transformer.layer_norm.{kind}"] = f"encoder.layer_norm.{kind}"
+        renames[_OURS_POS + kind] = _POS + kind
+        for part in ("layer_norm", "projection"):
+            renames[f"feature_projection.{part}.{kind}"] = f"feature_projection.{part}.{kind}"
+    for i in ("0", "1"):
+        renames[_OURS_POS + f"parametrizations.weight.original{i}"] = _POS + f"parametrizations.weight.original{i}"
+    for i in range(num_layers):
+        src, dst = f"transformer.layers.{i}.", f"encoder.layers.{i}."
+        renames.update({src + ours: dst + theirs for theirs, ours in _LAYER_KEYS.items()})
+        for kind in ("weight", "bias"):
+            for p, chunk in zip("qkv", sd[f"{src}attention.qkv.{kind}"].chunk(3, dim=0)):
+                out[f"{dst}attention.{p}_proj.{kind}"] = chunk
+    for key, tensor in sd.items():
+        m = conv_re.match(key)
+        if m:
+            i, part, kind = m.groups()
+            out[f"feature_extractor.conv_layers.{i}.{'conv' if part == 'conv' else 'layer_norm'}.{kind}"] = tensor
+        elif key in renames:
+            out[renames[key]] = tensor
+        elif ".attention.qkv." not in key:
+            raise HFConversionError(f"student tensor {key!r} has no HubertModel counterpart")
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
