@@ -23,6 +23,14 @@ class ModelConfig(_Strict):
         default_factory=dict,
         description="Keyword overrides of the preset's builder arguments, e.g. {'num_layers': 4}.",
     )
+    init_from: Path | None = Field(
+        None,
+        description="Continued pretraining: start the student from a Hugging Face HuBERT/MERT folder, a mert run folder, "
+                    "a .pt checkpoint or a student.safetensors (shapes must fit the preset); None = random init.",
+    )
+    init_from_hash: str | None = Field(
+        None, description="Content hash of init_from's weights, recorded when the run starts; a source that changed since is refused.",
+    )
 
 
 class TeacherConfig(_Strict):

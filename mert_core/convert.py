@@ -284,7 +284,8 @@ def mert_state_dict_to_hf(sd: dict[str, torch.Tensor], num_layers: int) -> dict[
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The folder's tensors and the file that identifies them (the weights file, or a sharded index)."""
     from safetensors.torch import load_file
 
     for index_name, loader in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
@@ -295,22 +296,23 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             for shard in shards:
                 path = folder / shard
                 sd.update(load_file(str(path)) if loader == "safetensors" else torch.load(path, map_location="cpu", weights_only=True))
-            return sd
+            return sd, index
     if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
+        return load_file(str(folder / "model.safetensors")), folder / "model.safetensors"
     if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True), folder / "pytorch_model.bin"
     raise HFConversionError(f"{folder}: no model.safetensors or pytorch_model.bin next to config.json; "
                             f"download the whole model folder (e.g. huggingface-cli download m-a-p/MERT-v1-95M)")
 
 
-def load_hf_hubert(folder: str | Path) -> MertStudent:
-    """A ``MertStudent`` (eval mode, fp32, CPU) holding a Hugging Face HubertModel's weights.
+def read_hf_hubert(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """A Hugging Face HubertModel folder's builder arguments and weights in our names.
 
-    Args:
-        folder: a ``save_pretrained`` output or a downloaded snapshot, e.g. of
-            m-a-p/MERT-v1-95M: ``config.json`` + ``model.safetensors`` or
-            ``pytorch_model.bin``.
+    Returns:
+        ``(args, state_dict, weights_file)``: ``mert_student(**args)`` holds
+        ``state_dict`` (which lacks ``mask_embedding.weight`` when the file has
+        no ``masked_spec_embed``); ``weights_file`` identifies the weights
+        (``model.safetensors``, ``pytorch_model.bin`` or a sharded index).
 
     Raises:
         HFConversionError: not a HuBERT folder, an unsupported variant, or
@@ -328,12 +330,28 @@ def load_hf_hubert(folder: str | Path) -> MertStudent:
         raise HFConversionError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     args = hf_config_to_args(config, where=str(config_path))
     try:
-        sd = _read_weights(folder)
+        sd, weights_file = _read_weights(folder)
     except HFConversionError:
         raise
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise HFConversionError(f"{folder}: cannot read the weights ({type(exc).__name__}: {exc}); the download may be incomplete") from None
-    converted = hf_state_dict_to_mert(sd, config, where=str(folder))
+    return args, hf_state_dict_to_mert(sd, config, where=str(folder)), weights_file
+
+
+def load_hf_hubert(folder: str | Path) -> MertStudent:
+    """A ``MertStudent`` (eval mode, fp32, CPU) holding a Hugging Face HubertModel's weights.
+
+    Args:
+        folder: a ``save_pretrained`` output or a downloaded snapshot, e.g. of
+            m-a-p/MERT-v1-95M: ``config.json`` + ``model.safetensors`` or
+            ``pytorch_model.bin``.
+
+    Raises:
+        HFConversionError: not a HuBERT folder, an unsupported variant, or
+            weights that do not match the config.
+    """
+    folder = Path(folder)
+    args, converted, _ = read_hf_hubert(folder)
     student = mert_student(**args)
     expected = student.state_dict()
     if "mask_embedding.weight" not in converted:  # HubertModel without masking keeps our random init

@@ -177,8 +177,9 @@ def model_card(student, run_config: dict[str, Any] | None = None, facts: dict[st
     if run_config.get("data"):
         data = run_config["data"]
         lines.append(f"- crops of {data['crop_seconds']:g} s, {data['batch_size']} per micro-batch per process")
-    if run_config.get("init_from"):
-        lines.append(f"- initialised from {run_config['init_from']}")
+    init_from = run_config.get("model", {}).get("init_from")
+    if init_from:
+        lines.append(f"- continued from {init_from} (sha256 {run_config['model'].get('init_from_hash')})")
     lines.append("")
     if results:
         lines += ["## Evaluation", "", "MARBLE-style probes (`mert eval`): frozen features, selected on validation.", "",
