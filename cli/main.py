@@ -23,11 +23,13 @@ def cli():
 
 def _add_commands() -> None:
     from mert_cli.ablate import ablate_cmd
+    from mert_cli.export import export_cmd
     from mert_cli.plugins_cmd import list_plugins
     from mert_cli.train import train
 
     cli.add_command(train)
     cli.add_command(ablate_cmd)
+    cli.add_command(export_cmd)
     cli.add_command(list_plugins)
     try:
         from mert_cli.teacher import teacher_group

@@ -121,6 +121,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu"):
     Returns:
         ``(student, info)``: the ``MertStudent`` in eval mode on ``device``, and
         a dict with ``config`` (plain data, may be empty), ``step`` (or None),
+        ``counters`` (a ``.pt``'s audio seconds etc., else absent),
         ``checkpoint_id`` (content hash, stable across copies) and ``path``.
     """
     from mert_core.model import MertStudent
@@ -160,7 +161,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu"):
             raise CheckpointError(f"{path}: 'student' is not a dict of tensors; the checkpoint is damaged")
         student = _student_for(path, state.get("model_args"), {k: tuple(v.shape) for k, v in weights.items()})
         student.load_state_dict(weights)
-        info = {"config": state.get("config", {}), "step": state.get("step")}
+        info = {"config": state.get("config", {}), "step": state.get("step"), "counters": state.get("counters", {})}
     info.update(checkpoint_id=file_digest(path), path=str(path))
     return student.to(device).eval(), info
 

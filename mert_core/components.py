@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -551,16 +552,21 @@ class Transformer(nn.Module):
         dropout: on the input, after the positional embedding.
         layerdrop: probability of skipping each layer in training (SPEC: 0.05 base).
         layer_norm_first: pre-LN when True.
+        activation_checkpointing: keep only each layer's input for the backward
+            pass and recompute the layer there (less memory, about one more
+            forward of compute); the gradients are the same.
     """
 
     def __init__(self, pos_conv: ConvolutionalPositionalEmbedding, layers: list[EncoderLayer], layer_norm: nn.LayerNorm,
-                 dropout: float = 0.0, layerdrop: float = 0.0, layer_norm_first: bool = False):
+                 dropout: float = 0.0, layerdrop: float = 0.0, layer_norm_first: bool = False,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.pos_conv = pos_conv
         self.layers = nn.ModuleList(layers)
         self.layer_norm = layer_norm
         self.dropout = Dropout(dropout)
         self.layerdrop, self.layer_norm_first = layerdrop, layer_norm_first
+        self.activation_checkpointing = activation_checkpointing
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -593,7 +599,11 @@ class Transformer(nn.Module):
         for layer in self.layers:
             # torch.rand on the CPU generator: no device sync, reproducible under the trainer's seed
             if not (self.training and self.layerdrop > 0 and float(torch.rand(())) < self.layerdrop):
-                x = layer(x, attend)
+                if self.activation_checkpointing and torch.is_grad_enabled():
+                    # the recomputation replays the same dropout masks (the RNG state is saved with the input)
+                    x = torch.utils.checkpoint.checkpoint(layer, x, attend, use_reentrant=False)
+                else:
+                    x = layer(x, attend)
             if hidden is not None:
                 hidden.append(x)
         if self.layer_norm_first:

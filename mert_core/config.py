@@ -23,6 +23,18 @@ class ModelConfig(_Strict):
         default_factory=dict,
         description="Keyword overrides of the preset's builder arguments, e.g. {'num_layers': 4}.",
     )
+    init_from: Path | None = Field(
+        None,
+        description="Continued pretraining: start the student from a Hugging Face HuBERT/MERT folder, a mert run folder, "
+                    "a .pt checkpoint or a student.safetensors (shapes must fit the preset); None = random init.",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each transformer layer in the backward pass instead of keeping its activations: "
+                           "less memory for about one more forward of compute; same gradients.",
+    )
+    init_from_hash: str | None = Field(
+        None, description="Content hash of init_from's weights, recorded when the run starts; a source that changed since is refused.",
+    )
 
 
 class TeacherConfig(_Strict):
@@ -88,6 +100,8 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Numbered checkpoints kept besides last.pt.")
     max_bad_steps: int = Field(5, ge=1, description="Consecutive non-finite losses before the run stops.")
+    compile: bool = Field(False, description="Run the student and heads through torch.compile (faster steps after a "
+                                             "compilation of a minute or more; needs a C++ compiler on CPU).")
     recipe: str | None = Field(None, description="Recipe the run was built from (informational).")
 
 

@@ -6,7 +6,8 @@ A Hugging Face folder holds ``config.json`` and ``model.safetensors`` (or
 ``model_type: "mert_model"`` (remote code ``MERTModel``, a HubertModel
 subclass); their weights use HubertModel's names, which ``hf_state_dict_to_mert``
 maps onto ours. ``hf_config_from_args`` goes the other way for the config, so
-a ``transformers.HubertConfig`` can be built for any student (tests, benchmarks).
+a ``transformers.HubertConfig`` can be built for any student (tests, benchmarks),
+and ``mert_state_dict_to_hf`` for the weights (``mert export --format hf``).
 """
 
 from __future__ import annotations
@@ -236,7 +237,63 @@ def hf_state_dict_to_mert(sd: dict[str, torch.Tensor], config: dict[str, Any], w
     return out
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def hf_export_problem(args: dict[str, Any]) -> str | None:
+    """Why a student with builder ``args`` cannot be a plain HubertModel, or None if it can.
+
+    HubertModel expresses every other argument: ``attention_relax`` changes
+    only the fp16 arithmetic of the same softmax, and ``feature_grad_mult``
+    only training.
+    """
+    if float(args["layer_norm_eps"]) != 1e-5:
+        return (f"layer_norm_eps={args['layer_norm_eps']:g}: HubertModel's conv extractor norms always use eps 1e-5, "
+                f"so its outputs would differ; only students with layer_norm_eps=1e-5 can be exported")
+    return None
+
+
+def mert_state_dict_to_hf(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """The inverse of ``hf_state_dict_to_mert``: a ``MertStudent`` state dict in HubertModel's names.
+
+    The fused ``qkv`` is split into q/k/v; the positional conv keeps its weight
+    norm (``parametrizations.weight.original0/1``, the layout of current
+    transformers, which also renames it for older releases).
+
+    Args:
+        sd: ``MertStudent.state_dict()``.
+        num_layers: the student's transformer layers.
+
+    Returns:
+        tensors for ``HubertModel.load_state_dict`` (contiguous, on the CPU).
+    """
+    out: dict[str, torch.Tensor] = {}
+    conv_re = re.compile(r"feature_extractor\.conv_layers\.(\d+)\.(conv|norm)\.(weight|bias)$")
+    renames = {"mask_embedding.weight": "masked_spec_embed"}
+    for kind in ("weight", "bias"):
+        renames[f"transformer.layer_norm.{kind}"] = f"encoder.layer_norm.{kind}"
+        renames[_OURS_POS + kind] = _POS + kind
+        for part in ("layer_norm", "projection"):
+            renames[f"feature_projection.{part}.{kind}"] = f"feature_projection.{part}.{kind}"
+    for i in ("0", "1"):
+        renames[_OURS_POS + f"parametrizations.weight.original{i}"] = _POS + f"parametrizations.weight.original{i}"
+    for i in range(num_layers):
+        src, dst = f"transformer.layers.{i}.", f"encoder.layers.{i}."
+        renames.update({src + ours: dst + theirs for theirs, ours in _LAYER_KEYS.items()})
+        for kind in ("weight", "bias"):
+            for p, chunk in zip("qkv", sd[f"{src}attention.qkv.{kind}"].chunk(3, dim=0)):
+                out[f"{dst}attention.{p}_proj.{kind}"] = chunk
+    for key, tensor in sd.items():
+        m = conv_re.match(key)
+        if m:
+            i, part, kind = m.groups()
+            out[f"feature_extractor.conv_layers.{i}.{'conv' if part == 'conv' else 'layer_norm'}.{kind}"] = tensor
+        elif key in renames:
+            out[renames[key]] = tensor
+        elif ".attention.qkv." not in key:
+            raise HFConversionError(f"student tensor {key!r} has no HubertModel counterpart")
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The folder's tensors and the file that identifies them (the weights file, or a sharded index)."""
     from safetensors.torch import load_file
 
     for index_name, loader in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
@@ -247,22 +304,23 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             for shard in shards:
                 path = folder / shard
                 sd.update(load_file(str(path)) if loader == "safetensors" else torch.load(path, map_location="cpu", weights_only=True))
-            return sd
+            return sd, index
     if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
+        return load_file(str(folder / "model.safetensors")), folder / "model.safetensors"
     if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True), folder / "pytorch_model.bin"
     raise HFConversionError(f"{folder}: no model.safetensors or pytorch_model.bin next to config.json; "
                             f"download the whole model folder (e.g. huggingface-cli download m-a-p/MERT-v1-95M)")
 
 
-def load_hf_hubert(folder: str | Path) -> MertStudent:
-    """A ``MertStudent`` (eval mode, fp32, CPU) holding a Hugging Face HubertModel's weights.
+def read_hf_hubert(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """A Hugging Face HubertModel folder's builder arguments and weights in our names.
 
-    Args:
-        folder: a ``save_pretrained`` output or a downloaded snapshot, e.g. of
-            m-a-p/MERT-v1-95M: ``config.json`` + ``model.safetensors`` or
-            ``pytorch_model.bin``.
+    Returns:
+        ``(args, state_dict, weights_file)``: ``mert_student(**args)`` holds
+        ``state_dict`` (which lacks ``mask_embedding.weight`` when the file has
+        no ``masked_spec_embed``); ``weights_file`` identifies the weights
+        (``model.safetensors``, ``pytorch_model.bin`` or a sharded index).
 
     Raises:
         HFConversionError: not a HuBERT folder, an unsupported variant, or
@@ -280,16 +338,32 @@ def load_hf_hubert(folder: str | Path) -> MertStudent:
         raise HFConversionError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     args = hf_config_to_args(config, where=str(config_path))
     try:
-        sd = _read_weights(folder)
+        sd, weights_file = _read_weights(folder)
     except HFConversionError:
         raise
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise HFConversionError(f"{folder}: cannot read the weights ({type(exc).__name__}: {exc}); the download may be incomplete") from None
-    converted = hf_state_dict_to_mert(sd, config, where=str(folder))
+    return args, hf_state_dict_to_mert(sd, config, where=str(folder)), weights_file
+
+
+def load_hf_hubert(folder: str | Path) -> MertStudent:
+    """A ``MertStudent`` (eval mode, fp32, CPU) holding a Hugging Face HubertModel's weights.
+
+    Args:
+        folder: a ``save_pretrained`` output or a downloaded snapshot, e.g. of
+            m-a-p/MERT-v1-95M: ``config.json`` + ``model.safetensors`` or
+            ``pytorch_model.bin``.
+
+    Raises:
+        HFConversionError: not a HuBERT folder, an unsupported variant, or
+            weights that do not match the config.
+    """
+    folder = Path(folder)
+    args, converted, _ = read_hf_hubert(folder)
     try:  # config.json is untrusted: its sizes are checked against the weights before the student is allocated
         student = MertStudent.from_args(args, stored_shapes={k: tuple(v.shape) for k, v in converted.items()}, optional=("mask_embedding.weight",))
     except ValueError as exc:
-        raise HFConversionError(f"{config_path}: does not match the weights in {folder}: {exc}") from None
+        raise HFConversionError(f"{folder / 'config.json'}: does not match the weights in {folder}: {exc}") from None
     if "mask_embedding.weight" not in converted:  # HubertModel without masking keeps our random init
         converted["mask_embedding.weight"] = student.mask_embedding.weight.detach()
     student.load_state_dict({k: v.float() for k, v in converted.items()})

@@ -435,6 +435,9 @@ def build_student(model_config) -> MertStudent:
         raise ValueError(f"config field 'model.overrides': {unknown[0]!r} is not a student argument; "
                          f"valid names: {', '.join(STUDENT_ARG_NAMES)}")
     try:
-        return mert_student(**student_args(model_config.preset, **overrides))
+        student = mert_student(**student_args(model_config.preset, **overrides))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"config field 'model.overrides' {overrides}: {exc}") from None
+    # a way of running the model, not part of it: not a builder argument, not in checkpoints' model_args
+    student.transformer.activation_checkpointing = model_config.activation_checkpointing
+    return student

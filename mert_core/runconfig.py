@@ -120,6 +120,7 @@ def make_train_config(
     data: Iterable[str | Path] = (),
     out_dir: str | Path | None = None,
     max_steps: int | None = None,
+    init_from: str | Path | None = None,
     overrides: Iterable[str] = (),
     registry: Registry | None = None,
 ) -> TrainConfig:
@@ -152,6 +153,8 @@ def make_train_config(
         merged["out_dir"] = str(out_dir)
     if max_steps is not None:
         merged.setdefault("optim", {})["max_steps"] = max_steps
+    if init_from is not None:
+        merged.setdefault("model", {})["init_from"] = str(init_from)
     merged = apply_overrides(merged, overrides)
     try:
         config = TrainConfig.model_validate(merged)
@@ -164,4 +167,7 @@ def make_train_config(
     for p in config.data.paths:
         if not Path(p).exists():
             raise ConfigError(f"config field 'data.paths': {p} does not exist; give audio folders or .tsv/.csv manifests")
+    if config.model.init_from is not None and not config.model.init_from.exists():
+        raise ConfigError(f"config field 'model.init_from': {config.model.init_from} does not exist; give a Hugging Face "
+                          f"HuBERT/MERT folder, a mert run folder, a .pt or a student.safetensors")
     return config

@@ -241,6 +241,14 @@ def train(
     student = build_student(config.model)
     final_dim = config.loss.final_dim or (128 if config.model.preset == "330m" else 64)
     heads = TargetHeads(specs, student.embed_dim, final_dim, config.loss.logit_temperature)
+    if state is None and config.model.init_from is not None:
+        from mert_core.init_from import init_student
+
+        config.model.init_from_hash, reused = init_student(
+            config.model.init_from, student, heads, {n: t.config_hash() for n, t in teachers.items()}, config.model.init_from_hash
+        )
+        say(f"student initialised from {config.model.init_from} (sha256 {config.model.init_from_hash}); "
+            f"heads {'taken over for ' + ', '.join(reused) if reused else 'fresh'}")
     model = Pretrainer(student, heads).to(device)
     weights = {tc.name: tc.weight if tc.weight is not None else specs[tc.name].default_weight for tc in config.teachers}
     loss_fn = MultiTargetLoss(specs, weights, config.loss.feature_penalty)
@@ -266,6 +274,8 @@ def train(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
+    if config.compile:
+        train_model = torch.compile(train_model)  # compiled on the first step; graph breaks at host syncs are fine
 
     dataset = CropBatches(
         manifest,
@@ -517,7 +527,12 @@ def _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, 
     save_student(model.student, out_dir / STUDENT_FILE, config.model_dump(mode="json"))
 
 
-_RESUMABLE_CHANGES = {"optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "device"}
+# init_from only starts a run: a resume takes the weights from the checkpoint and keeps the recorded source;
+# activation checkpointing and compile change how a step runs, not what it computes
+_RESUMABLE_CHANGES = {
+    "model.init_from", "model.init_from_hash", "model.activation_checkpointing", "compile",
+    "optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "device",
+}
 
 
 def _resume_config(config: TrainConfig, state: dict, out_dir: Path) -> TrainConfig:
@@ -536,6 +551,8 @@ def _resume_config(config: TrainConfig, state: dict, out_dir: Path) -> TrainConf
                 f"resume with the same settings or use a new --out"
             )
     return saved.model_copy(update={
+        "model": saved.model.model_copy(update={"activation_checkpointing": config.model.activation_checkpointing}),
+        "compile": config.compile,
         "optim": saved.optim.model_copy(update={"max_steps": config.optim.max_steps}),
         "log_every": config.log_every, "checkpoint_every": config.checkpoint_every,
         "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps,
