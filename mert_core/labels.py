@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mert_core import library_versions
 from mert_core.audio import AudioError, read_crop
 from mert_core.teacher import IGNORE_LABEL, Teacher
 
@@ -304,7 +305,7 @@ def write_label_store(
             "files": [entries[i] for i in sorted(entries)],
             "skipped": skipped,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": _versions(),
+            "versions": library_versions("torch", "torchaudio", "numpy"),
         }
         with open(tmp_dir / INDEX_FILE, "w") as f:
             json.dump(index, f)
@@ -336,18 +337,6 @@ def write_label_store(
         out_dir, summary.num_files, total_windows, total_frames, C, dtype.name, len(skipped), summary.seconds,
     )
     return summary
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("mert", "torch", "torchaudio", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 # -- reading ------------------------------------------------------------------------
