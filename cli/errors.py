@@ -19,8 +19,9 @@ def _usage_types():
     from mert_core.labels import LabelStoreMismatch
     from mert_core.registry import PluginError
     from mert_core.runconfig import ConfigError
+    from mert_core.scaffold import ScaffoldError
 
-    return (ConfigError, PluginError, LabelStoreMismatch)
+    return (ConfigError, PluginError, LabelStoreMismatch, ScaffoldError)
 
 
 class ErrorHandlingGroup(click.Group):

@@ -41,11 +41,13 @@ def cli():
 
 
 def _add_commands() -> None:
+    from mert_cli.new_plugin import new_plugin_cmd
     from mert_cli.plugins_cmd import list_plugins
     from mert_cli.train import train
 
     cli.add_command(train)
     cli.add_command(list_plugins)
+    cli.add_command(new_plugin_cmd)
     try:
         from mert_cli.teacher import teacher_group
 
