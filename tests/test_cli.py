@@ -12,7 +12,7 @@ def run(*args):
     return CliRunner().invoke(cli, list(args))
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["list-plugins"], ["teacher"], ["eval"], ["extract"], ["probe"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["list-plugins"], ["teacher"], ["eval"], ["extract"], ["probe"], ["new-plugin"]])
 def test_help_on_every_command(command):
     result = run(*command, "--help")
     assert result.exit_code == 0, result.output
