@@ -31,9 +31,10 @@ def _usage_types():
     from mert_core.labels import LabelStoreError
     from mert_core.registry import PluginError
     from mert_core.runconfig import ConfigError
+    from mert_core.scaffold import ScaffoldError
     from mert_core.tasks import TaskDataError
 
-    return (ConfigError, PluginError, LabelStoreError, DataError, CheckpointError, HFConversionError, TaskDataError)
+    return (ConfigError, PluginError, LabelStoreError, DataError, CheckpointError, HFConversionError, TaskDataError, ScaffoldError)
 
 
 def one_line(exc: BaseException) -> click.ClickException | None:

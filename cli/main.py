@@ -10,8 +10,27 @@ import click
 from mert_cli.errors import ErrorHandlingGroup
 
 
+def version_message() -> str:
+    """``mert-toolkit 0.1.0 (torch 2.4.1, torchaudio 2.4.1, Python 3.11.7)``: what a bug report needs."""
+    import platform
+
+    from mert_core import DISTRIBUTION, library_versions
+
+    versions = library_versions("torch", "torchaudio")
+    ours = versions.pop(DISTRIBUTION)
+    others = ", ".join(f"{name} {version}" for name, version in versions.items())
+    return f"{DISTRIBUTION} {ours} ({others}, Python {platform.python_version()})"
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_message())
+        ctx.exit()
+
+
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mert")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the versions of mert-toolkit, torch and torchaudio, and exit.")
 def cli():
     """mert: self-supervised pretraining of music audio models, MERT-style.
 
@@ -24,6 +43,7 @@ def cli():
 def _add_commands() -> None:
     from mert_cli.ablate import ablate_cmd
     from mert_cli.export import export_cmd
+    from mert_cli.new_plugin import new_plugin_cmd
     from mert_cli.plugins_cmd import list_plugins
     from mert_cli.train import train
 
@@ -31,6 +51,7 @@ def _add_commands() -> None:
     cli.add_command(ablate_cmd)
     cli.add_command(export_cmd)
     cli.add_command(list_plugins)
+    cli.add_command(new_plugin_cmd)
     try:
         from mert_cli.teacher import teacher_group
 

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 
 class AugmentOptions(BaseModel):
+    """Base class of an augmentation's options. Subclasses describe every field."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -30,7 +32,7 @@ class Augmentation(torch.nn.Module):
     description: ClassVar[str] = ""
     Options: ClassVar[type[AugmentOptions]] = AugmentOptions
 
-    def __init__(self, options: AugmentOptions, sample_rate: int = 24000):
+    def __init__(self, options: AugmentOptions, sample_rate: int = 24000) -> None:
         super().__init__()
         self.options = options
         self.sample_rate = sample_rate

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from mert_core.model import MertStudent
+
 FORMAT = "mert-checkpoint-v1"
 STUDENT_FILE = "student.safetensors"
 LAST = "last.pt"
@@ -82,7 +84,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def save_student(student, path: Path, config: dict[str, Any] | None = None) -> None:
+def save_student(student: MertStudent, path: str | Path, config: dict[str, Any] | None = None) -> None:
     """Export the student's weights to safetensors with its builder arguments.
 
     Args:
@@ -114,7 +116,7 @@ def file_digest(path: Path, chunk_bytes: int = 1 << 22, each_chunk=None) -> str:
     return h.hexdigest()[:16]
 
 
-def load_student(path: str | Path, device: str | torch.device = "cpu"):
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[MertStudent, dict[str, Any]]:
     """Load a student for inference from a run folder, a ``.pt`` checkpoint,
     a ``student.safetensors`` export, or a Hugging Face HubertModel folder.
 
@@ -124,8 +126,6 @@ def load_student(path: str | Path, device: str | torch.device = "cpu"):
         ``counters`` (a ``.pt``'s audio seconds etc., else absent),
         ``checkpoint_id`` (content hash, stable across copies) and ``path``.
     """
-    from mert_core.model import MertStudent
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: does not exist; pass a run folder, a .pt checkpoint, a .safetensors export or a Hugging Face folder")

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mert_core import library_versions
 from mert_core.audio import AudioError, read_crop
 from mert_core.checkpoint import file_digest
 from mert_core.teacher import IGNORE_LABEL, Teacher
@@ -312,7 +313,7 @@ def write_label_store(
             "files": [entries[i] for i in sorted(entries)],
             "skipped": skipped,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": _versions(),
+            "versions": library_versions("torch", "torchaudio", "numpy"),
         }
         index["index_sha256"] = _index_digest(index)
         with open(tmp_dir / INDEX_FILE, "w") as f:
@@ -353,18 +354,6 @@ def _index_digest(index: dict[str, Any]) -> str:
 
     rest = {k: v for k, v in index.items() if k != "index_sha256"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("mert", "torch", "torchaudio", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 # -- reading ------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class Registry:
                 f"{kind} {name!r}: option {where!r}: {err['msg']} (its options: {fields})"
             ) from None
 
-    def build(self, kind: str, name: str, options: dict[str, Any] | None = None, **kwargs):
+    def build(self, kind: str, name: str, options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Instantiate a teacher/augmentation/task with validated options."""
         cls = self.get(kind, name).obj
         return cls(self.options(kind, name, options), **kwargs)

@@ -98,7 +98,7 @@ class Task:
     metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
     """Metric names this task reports; the first selects lr and layer."""
 
-    def __init__(self, options: TaskOptions | None = None):
+    def __init__(self, options: TaskOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()
         self._examples: dict[str, list[Example]] = {}
 
@@ -191,7 +191,7 @@ class Task:
         y[idx] = 1.0
         return y
 
-    def score(self, outputs, examples: Sequence[Example], frame_rate_hz: float | None = None) -> dict[str, float]:
+    def score(self, outputs: np.ndarray | Sequence[np.ndarray], examples: Sequence[Example], frame_rate_hz: float | None = None) -> dict[str, float]:
         """Score probe outputs against the examples' labels.
 
         Args:

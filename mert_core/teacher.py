@@ -47,7 +47,7 @@ class TargetSpec:
     dim: int = 0
     default_weight: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.kind == "discrete" and (self.num_codebooks < 1 or self.num_classes < 2):
             raise ValueError(
                 f"discrete TargetSpec needs num_codebooks >= 1 and num_classes >= 2, "
@@ -75,7 +75,7 @@ class Teacher(torch.nn.Module):
     description: ClassVar[str] = ""
     Options: ClassVar[type[TeacherOptions]] = TeacherOptions
 
-    def __init__(self, options: TeacherOptions, sample_rate: int = 24000, hop_samples: int = 320):
+    def __init__(self, options: TeacherOptions, sample_rate: int = 24000, hop_samples: int = 320) -> None:
         super().__init__()
         self.options = options
         self.sample_rate = sample_rate
@@ -83,6 +83,7 @@ class Teacher(torch.nn.Module):
 
     @property
     def frame_rate_hz(self) -> float:
+        """The student's frame rate, which targets must match (75 Hz)."""
         return self.sample_rate / self.hop_samples
 
     def target_spec(self) -> TargetSpec:

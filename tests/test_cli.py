@@ -12,7 +12,7 @@ def run(*args):
     return CliRunner().invoke(cli, list(args))
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["list-plugins"], ["teacher"], ["eval"], ["extract"], ["probe"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["list-plugins"], ["teacher"], ["eval"], ["extract"], ["probe"], ["new-plugin"]])
 def test_help_on_every_command(command):
     result = run(*command, "--help")
     assert result.exit_code == 0, result.output
@@ -78,3 +78,20 @@ def test_teacher_shorthand_sets_options_weight_and_label_store(tmp_path):
     config = api.make_train_config(teachers=["cqt"], overrides=["teacher.cqt.n_bins=84", "teacher.cqt.weight=0.5", f"teacher.cqt.label_store={tmp_path}"])
     t = config.teachers[0]
     assert (t.options, t.weight, t.label_store) == ({"n_bins": 84}, 0.5, tmp_path)
+
+
+def test_version_names_the_distribution_torch_and_torchaudio():
+    from importlib import metadata
+
+    import torch
+    import torchaudio
+
+    import mert_core
+
+    assert metadata.version("mert-toolkit") == mert_core.__version__  # pyproject reads the version from mert_core
+    result = run("--version")
+    assert result.exit_code == 0, result.output
+    line = result.output.strip()
+    assert line.startswith(f"mert-toolkit {metadata.version('mert-toolkit')} (")
+    # metadata gives "2.4.1" where torch.__version__ may say "2.4.1+cpu"
+    assert f"torch {torch.__version__.split('+')[0]}" in line and f"torchaudio {torchaudio.__version__.split('+')[0]}" in line

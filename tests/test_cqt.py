@@ -60,7 +60,7 @@ def music_batch() -> torch.Tensor:
 
 def test_loaded_through_the_registry_with_spec_defaults(registry, teacher):
     entry = registry.get("teacher", "cqt")
-    assert entry.obj is cqt_module.CQTTeacher and entry.distribution == "mert"
+    assert entry.obj is cqt_module.CQTTeacher and entry.distribution == "mert-toolkit"
     spec = teacher.target_spec()
     assert (spec.kind, spec.dim, spec.frame_rate_hz, spec.default_weight) == ("continuous", 336, 75.0, 1.0)
     opts = teacher.options

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import mert_core
 from mert_cli.main import cli
 from mert_core import hookspecs
 from mert_core.registry import PluginError, load_registry
@@ -32,7 +33,7 @@ def test_builtin_plugins_load_through_entry_points():
     assert not registry.broken, registry.broken
     assert "cqt" in registry.names("teacher")
     entry = registry.get("teacher", "cqt")
-    assert entry.distribution == "mert" and entry.description
+    assert entry.distribution == "mert-toolkit" and entry.description
 
 
 def test_third_party_plugin_is_found_with_its_distribution(make_dist):
@@ -103,4 +104,4 @@ def test_every_hook_is_documented():
 def test_list_plugins_table_shows_kind_distribution_and_version():
     result = CliRunner().invoke(cli, ["list-plugins", "--kind", "teacher"])
     assert result.exit_code == 0, result.output
-    assert "cqt" in result.output and "[mert 0.1.0]" in result.output
+    assert "cqt" in result.output and f"[mert-toolkit {mert_core.__version__}]" in result.output

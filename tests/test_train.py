@@ -101,7 +101,7 @@ def test_smoke_run_writes_metrics_checkpoints_plots_and_summary(tmp_path, music_
     assert summary["steps"] == 4 and summary["audio_hours_seen"] > 0
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 4 and state["config"]["teachers"][0]["name"] == "cqt"
-    assert "mert" in state["plugin_versions"]
+    assert "mert-toolkit" in state["plugin_versions"]
     weights = load_file(out / "student.safetensors")
     student, info = load_student(out)
     assert set(weights) == set(student.state_dict())

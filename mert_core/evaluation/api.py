@@ -20,6 +20,7 @@ from mert_core.evaluation.probe import ProbeOptions, ProbeResult, probe
 from mert_core.evaluation.report import format_table, plot_comparison, plot_layers, result_rows, write_results
 from mert_core.evaluation.upstreams import (HandcraftedUpstream, StudentUpstream, Upstream, checkpoint_upstream,
                                             hf_upstream, random_upstream)
+from mert_core.registry import Registry, default_registry
 from mert_core.tasks import SPLITS, Task
 
 log = logging.getLogger("mert.evaluation")
@@ -43,12 +44,10 @@ def _options(model, value):
     return model(**value)
 
 
-def build_task(task: str | Task, options: dict[str, Any] | None = None, registry=None) -> Task:
+def build_task(task: str | Task, options: dict[str, Any] | None = None, registry: Registry | None = None) -> Task:
     """A task by registered name (options validated by its ``Options``), or a Task as is."""
     if isinstance(task, Task):
         return task
-    from mert_core.registry import default_registry
-
     return (registry or default_registry()).build("task", task, options or {})
 
 
@@ -125,7 +124,7 @@ class EvalReport:
 def evaluate(upstreams: Sequence[Upstream], tasks: Sequence[str | Task], out_dir: str | Path | None = None,
              probe_options: ProbeOptions | dict | None = None, extract_options: ExtractOptions | dict | None = None,
              task_options: dict[str, dict[str, Any]] | None = None, cache_dir: str | Path | None = None,
-             progress: bool = True, registry=None) -> EvalReport:
+             progress: bool = True, registry: Registry | None = None) -> EvalReport:
     """Probe every upstream on every task and write the table and plots.
 
     Features are extracted once per (upstream, task, split) and reused from

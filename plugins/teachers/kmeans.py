@@ -37,6 +37,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from mert_core import library_versions
 from mert_core.hookspecs import hookimpl
 from mert_core.runconfig import ConfigError
 from mert_core.teacher import TargetSpec, Teacher, TeacherOptions
@@ -210,18 +211,6 @@ def plan_sample(
 
 
 # -- the artifact ---------------------------------------------------------------------
-
-
-def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("mert", "torch", "torchaudio", "numpy", "librosa", "safetensors"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def read_teacher_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -480,7 +469,7 @@ class KMeansTeacher(Teacher):
                 "feature_seconds": round(feature_seconds, 3),
             },
             "sample": plan.describe(),
-            "versions": library_versions(),
+            "versions": {"python": platform.python_version(), **library_versions("torch", "torchaudio", "numpy", "librosa", "safetensors")},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         out_file = Path(out_file)
