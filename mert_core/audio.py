@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,21 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 # is exact to 1e-6 down to 8 kHz sources; we keep a 2.5x margin).
 _RESAMPLE_CONTEXT_SECONDS = 0.025
 
+MAX_ABS_SAMPLE = 100.0
+"""Largest sample magnitude accepted after decoding (40 dB above full scale).
+
+Integer formats decode to [-1, 1]; float files may overshoot a little, but a
+peak beyond this is a wrongly scaled or corrupt file (e.g. int16 values stored
+as float, or garbage around 1e30) that would turn every batch non-finite."""
+
+SAMPLE_RATE_RANGE = (1000, 1_000_000)
+"""Header sample rates accepted, in Hz. Outside it the header is corrupt, and
+resampling a 1 Hz "file" to 24 kHz would allocate 24000 samples per frame."""
+
 
 class AudioError(ValueError):
-    """A file that cannot be used: unreadable, empty, truncated or not finite."""
+    """A file that cannot be used: unreadable, empty, truncated, a corrupt
+    header, or samples that are not finite or far outside [-1, 1]."""
 
 
 @dataclass(frozen=True)
@@ -66,12 +79,14 @@ def audio_info(path: str | Path) -> AudioInfo:
             WAV file is truncated (its header declares more data than present).
     """
     path = Path(path)
+    _check_regular_file(path)
     try:
         info = sf.info(str(path))
     except Exception as exc:  # noqa: BLE001 - soundfile raises several types
         raise AudioError(f"{path}: cannot read audio header ({_one_line(exc)}); check or remove the file") from None
-    if info.samplerate <= 0 or info.channels <= 0:
-        raise AudioError(f"{path}: header says sample rate {info.samplerate}, channels {info.channels}; expected both > 0")
+    if info.channels <= 0:
+        raise AudioError(f"{path}: header says {info.channels} channels; expected > 0")
+    _check_rate(info.samplerate, path)
     if info.frames <= 0:
         raise AudioError(f"{path}: no audio samples (empty or truncated file)")
     if info.format in ("WAV", "WAVEX"):
@@ -122,22 +137,29 @@ def load_audio(path: str | Path, sample_rate: int, offset_seconds: float = 0.0, 
         ``(S,)`` float32 array.
 
     Raises:
-        AudioError: the file cannot be decoded, is empty or holds NaN/inf.
+        AudioError: the file cannot be decoded, is empty or truncated, or holds NaN/inf
+            or samples beyond :data:`MAX_ABS_SAMPLE`.
     """
     path = Path(path)
+    _check_regular_file(path)
     try:
         with sf.SoundFile(str(path)) as f:
             sr = f.samplerate
+            _check_rate(sr, path)
+            if f.format in ("WAV", "WAVEX"):  # libsndfile would silently read a truncated file as a shorter one
+                _check_wav_complete(path)
             start = int(round(offset_seconds * sr))
             frames = -1 if duration_seconds is None else int(round(duration_seconds * sr))
             if start:
                 f.seek(start)
             data = f.read(frames=frames, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except Exception as exc:  # noqa: BLE001 - soundfile raises several types
         raise AudioError(f"{path}: cannot decode audio ({_one_line(exc)}); check or remove the file") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: no audio samples (empty or truncated file)")
-    mono = _mono_finite(data, path)
+    mono = _mono_usable(data, path)
     if sr != sample_rate:
         mono = soxr.resample(mono, sr, sample_rate, quality="HQ").astype(np.float32, copy=False)
     return np.ascontiguousarray(mono, dtype=np.float32)
@@ -163,14 +185,17 @@ def read_crop(path: str | Path, sample_rate: int, offset_samples: int, num_sampl
 
     Raises:
         AudioError: cannot decode, truncated (fewer samples than the header
-            promised), offset past the end, or NaN/inf samples.
+            promised), offset past the end, a sample rate outside
+            :data:`SAMPLE_RATE_RANGE`, NaN/inf or samples beyond :data:`MAX_ABS_SAMPLE`.
     """
     path = Path(path)
     if offset_samples < 0 or num_samples <= 0:
         raise ValueError(f"read_crop({path}): expected offset_samples >= 0 and num_samples > 0, got {offset_samples}, {num_samples}")
+    _check_regular_file(path)
     try:
         with sf.SoundFile(str(path)) as f:
             sr, frames = f.samplerate, f.frames
+            _check_rate(sr, path)
             total = resampled_length(frames, sr, sample_rate)
             if offset_samples >= total:
                 raise AudioError(
@@ -203,7 +228,7 @@ def read_crop(path: str | Path, sample_rate: int, offset_samples: int, num_sampl
             f"{path}: truncated: header promises {frames} frames but reading frames {start}-{stop} gave "
             f"{data.shape[0]}; re-copy or remove the file"
         )
-    mono = _mono_finite(data, path)
+    mono = _mono_usable(data, path)
     if sr != sample_rate:
         mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
         # The window's last samples are exact only if it reaches the file's end
@@ -217,12 +242,31 @@ def read_crop(path: str | Path, sample_rate: int, offset_samples: int, num_sampl
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def _mono_finite(data: np.ndarray, path: Path) -> np.ndarray:
-    """``(S, C)`` -> ``(S,)`` channel mean; raise on NaN/inf."""
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if not np.isfinite(mono).all():
-        raise AudioError(f"{path}: holds NaN or infinite samples; re-export or remove the file")
-    return mono
+def _check_regular_file(path: Path) -> None:
+    # opening a FIFO named x.wav would wait forever for a writer
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as exc:
+        raise AudioError(f"{path}: cannot open ({_one_line(exc)}); check the path (a dangling link?)") from None
+    if not regular:
+        raise AudioError(f"{path}: not a regular file (a FIFO, socket, device or folder); pass an audio file")
+
+
+def _check_rate(sample_rate: int, path: Path) -> None:
+    low, high = SAMPLE_RATE_RANGE
+    if not low <= sample_rate <= high:
+        raise AudioError(f"{path}: header says sample rate {sample_rate} Hz; expected {low}..{high} Hz (corrupt header?)")
+
+
+def _mono_usable(data: np.ndarray, path: Path) -> np.ndarray:
+    """``(S, C)`` -> ``(S,)`` channel mean; raise on NaN/inf or samples beyond :data:`MAX_ABS_SAMPLE`."""
+    # One vectorised pass over every channel: the max of |x| is NaN if any
+    # sample is, and a comparison with NaN is False.
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    if not peak <= MAX_ABS_SAMPLE:
+        what = "NaN or infinite samples" if not np.isfinite(peak) else f"samples up to {peak:.3g}, far outside [-1, 1]"
+        raise AudioError(f"{path}: holds {what} (limit {MAX_ABS_SAMPLE:g}); re-export or remove the file")
+    return data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -3,21 +3,25 @@ and a safetensors export of the student.
 
 A training checkpoint (``.pt``) is a dict of tensors and plain data:
 ``format, step, config (TrainConfig as JSON data), model_args, student, heads,
-optimizer, scaler, rng, counters, plugin_versions, teacher_hashes``.
+optimizer, scaler, rng, counters, plugin_versions, teacher_hashes, history``
+(``history``: what each ``--resume`` changed, e.g. ``optim.lr``).
 The student export (``student.safetensors``) holds the student's weights with
 ``model_args`` and ``config`` as JSON in the safetensors metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
@@ -27,15 +31,27 @@ from mert_core.model import MertStudent
 FORMAT = "mert-checkpoint-v1"
 STUDENT_FILE = "student.safetensors"
 LAST = "last.pt"
+LOCK_FILE = ".lock"
+
+log = logging.getLogger(__name__)
+
+# atomic_write's temporary names: "." + target name + "." + mkstemp's 8 random characters + ".tmp"
+_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the path and what to do."""
 
 
+class RunFolderBusy(RuntimeError):
+    """Another process is writing into the same run folder."""
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: a crash (even
-    SIGKILL) leaves either the old file or the new one, never half a file."""
+    SIGKILL) leaves either the old file or the new one, never half a file
+    (plus, after SIGKILL, a temporary file that :func:`remove_stale_temp_files`
+    deletes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -62,6 +78,60 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
         return shutil.disk_usage(folder).free < (1 << 20)
     except OSError:
         return False
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete what :func:`atomic_write` leaves in ``folder`` when killed mid-write.
+
+    Only safe while no other process writes there: call it with the folder's
+    :func:`lock_run_folder` held.
+
+    Returns:
+        the files removed.
+    """
+    removed = []
+    for p in sorted(Path(folder).glob(".*.tmp")):
+        if _TMP_NAME.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def lock_run_folder(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (one writer per run folder).
+
+    An OS lock (``flock``) on ``folder/.lock``: released when the block ends,
+    however it ends, and by the OS when the process dies (a crash leaves no
+    stale lock). The holder's pid is written into the file for the message a
+    second writer gets.
+
+    Raises:
+        RunFolderBusy: another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, say so once
+        log.warning("%s: cannot lock the run folder on this platform; do not start two runs into it", folder)
+        yield
+        return
+    path = Path(folder) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise RunFolderBusy(
+                f"{folder} is in use by another run (pid {holder}); wait for it to end or pass another --out"
+            ) from None
+        except OSError as exc:  # e.g. a network filesystem without locks
+            log.warning("%s: cannot lock the run folder (%s); do not start two runs into it", folder, exc.strerror)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

@@ -187,8 +187,11 @@ def scan_audio(paths: Iterable[str | Path], cache_dir: Path | None = None, progr
     listed_bad: dict[str, str] = {}
     for inp in inputs:
         if inp.is_dir():
-            for p, st in _walk_audio(inp):
-                to_probe[p] = st
+            for p, st, problem in _walk_audio(inp):
+                if problem:
+                    listed_bad[p] = problem
+                else:
+                    to_probe[p] = st
         elif inp.is_file() and inp.suffix.lower() in MANIFEST_EXTENSIONS:
             _read_manifest_input(inp, to_probe, trusted, listed_bad)
         elif inp.is_file() and inp.suffix.lower() in AUDIO_EXTENSIONS:
@@ -254,8 +257,10 @@ def scan_audio(paths: Iterable[str | Path], cache_dir: Path | None = None, progr
     return manifest
 
 
-def _walk_audio(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """Audio files under ``root`` (recursive, following links once), with their stat."""
+def _walk_audio(root: Path) -> Iterator[tuple[str, os.stat_result | None, str]]:
+    """Audio files under ``root`` (recursive, following links once): ``(path,
+    stat, "")``, or ``(path, None, why)`` for an audio name that cannot be
+    read as a file (a dangling link, a FIFO): those are counted, not dropped."""
     seen: set[tuple[int, int]] = set()
     stack = [str(root)]
     while stack:
@@ -273,10 +278,16 @@ def _walk_audio(root: Path) -> Iterator[tuple[str, os.stat_result]]:
             try:
                 if entry.is_dir():
                     stack.append(entry.path)
-                elif entry.name.lower().endswith(AUDIO_EXTENSIONS) and entry.is_file():
-                    yield entry.path, entry.stat()
-            except OSError:
-                continue  # a dangling symlink: not a file we can use
+                elif not entry.name.lower().endswith(AUDIO_EXTENSIONS):
+                    continue
+                elif entry.is_file():
+                    yield entry.path, entry.stat(), ""
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    yield entry.path, None, f"dangling symbolic link (its target {os.readlink(entry.path)} does not exist)"
+                else:
+                    yield entry.path, None, "not a regular file (a FIFO, socket or device); replace it with an audio file"
+            except OSError as exc:
+                yield entry.path, None, f"cannot stat ({_one_line(str(exc))})"
 
 
 def _read_manifest_input(manifest: Path, to_probe: dict, trusted: dict, listed_bad: dict) -> None:

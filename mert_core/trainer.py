@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from mert_core import distributed
-from mert_core.checkpoint import LAST, STUDENT_FILE, load_checkpoint, save_checkpoint, save_student
+from mert_core.checkpoint import (
+    LAST, STUDENT_FILE, load_checkpoint, lock_run_folder, remove_stale_temp_files, save_checkpoint, save_student,
+)
 from mert_core.config import TrainConfig
 from mert_core.heads import TargetHeads
 from mert_core.loss import MultiTargetLoss
@@ -177,7 +179,17 @@ def train(
         resume: continue from ``config.out_dir/last.pt`` if it exists.
         progress: show a progress bar (rank 0).
         log: where messages go (rank 0); default ``tqdm.write``.
+
+    Raises:
+        RunFolderBusy: another run writes into ``config.out_dir``.
+        TrainingError: too many non-finite steps in a row.
     """
+    with contextlib.ExitStack() as run_scope:  # the run folder's lock, released however the run ends
+        return _train(config, registry, resume, progress, log, run_scope)
+
+
+def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitStack) -> TrainResult:
+    """:func:`train`'s body; ``run_scope`` holds what must be released when it ends (the lock)."""
     from tqdm import tqdm
 
     from mert_core.data import CropBatches, DataError, make_loader, scan_audio
@@ -188,11 +200,16 @@ def train(
     is_main = dist_info.is_main
     say = (log or tqdm.write) if is_main else (lambda msg: None)
     out_dir = Path(config.out_dir)
-    state = None
+    # one writer per run folder: an existing folder is claimed before its last.pt is read,
+    # a new one only once the data is known to be usable (bad input leaves no empty folder)
+    claimed = is_main and out_dir.is_dir() and _claim_run_folder(out_dir, run_scope, say)
+    state, history = None, []
     if resume and (out_dir / LAST).exists():
         state = load_checkpoint(out_dir / LAST)
-        config = _resume_config(config, state, out_dir)
-        say(f"resuming from {out_dir / LAST} at step {state['step']}")
+        config, changed = _resume_config(config, state, out_dir)
+        history = list(state.get("history", [])) + ([{"resumed_at_step": state["step"], "changed": changed}] if changed else [])
+        say(f"resuming from {out_dir / LAST} at step {state['step']}"
+            + "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
     elif resume:
         say(f"--resume: no {LAST} in {out_dir}; starting a new run")
     sr = config.data.sample_rate
@@ -214,8 +231,8 @@ def train(
         )
     say(f"data: {len(usable)} files, {sum(f.duration_seconds for f in usable) / 3600:.2f} h "
         f"({len(manifest.files) - len(usable)} shorter than {config.data.min_seconds:g} s, {len(manifest.skipped)} unreadable)")
-    if is_main:  # only now: bad input leaves no empty run folder behind
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if is_main and not claimed:  # only now: bad input leaves no empty run folder behind
+        _claim_run_folder(out_dir, run_scope, say)
 
     # teachers: fitted if needed, on the training device, never trained
     teachers = build_teachers(config, registry, [f.path for f in usable], dist_info, say, device)
@@ -314,6 +331,7 @@ def train(
     window_steps, window_audio, window_start = 0, 0.0, time.perf_counter()
     run_start = time.perf_counter() - counters["elapsed_seconds"]
     consecutive_bad = 0
+    weights_ok = True  # the current weights gave finite outputs on every step since the last update
     last_saved = step if state is not None else -1
     try:
         while step < opt.max_steps:
@@ -376,30 +394,41 @@ def train(
                 window_terms["loss"] = window_terms.get("loss", 0.0) + loss.detach().float() / opt.grad_accum
                 window_audio += float(batch["lengths"].sum()) / sr  # the CPU copy: no device sync
                 step_loss_ok = step_loss_ok and bool(torch.isfinite(loss.detach()))  # host sync, once per micro-batch
+                if not step_loss_ok and weights_ok:  # bad steps only: are the weights or the targets to blame?
+                    weights_ok = _all_finite([*predictions.values(), features_penalty])
 
             # step: clip, skip non-finite, update
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
             finite = bool(torch.isfinite(grad_norm)) and step_loss_ok  # grads are all-reduced: every rank agrees
-            if finite or scaler.is_enabled():
+            if finite:  # never a non-finite update, with or without a loss scaler
                 scaler.step(optimizer)
-                scaler.update()
+            scaler.update()  # fp16: lowers the loss scale after an overflow (no-op otherwise)
             optimizer.zero_grad(set_to_none=True)
             if finite:
-                consecutive_bad = 0
+                consecutive_bad, weights_ok = 0, True
             else:
                 consecutive_bad += 1
                 counters["bad_steps"] += 1
                 say(f"step {step}: non-finite loss or gradient, update skipped ({consecutive_bad} in a row)")
                 if consecutive_bad >= config.max_bad_steps:
                     rng = _gather_rng(device, dist_info)
-                    if is_main and last_saved != step:
-                        _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, registry, teachers, rng)
-                    raise TrainingError(
-                        f"{consecutive_bad} non-finite steps in a row at step {step}: the run stopped. "
-                        f"The last good weights are in {out_dir / LAST}; lower optim.lr, use fp32 or bf16, "
-                        f"or check the data, then resume with --resume"
-                    )
+                    audio = counters["audio_seconds"] + _unlogged_audio(window_audio, dist_info)
+                    weights_ok = distributed.all_reduce_sum(torch.tensor(float(not weights_ok)), dist_info).item() == 0  # on every rank
+                    if not is_main:
+                        raise TrainingError(f"rank {dist_info.rank}: stopped with rank 0 after non-finite steps")
+                    if weights_ok:  # the targets or the loss were at fault, not the weights: keep them
+                        if last_saved != step:
+                            _save(out_dir, config, model, optimizer, scaler, step, {**counters, "audio_seconds": audio},
+                                  run_start, registry, teachers, rng, history)
+                        good = step
+                    else:
+                        good = _roll_back_to_checkpoint_before(out_dir, step - consecutive_bad + 1)
+                    advice = (f"The last good weights (step {good}) are in {out_dir / LAST}; lower optim.lr "
+                              f"(e.g. --set optim.lr={config.optim.lr / 10:.3g}), use fp32 or bf16, or check the data, then resume with --resume"
+                              if good is not None else
+                              f"No checkpoint holds weights that gave finite outputs; start again with a lower optim.lr, fp32 or bf16")
+                    raise TrainingError(f"{consecutive_bad} non-finite steps in a row at step {step}: the run stopped. {advice}")
             step += 1
             window_steps += 1
             bar.update(1)
@@ -424,10 +453,13 @@ def train(
                 window_terms, window_steps, window_audio, window_start = {}, 0, 0.0, time.perf_counter()
 
             # checkpoint (every rank takes part: the RNG states of all ranks are saved)
-            if step % config.checkpoint_every == 0 or step == opt.max_steps:
+            # (not after a non-finite step: the weights did not change, and an older checkpoint is worth keeping)
+            if (step % config.checkpoint_every == 0 and finite) or step == opt.max_steps:
                 rng = _gather_rng(device, dist_info)
+                audio = counters["audio_seconds"] + _unlogged_audio(window_audio, dist_info)
                 if is_main:
-                    _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, registry, teachers, rng)
+                    _save(out_dir, config, model, optimizer, scaler, step, {**counters, "audio_seconds": audio},
+                          run_start, registry, teachers, rng, history)
                 last_saved = step
                 distributed.barrier(dist_info)
     finally:
@@ -445,11 +477,13 @@ def train(
             "audio_hours_seen": counters["audio_seconds"] / 3600,
             "files_used": len(usable),
             "files_skipped": len(manifest.skipped) + len(counters["skipped_files"]),
+            "skipped_files": {**manifest.skipped, **counters["skipped_files"]},  # path -> why
             "files_too_short": len(manifest.files) - len(usable),
             "bad_steps": counters["bad_steps"],
             "elapsed_seconds": counters["elapsed_seconds"],
             "checkpoint": str(out_dir / LAST),
             "student": str(out_dir / STUDENT_FILE),
+            "history": history,
         }
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         from mert_core.plots import plot_loss_curves
@@ -463,6 +497,16 @@ def train(
     distributed.barrier(dist_info)
     distributed.teardown(dist_info)
     return TrainResult(student=student, heads=heads, out_dir=out_dir, summary=summary)
+
+
+def _claim_run_folder(out_dir: Path, run_scope: contextlib.ExitStack, say) -> bool:
+    """Make ``out_dir``, hold its lock for the run's life, remove temp files of killed writes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_scope.enter_context(lock_run_folder(out_dir))
+    for folder in (out_dir, out_dir / "checkpoints"):
+        for p in remove_stale_temp_files(folder):
+            say(f"removed {p}, left by a write that was killed")
+    return True
 
 
 def _progress_text(record: dict[str, float]) -> str:
@@ -493,7 +537,51 @@ def _gather_rng(device: torch.device, dist_info) -> dict[str, list[torch.Tensor]
     return {k: [r[k] for r in everyone] for k in local}
 
 
-def _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, registry, teachers, rng):
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
+
+
+def _unlogged_audio(window_audio: float, dist_info) -> float:
+    """Seconds of audio all ranks read since the last metrics line (a collective),
+    so that a checkpoint off the logging cadence counts them."""
+    return distributed.all_reduce_sum(torch.tensor(window_audio, dtype=torch.float64), dist_info).item()
+
+
+def _roll_back_to_checkpoint_before(out_dir: Path, first_bad_step: int) -> int | None:
+    """Point ``last.pt`` and the student export at the newest checkpoint older
+    than ``first_bad_step`` (weights that gave finite outputs), delete the newer
+    ones (weights that did not), and return its step (None if there is none)."""
+    ckpt_dir = out_dir / "checkpoints"
+    numbered = sorted(ckpt_dir.glob("step_*.pt"))
+    good = [p for p in numbered if int(p.stem.removeprefix("step_")) < first_bad_step]
+    for p in numbered[len(good):]:
+        p.unlink()
+    if not good:
+        (out_dir / LAST).unlink(missing_ok=True)
+        return None
+    state = load_checkpoint(good[-1])
+    _point_last(out_dir, good[-1], state)
+    from mert_core.model import MertStudent
+
+    student = MertStudent.from_args(state["model_args"])
+    student.load_state_dict(state["student"])
+    save_student(student, out_dir / STUDENT_FILE, state["config"])
+    return state["step"]
+
+
+def _point_last(out_dir: Path, numbered: Path, state: dict) -> None:
+    """Make ``last.pt`` a hard link to ``numbered``, swapped in atomically."""
+    tmp = out_dir / f".{LAST}.link"
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(numbered, tmp)
+        os.replace(tmp, out_dir / LAST)
+    except OSError:  # filesystems without hard links
+        save_checkpoint(state, out_dir / LAST)
+
+
+def _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, registry, teachers, rng, history):
     """Write ``step_N.pt``, point ``last.pt`` at it, export the student (rank 0)."""
     counters = {**counters, "elapsed_seconds": time.perf_counter() - run_start}
     state = {
@@ -509,34 +597,30 @@ def _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, 
         "plugin_versions": registry.versions(),
         "teacher_hashes": {name: t.config_hash() for name, t in teachers.items()},
         "world_size": len(rng["torch"]),
+        "history": history,  # changes made on resume, e.g. a lowered optim.lr
     }
     ckpt_dir = out_dir / "checkpoints"
     numbered = ckpt_dir / f"step_{step:08d}.pt"
     save_checkpoint(state, numbered)
-    # last.pt is a hard link to the newest numbered file, swapped in atomically
-    tmp = out_dir / f".{LAST}.link"
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(numbered, tmp)
-        os.replace(tmp, out_dir / LAST)
-    except OSError:  # filesystems without hard links
-        save_checkpoint(state, out_dir / LAST)
+    _point_last(out_dir, numbered, state)
     for old in sorted(ckpt_dir.glob("step_*.pt"))[: -config.keep_checkpoints]:
         old.unlink()
     save_student(model.student, out_dir / STUDENT_FILE, config.model_dump(mode="json"))
 
 
 # init_from only starts a run: a resume takes the weights from the checkpoint and keeps the recorded source;
-# activation checkpointing and compile change how a step runs, not what it computes
+# activation checkpointing and compile change how a step runs, not what it computes; the peak lr may
+# change (the non-finite stop advises lowering it), recorded in the run's history
 _RESUMABLE_CHANGES = {
-    "model.init_from", "model.init_from_hash", "model.activation_checkpointing", "compile",
+    "model.init_from", "model.init_from_hash", "model.activation_checkpointing", "compile", "optim.lr",
     "optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "device",
 }
 
 
-def _resume_config(config: TrainConfig, state: dict, out_dir: Path) -> TrainConfig:
-    """The saved config, except for fields that may change on resume."""
+def _resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[TrainConfig, dict[str, list]]:
+    """The saved config, except for fields that may change on resume (the
+    peak lr among them, as the non-finite stop advises), and those changes as
+    ``{field: [saved, new]}``."""
     saved = TrainConfig.model_validate(state["config"])
     new, old = _flatten(config.model_dump(mode="json")), _flatten(saved.model_dump(mode="json"))
     # a teacher fitted by the first run has its artifact recorded in the saved config only
@@ -544,8 +628,11 @@ def _resume_config(config: TrainConfig, state: dict, out_dir: Path) -> TrainConf
         for saved_t, given_t in zip(flat.get("teachers", []), given.get("teachers", [])):
             if "teacher_file" not in given_t["options"]:
                 saved_t["options"] = {k: v for k, v in saved_t["options"].items() if k != "teacher_file"}
+    changed = {}
     for key in sorted(set(new) | set(old)):
-        if new.get(key) != old.get(key) and key not in _RESUMABLE_CHANGES:
+        if new.get(key) != old.get(key) and key in _RESUMABLE_CHANGES:
+            changed[key] = [old.get(key), new.get(key)]
+        elif new.get(key) != old.get(key):
             raise ValueError(
                 f"--resume: config field {key!r} is {new.get(key)!r} but the run in {out_dir} used {old.get(key)!r}; "
                 f"resume with the same settings or use a new --out"
@@ -553,12 +640,12 @@ def _resume_config(config: TrainConfig, state: dict, out_dir: Path) -> TrainConf
     return saved.model_copy(update={
         "model": saved.model.model_copy(update={"activation_checkpointing": config.model.activation_checkpointing}),
         "compile": config.compile,
-        "optim": saved.optim.model_copy(update={"max_steps": config.optim.max_steps}),
+        "optim": saved.optim.model_copy(update={"max_steps": config.optim.max_steps, "lr": config.optim.lr}),
         "log_every": config.log_every, "checkpoint_every": config.checkpoint_every,
         "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps,
         "data": saved.data.model_copy(update={"num_workers": config.data.num_workers}),
         "device": config.device,
-    })
+    }), changed
 
 
 def _flatten(d, prefix=""):

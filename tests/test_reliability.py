@@ -1,0 +1,339 @@
+"""The fault suite: hostile audio files, two writers on one run folder, a
+non-finite stop followed by a resume with a lower lr, a killed checkpoint
+write, and audio hours after a resume off the logging cadence.
+
+The broken-audio corpus is generated here (real files in ``tmp_path``) and
+goes through every command that reads audio: ``mert train``, ``mert teacher
+fit``, ``mert teacher label`` and ``mert extract``. None may crash; each must
+name and count every unusable file and use every usable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from mert_cli.main import cli
+from mert_core import api
+from mert_core.audio import AudioError, load_audio, read_crop
+from mert_core.checkpoint import LAST, STUDENT_FILE, RunFolderBusy, load_student, lock_run_folder, save_student
+from mert_core.data import scan_audio
+from mert_core.model import tiny
+from mert_core.trainer import TrainingError
+from tests.conftest import music
+
+SR = 24000
+
+
+def _wav(payload: bytes, *, sample_rate: int = SR, channels: int = 1, bits: int = 16, tag: int = 1,
+         data_size: int | None = None, fmt_size: int = 16) -> bytes:
+    """A RIFF/WAVE file written by hand, so that its header can lie."""
+    block = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", tag, channels, sample_rate, sample_rate * block, block, bits)
+    data_size = len(payload) if data_size is None else data_size
+    body = b"WAVE" + b"fmt " + struct.pack("<I", fmt_size) + fmt + b"data" + struct.pack("<I", data_size) + payload
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _float_wav(path: Path, wave: np.ndarray, subtype: str = "FLOAT") -> None:
+    sf.write(path, wave, SR, subtype=subtype)
+
+
+def _with(wave: np.ndarray, every: int, value: float) -> np.ndarray:
+    """``wave`` with ``value`` at every ``every``-th sample: any crop holds one."""
+    out = wave.astype(np.float64).copy()
+    out[::every] = value
+    return out
+
+
+UNDECODABLE = "cannot read audio header|cannot decode audio"
+# unusable file -> what the reason given for it must say
+HOSTILE = {
+    "empty.wav": UNDECODABLE,
+    "random-bytes.wav": UNDECODABLE,
+    "text-named.flac": UNDECODABLE,
+    "truncated-header.wav": UNDECODABLE,
+    "truncated-data.wav": "truncated",
+    "lying-data-size.wav": "truncated",
+    "lying-fmt-size.wav": UNDECODABLE,
+    "zero-sample-rate.wav": UNDECODABLE,
+    "one-hertz.wav": "sample rate 1 Hz",
+    "header-only.wav": "no audio samples",
+    "nan.wav": "NaN or infinite",
+    "inf.wav": "NaN or infinite",
+    "huge-1e30.wav": r"samples up to \d\.\d+e\+29",
+    "huge-float64.wav": "NaN or infinite|samples up to",
+    "int16-as-float.wav": "samples up to",
+    "dangling-link.wav": "dangling",
+    "fifo.wav": "not a regular file",
+}
+USABLE = (
+    "good-1.wav", "good-2.flac", "good-3.wav", "pcm-u8.wav", "pcm-24.wav", "pcm-32.wav", "float64.wav", "ulaw.wav",
+    "many-channels.wav", "44k1.wav", "wav-named.flac", "long.wav", "música ñ 日本語 🎵.wav", "one-sample.wav",
+)
+SHORT = {"one-sample.wav"}  # readable, but too short to train on or to label
+
+
+def make_corpus(folder: Path) -> Path:
+    """Write every file of :data:`HOSTILE` and :data:`USABLE` into ``folder``."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    clip = music(3.0, SR, 7)
+    pcm16 = (clip * 32767).astype("<i2").tobytes()
+
+    sf.write(folder / "good-1.wav", music(4.0, SR, 1), SR)
+    sf.write(folder / "good-2.flac", music(4.0, SR, 2), SR)
+    sf.write(folder / "good-3.wav", music(3.5, SR, 3), SR)
+    for name, subtype in (("pcm-u8.wav", "PCM_U8"), ("pcm-24.wav", "PCM_24"), ("pcm-32.wav", "PCM_32"),
+                          ("float64.wav", "DOUBLE"), ("ulaw.wav", "ULAW")):
+        sf.write(folder / name, clip, SR, subtype=subtype)
+    sf.write(folder / "many-channels.wav", np.repeat(clip[:, None], 24, axis=1) / 2, SR)
+    sf.write(folder / "44k1.wav", music(3.0, 44100, 8), 44100)
+    sf.write(folder / "wav-named.flac", clip, SR, format="WAV")  # decoded by content, whatever the name
+    sf.write(folder / "long.wav", music(40.0, 8000, 9), 8000)
+    sf.write(folder / "música ñ 日本語 🎵.wav", clip, SR)
+    sf.write(folder / "one-sample.wav", clip[:1], SR)
+
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "random-bytes.wav").write_bytes(rng.bytes(50_000))
+    (folder / "text-named.flac").write_text("these are not the samples you are looking for\n" * 100)
+    good = _wav(pcm16)
+    (folder / "truncated-header.wav").write_bytes(good[:30])
+    (folder / "truncated-data.wav").write_bytes(good[: len(good) // 2])
+    (folder / "lying-data-size.wav").write_bytes(_wav(pcm16, data_size=len(pcm16) * 40))
+    (folder / "lying-fmt-size.wav").write_bytes(_wav(pcm16, fmt_size=0x7FFFFFF0))
+    (folder / "zero-sample-rate.wav").write_bytes(_wav(pcm16, sample_rate=0))
+    (folder / "one-hertz.wav").write_bytes(_wav(pcm16, sample_rate=1))
+    (folder / "header-only.wav").write_bytes(_wav(b""))
+    _float_wav(folder / "nan.wav", _with(clip, 997, np.nan))
+    _float_wav(folder / "inf.wav", _with(clip, 997, np.inf))
+    _float_wav(folder / "huge-1e30.wav", clip * 1e30)
+    _float_wav(folder / "huge-float64.wav", clip.astype(np.float64) * 1e300, subtype="DOUBLE")
+    _float_wav(folder / "int16-as-float.wav", clip * 32767)
+    os.symlink(folder / "gone.wav", folder / "dangling-link.wav")
+    os.mkfifo(folder / "fifo.wav")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("hostile") / "corpus")
+
+
+def _names(paths) -> set[str]:
+    return {Path(p).name for p in paths}
+
+
+def _invoke(*args: str):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+HEADER_FAULTS = {"empty.wav", "random-bytes.wav", "text-named.flac", "truncated-header.wav", "truncated-data.wav",
+                 "lying-data-size.wav", "lying-fmt-size.wav", "zero-sample-rate.wav", "one-hertz.wav", "header-only.wav",
+                 "dangling-link.wav", "fifo.wav"}
+
+
+def test_scan_counts_header_faults_dangling_links_and_fifos(corpus):
+    manifest = scan_audio([corpus], progress=False)
+    assert _names(manifest.skipped) == HEADER_FAULTS
+    for path, reason in manifest.skipped.items():
+        assert re.search(HOSTILE[Path(path).name], reason), (path, reason)
+    assert _names(f.path for f in manifest.files) == set(USABLE) | (set(HOSTILE) - HEADER_FAULTS)
+
+
+@pytest.mark.parametrize("name", sorted(set(HOSTILE) - HEADER_FAULTS))
+def test_bad_samples_are_refused_by_every_reader(corpus, name):
+    # anywhere in a crop, and in a whole-file read
+    with pytest.raises(AudioError, match=HOSTILE[name]):
+        read_crop(corpus / name, SR, 5000, 2000)
+    with pytest.raises(AudioError, match=HOSTILE[name]):
+        load_audio(corpus / name, SR)
+
+
+def test_train_names_and_counts_every_unusable_file(corpus, tmp_path):
+    # every file of the shard is drawn: 5 steps x 4 clips >= the 18 files of >= 1 s
+    out = tmp_path / "run"
+    _invoke("train", "--teacher", "cqt", "--preset", "tiny", "--data", corpus, "--out", out, "--max-steps", 5, "--quiet",
+            "--set", "data.batch_size=4", "--set", "data.crop_seconds=1.0", "--set", "data.min_seconds=1.0", "--set", "data.num_workers=0")
+    summary = json.loads((out / "summary.json").read_text())
+    assert _names(summary["skipped_files"]) == set(HOSTILE)
+    for path, reason in summary["skipped_files"].items():
+        assert re.search(HOSTILE[Path(path).name], reason), (path, reason)
+    assert summary["files_skipped"] == len(HOSTILE) and summary["files_too_short"] == len(SHORT)
+    assert summary["bad_steps"] == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and np.isfinite(rows[0]["loss"])
+
+
+def test_teacher_fit_and_label_name_and_count_every_unusable_file(corpus, tmp_path):
+    # mert teacher fit reads every chunk of every file (sample_fraction=1)
+    fitted = tmp_path / "mfcc8.safetensors"
+    _invoke("teacher", "fit", "kmeans-mfcc", "--data", corpus, "--out", fitted, "--set", "n_clusters=8", "--quiet")
+    with safe_open(str(fitted), "pt") as f:
+        meta = json.loads(f.metadata()["mert-kmeans-teacher"])
+    assert _names(meta["sample"]["unusable_files"]) == set(HOSTILE)
+    assert _names(meta["sample"]["spans_samples"]) == set(USABLE) - SHORT
+
+    # mert teacher label reads every window of every file
+    store = tmp_path / "labels"
+    result = _invoke("teacher", "label", "kmeans-mfcc", "--teacher-file", fitted, "--data", corpus, "--out", store, "--quiet")
+    index = json.loads((store / "index.json").read_text())
+    assert _names(index["skipped"]) == set(HOSTILE) | SHORT
+    assert _names(e["path"] for e in index["files"]) == set(USABLE) - SHORT
+    assert f"skipped {len(HOSTILE) + len(SHORT)} files" in result.output
+
+
+def test_extract_names_and_counts_every_unusable_file(corpus, tmp_path):
+    task_dir = tmp_path / "task"  # a demo-timbre task whose train split is the whole corpus
+    task_dir.mkdir()
+    with open(task_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for i, name in enumerate(sorted([*HOSTILE, *USABLE])):
+            f.write(json.dumps({"path": str(corpus / name), "kind": "note", "split": "train", "timbre": "ab"[i % 2]}) + "\n")
+        for split in ("valid", "test"):  # the task wants every split; only train is extracted
+            f.write(json.dumps({"path": str(corpus / "good-1.wav"), "kind": "note", "split": split, "timbre": "a"}) + "\n")
+    torch.manual_seed(0)
+    save_student(tiny(), tmp_path / "student.safetensors")
+    result = _invoke("extract", "--checkpoint", tmp_path / "student.safetensors", "--task", "demo-timbre",
+                     "--task-set", f"data_dir={task_dir}", "--split", "train", "--cache-dir", tmp_path / "cache", "--quiet")
+    meta = json.loads(next((tmp_path / "cache").glob("features/*/demo-timbre/train/*/meta.json")).read_text())
+    assert _names(s["path"] for s in meta["skipped"]) == set(HOSTILE)
+    for s in meta["skipped"]:
+        assert re.search(HOSTILE[Path(s["path"]).name], s["error"]), s
+    assert meta["num_kept"] == len(USABLE)
+    assert f"{len(USABLE)} items" in result.output and f"{len(HOSTILE)} skipped" in result.output
+
+
+# -- one run folder, one writer --------------------------------------------------------------------
+
+TINY = ["data.batch_size=2", "data.num_workers=0", "data.crop_seconds=1.0", "data.min_seconds=1.0"]
+
+
+def _config(out, data, steps, *extra):
+    return api.make_train_config(teachers=["cqt"], preset="tiny", data=[data], out_dir=out, max_steps=steps,
+                                 overrides=[*TINY, "log_every=1", *extra])
+
+
+def _train_cmd(out: Path, data: Path, steps: int, *extra: str) -> list[str]:
+    sets = [a for s in [*TINY, *extra] for a in ("--set", s)]
+    return [sys.executable, "-m", "mert_cli.main", "train", "--teacher", "cqt", "--preset", "tiny", "--data", str(data),
+            "--out", str(out), "--max-steps", str(steps), "--quiet", *sets]
+
+
+@pytest.mark.slow
+def test_second_writer_is_refused_and_the_lock_dies_with_its_holder(tmp_path, music_dir):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(_train_cmd(out, music_dir, 100_000, "checkpoint_every=1"), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not ((out / ".lock").exists() and (out / ".lock").read_text().strip() == str(first.pid)):
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() is not None else "no lock"
+            time.sleep(0.2)
+        second = subprocess.run(_train_cmd(out, music_dir, 2), env=env, capture_output=True, text=True, timeout=240)
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.strip().splitlines() == [f"Error: {out} is in use by another run (pid {first.pid}); wait for it to end or pass another --out"]
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()  # SIGKILL: no clean-up code runs; the OS drops the lock
+        first.wait()
+    third = subprocess.run(_train_cmd(out, music_dir, 2), env=env, capture_output=True, text=True, timeout=240)
+    assert third.returncode == 0, third.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_lock_is_exclusive_and_released_when_a_run_fails(tmp_path, music_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    with lock_run_folder(out):
+        with pytest.raises(RunFolderBusy, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+            with lock_run_folder(out):
+                pass
+    api.train(_config(out, music_dir, 1), progress=False)
+    with pytest.raises(ValueError, match="--resume: config field 'mask.prob'"):  # fails with the lock taken
+        api.train(_config(out, music_dir, 2, "mask.prob=0.5"), resume=True, progress=False)
+    assert api.train(_config(out, music_dir, 2), resume=True, progress=False).summary["steps"] == 2
+
+
+# -- non-finite stop, then resume with a lower lr ----------------------------------------------------
+
+
+def test_non_finite_stop_keeps_weights_with_finite_outputs_and_resume_takes_a_lower_lr(tmp_path, music_dir):
+    out = tmp_path / "run"
+    api.train(_config(out, music_dir, 2, "checkpoint_every=1", "optim.lr=1e-3"), progress=False)
+    # an absurd lr: the update of step 2 leaves weights whose outputs are not finite
+    with pytest.raises(TrainingError, match=r"2 non-finite steps in a row at step 4.*The last good weights \(step 2\).*optim.lr="):
+        api.train(_config(out, music_dir, 10, "checkpoint_every=1", "max_bad_steps=2", "optim.lr=1e30"), resume=True, progress=False)
+    state = torch.load(out / LAST, weights_only=True)
+    assert state["step"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002.pt"]  # step 3 held the broken weights
+    student, _ = load_student(out / LAST)
+    exported, _ = load_student(out / STUDENT_FILE)
+    wave = torch.from_numpy(load_audio(music_dir / "a.wav", SR)[None, :SR])
+    with torch.no_grad():
+        hidden = student(wave, None).last_hidden
+        assert torch.isfinite(hidden).all()
+        assert torch.equal(hidden, exported(wave, None).last_hidden)
+
+    # the advice works: resume with a lower lr; the change is in the run's history
+    result = api.train(_config(out, music_dir, 4, "checkpoint_every=1", "optim.lr=1e-4"), resume=True, progress=False)
+    assert result.summary["steps"] == 4 and result.summary["bad_steps"] == 0
+    state = torch.load(out / LAST, weights_only=True)
+    assert state["config"]["optim"]["lr"] == 1e-4
+    assert state["history"] == [{"resumed_at_step": 2, "changed": {"optim.lr": [1e-3, 1e-4], "optim.max_steps": [2, 4]}}]
+    assert result.summary["history"] == state["history"]
+
+
+# -- killed checkpoint writes, audio hours after a resume -------------------------------------------
+
+KILLED_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from mert_core.checkpoint import atomic_write
+
+    def write(tmp):
+        tmp.write_bytes(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    atomic_write(Path(sys.argv[1]), write)
+""")
+
+
+def test_resume_cleans_killed_writes_and_counts_audio_off_the_logging_cadence(tmp_path, music_dir):
+    out = tmp_path / "run"
+    steps, batch, crop_seconds = 5, 2, 1.0
+    api.train(_config(out, music_dir, steps, "log_every=3", "checkpoint_every=2", "keep_checkpoints=3"), progress=False)
+    # as if killed after the checkpoint of step 4 (between two metric lines) while writing the next one
+    (out / LAST).unlink()  # a hard link to step 5
+    shutil.copyfile(out / "checkpoints" / "step_00000004.pt", out / LAST)
+    (out / "checkpoints" / "step_00000005.pt").unlink()
+    for target in (out / "checkpoints" / "step_00000005.pt", out / STUDENT_FILE):
+        killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target)], capture_output=True, timeout=120)
+        assert killed.returncode == -9
+    left = sorted(p.name for p in [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")])
+    assert len(left) == 2
+    messages = []
+    result = api.train(_config(out, music_dir, steps, "log_every=3", "checkpoint_every=2", "keep_checkpoints=3"),
+                       resume=True, progress=False, log=messages.append)
+    assert not [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")]
+    assert sum("left by a write that was killed" in m for m in messages) == 2
+    # every clip is a full crop (the files are longer than 1 s): steps x batch x crop seconds
+    assert result.summary["audio_hours_seen"] * 3600 == pytest.approx(steps * batch * crop_seconds, rel=1e-9)
