@@ -488,7 +488,7 @@ def lloyd(rows: _Rows, centroids: torch.Tensor, max_iter: int, tol_abs: float, b
         new, n_empty = _new_centroids(centroids, stats)
         relocated += n_empty
         shift = float(((new - centroids).double() ** 2).sum())
-        settled = shift <= tol_abs or (it > 1 and history[-2] - history[-1] <= inertia_tol * history[-1])
+        settled = shift <= tol_abs or (inertia_tol > 0 and it > 1 and history[-2] - history[-1] <= inertia_tol * history[-1])
         if settled or it == max_iter:
             return LloydResult(centroids, stats.inertia, it, settled, history, relocated, recomputed / max(rows.num_rows, 1))
         # a little slack against float32 rounding keeps the bounds valid
