@@ -132,6 +132,10 @@ class Teacher(torch.nn.Module):
         """Fit the teacher on audio ``files`` and save it to ``out_file``."""
         raise NotImplementedError(f"teacher {self.name!r} has nothing to fit")
 
+    def fit_plan(self, files: list[Path], seed: int = 0, device=None) -> str:
+        """One line saying what :meth:`fit` will read and about how long it will take ("" when unknown)."""
+        return ""
+
     def config_hash(self) -> str:
         """A short hash identifying everything that determines the targets
         (options, fitted state). Offline label stores are keyed by it."""

@@ -136,7 +136,12 @@ def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], d
         if teacher.needs_fit() and tc.label_store is None:
             out_file = config.out_dir / f"teacher-{tc.name}.safetensors"
             if dist_info.is_main and not out_file.exists():
-                log(f"teacher {tc.name!r} has no fitted file: fitting it on the training data -> {out_file}")
+                plan = teacher.fit_plan(files, seed=config.seed, device=device)
+                log(
+                    f"teacher {tc.name!r} has no fitted file: fitting it on the training data {plan} -> {out_file}. "
+                    f"To fit once and reuse it in every run: `mert teacher fit {tc.name} --data AUDIO --out FILE`, "
+                    f"then `--set teacher.{tc.name}.teacher_file=FILE`"
+                )
                 teacher.fit(files, out_file, seed=config.seed, **({"device": device} if "device" in inspect.signature(teacher.fit).parameters else {}))
             distributed.barrier(dist_info)
             # recorded in the config, so the checkpoint is self-contained and a resume reloads it

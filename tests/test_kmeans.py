@@ -23,7 +23,7 @@ from mert_core.model import tiny
 from mert_core.registry import PluginError, load_registry
 from mert_plugins.teachers._features import ChromaFeatures, LogMelFeatures, MFCCFeatures, pad_for_frames
 from mert_plugins.teachers._streaming_kmeans import FeatureCache, KMeansError, fit_kmeans
-from mert_plugins.teachers.kmeans import NotFittedError, TeacherFileError, read_teacher_file
+from mert_plugins.teachers.kmeans import DEFAULT_SAMPLE_HOURS, MFCCOptions, NotFittedError, TeacherFileError, plan_sample, read_teacher_file
 
 SR = 24000
 
@@ -156,6 +156,41 @@ def test_streamed_kmeans_matches_full_batch_sklearn(tmp_path):
         fit_kmeans(cache, 7000, seed=0, progress=False)
     cache.close()
     assert not (tmp_path / "x.f32").exists()
+
+
+def test_default_fit_stops_early_within_one_percent_of_exact_lloyd(tmp_path):
+    # overlapping clusters: Lloyd's tail is long, so the early stop on inertia really cuts passes
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(40, 8)) * 1.5
+    x = (centers[rng.integers(0, 40, 40000)] + rng.normal(size=(40000, 8))).astype(np.float32)
+    cache = _cache(tmp_path, x)
+    o = MFCCOptions()
+    fast = fit_kmeans(cache, 40, seed=0, n_init=o.n_init, max_iter=o.max_iter, max_passes=o.max_passes, tol=o.tol,
+                      inertia_tol=o.inertia_tol, progress=False)
+    exact = fit_kmeans(cache, 40, seed=0, max_iter=o.max_iter, max_passes=1000, tol=0.0, progress=False)  # Lloyd to a fixed point
+    assert fast.init_frames < fast.num_frames and fast.passes >= 1  # the default fit streams passes over the sample
+    assert fast.inertia <= exact.inertia * 1.01  # the bound: within 1 % of exact Lloyd
+    cache.close()
+
+
+def test_default_sample_is_bounded_whatever_the_corpus(tmp_path):
+    assert MFCCOptions().sample_hours == DEFAULT_SAMPLE_HOURS <= 10
+    # a 200-hour manifest: rows with trusted durations, pointing at one real file through links
+    real = tmp_path / "real.wav"
+    sf.write(real, music(6.0, SR, seed=3), SR)
+    rows = ["path\tduration"]
+    for i in range(200):
+        (tmp_path / f"song{i}.wav").symlink_to(real)
+        rows.append(f"song{i}.wav\t3600")
+    (tmp_path / "corpus.tsv").write_text("\n".join(rows) + "\n")
+    plan = plan_sample([tmp_path / "corpus.tsv"], SR, 5.0, MFCCOptions().sample_fraction, MFCCOptions().sample_hours, seed=0, progress=False)
+    assert plan.total_hours == pytest.approx(200)
+    assert DEFAULT_SAMPLE_HOURS <= plan.sample_hours <= DEFAULT_SAMPLE_HOURS + 5 / 3600  # whole 5 s chunks
+
+
+def test_fit_plan_states_the_sample_and_a_time(registry, audio_dir):
+    line = build(registry, "kmeans-mfcc", **SMALL_MFCC).fit_plan([audio_dir], seed=0, device="cpu")
+    assert "h of" in line and "about" in line and "k-means" in line
 
 
 # -- fitting a teacher --------------------------------------------------------------

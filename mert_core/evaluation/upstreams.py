@@ -143,19 +143,33 @@ class StudentUpstream(Upstream):
         return segments
 
     @torch.no_grad()
-    def _forward(self, segments: list[np.ndarray]) -> list[np.ndarray]:
-        """Run segments in one padded batch; ``(T_i, L, D)`` float32 per segment."""
+    def _forward(self, segments: list[np.ndarray], pooled: bool = False) -> list:
+        """Run segments in one padded batch.
+
+        Returns:
+            per segment ``(T_i, L, D)`` float32 frames; with ``pooled``, the
+            pair ``((L, D)`` float32 sum over its frames, ``T_i)`` instead.
+        """
         lengths = torch.tensor([len(s) for s in segments], dtype=torch.long)
         wave = torch.zeros(len(segments), int(lengths.max()))
         for i, s in enumerate(segments):
             wave[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.float32))
         out = self.student(wave.to(self.device), lengths=lengths.to(self.device), output_hidden_states=True)
-        hidden = torch.stack(list(out.hidden_states), dim=2).float().cpu()  # B, T, L, D
         frames = [int(self.student.num_frames(int(n))) for n in lengths]
+        if pooled:
+            # Clip features need only sums over valid frames: one (B, 1, T) x (B, T, D) product per
+            # layer, instead of stacking every frame of every layer (B x T x L x D: 480 MB for
+            # 8 x 20 s with 95M) and copying it out.
+            T = out.hidden_states[0].shape[1]
+            valid = (torch.arange(T, device=self.device)[None] < torch.tensor(frames, device=self.device)[:, None]).float()[:, None]  # B, 1, T
+            sums = torch.stack([torch.bmm(valid, h.float())[:, 0] for h in out.hidden_states], dim=1).cpu()  # B, L, D
+            return [(sums[i].numpy(), frames[i]) for i in range(len(segments))]
+        hidden = torch.stack(list(out.hidden_states), dim=2).float().cpu()  # B, T, L, D
         return [hidden[i, : frames[i]].numpy() for i in range(len(segments))]
 
-    def _frames_per_wave(self, waves: Sequence[np.ndarray]):
-        """Yield ``(wave index, segment features)`` in order, batching windows across waves."""
+    def _frames_per_wave(self, waves: Sequence[np.ndarray], pooled: bool = False):
+        """Yield ``(wave index, segment features)`` in order, batching windows across waves
+        (``pooled``: the segment's ``(sum over frames, frame count)``, see :meth:`_forward`)."""
         queue: list[tuple[int, np.ndarray]] = []
         for i, w in enumerate(waves):
             queue.extend((i, s) for s in self._segments(np.asarray(w, dtype=np.float32)))
@@ -164,7 +178,7 @@ class StudentUpstream(Upstream):
         results: dict[int, np.ndarray] = {}
         for start in range(0, len(order), self.batch_windows):
             chunk = order[start:start + self.batch_windows]
-            for k, feats in zip(chunk, self._forward([queue[k][1] for k in chunk])):
+            for k, feats in zip(chunk, self._forward([queue[k][1] for k in chunk], pooled)):
                 results[k] = feats
         for k in range(len(queue)):
             yield queue[k][0], results.pop(k)
@@ -172,10 +186,10 @@ class StudentUpstream(Upstream):
     def clip_features(self, waves):
         sums = [None] * len(waves)
         counts = [0] * len(waves)
-        for i, feats in self._frames_per_wave(waves):
-            s = feats.astype(np.float64).sum(axis=0)
+        for i, (s, n) in self._frames_per_wave(waves, pooled=True):
+            s = s.astype(np.float64)
             sums[i] = s if sums[i] is None else sums[i] + s
-            counts[i] += feats.shape[0]
+            counts[i] += n
         return [(s / max(c, 1)).astype(np.float32) for s, c in zip(sums, counts)]
 
     def frame_features(self, waves):

@@ -458,7 +458,7 @@ class LloydResult:
     recomputed: float = 0.0  # frames compared with every centroid, in passes' worth of all frames
 
 
-def lloyd(rows: _Rows, centroids: torch.Tensor, max_iter: int, tol_abs: float, bar: tqdm | None = None) -> LloydResult:
+def lloyd(rows: _Rows, centroids: torch.Tensor, max_iter: int, tol_abs: float, bar: tqdm | None = None, inertia_tol: float = 0.0) -> LloydResult:
     """Exact Lloyd iterations over ``rows``, with distance bounds (see :func:`_bounded_pass`).
 
     Args:
@@ -467,6 +467,10 @@ def lloyd(rows: _Rows, centroids: torch.Tensor, max_iter: int, tol_abs: float, b
         max_iter: passes at most.
         tol_abs: stop once the squared centroid shift is at most this.
         bar: progress bar to tick per pass.
+        inertia_tol: also stop once a pass lowers the inertia by at most this
+            fraction (0: never). Lloyd's tail is long and its gains shrink
+            pass by pass; what stopping leaves is measured by a test and
+            ``benchmarks/bench_kmeans.py --audio`` against Lloyd's fixed point.
 
     Returns:
         the last *evaluated* centroids with their exact inertia.
@@ -484,14 +488,41 @@ def lloyd(rows: _Rows, centroids: torch.Tensor, max_iter: int, tol_abs: float, b
         new, n_empty = _new_centroids(centroids, stats)
         relocated += n_empty
         shift = float(((new - centroids).double() ** 2).sum())
-        if shift <= tol_abs or it == max_iter:
-            return LloydResult(centroids, stats.inertia, it, shift <= tol_abs, history, relocated, recomputed / max(rows.num_rows, 1))
+        settled = shift <= tol_abs or (inertia_tol > 0 and it > 1 and history[-2] - history[-1] <= inertia_tol * history[-1])
+        if settled or it == max_iter:
+            return LloydResult(centroids, stats.inertia, it, settled, history, relocated, recomputed / max(rows.num_rows, 1))
         # a little slack against float32 rounding keeps the bounds valid
         moved = (new - centroids).double().norm(dim=1).float() * (1 + 1e-6) + 1e-6
         group_move = torch.zeros(groups.num_groups, device=moved.device).scatter_reduce_(0, groups.group_of, moved, reduce="amax")
         drift = group_move if drift is None else drift + group_move
         centroids = new
     raise AssertionError("unreachable")
+
+
+def estimate_seconds(num_frames: int, dim: int, num_clusters: int, *, n_init: int = 1, init_frames: int | None = None,
+                     max_iter: int = 100, max_passes: int = 300, device: torch.device | str = "cpu") -> float:
+    """Rough wall seconds :func:`fit_kmeans` takes, from one timed nearest-centroid block on ``device``.
+
+    The model, in full nearest-centroid searches of one frame: each restart
+    seeds on ``20 K`` frames (k-means++ costs ``2 + ln K`` searches per centre
+    over what it reads) and up to ``max_iter`` Lloyd iterations on the
+    subsample; then ``max_passes`` streamed passes. The first iteration or
+    pass searches every frame; the bounds skip most frames afterwards, which
+    the model assumes leaves 20 % of the work per later subsample iteration
+    and 5 % per later streamed pass. Load on a shared machine is not modelled.
+    """
+    K, M = num_clusters, min(num_frames, init_frames or max(10_000, min(100 * num_clusters, SUBSAMPLE_BYTES // (4 * dim))))
+    x = torch.randn(min(BLOCK_ROWS, 16384), dim, device=torch.device(device))
+    c = torch.randn(K, dim, device=x.device)
+    nearest(x[:1024], c)  # warm-up
+    t0 = time.perf_counter()
+    nearest(x, c)
+    per_frame = (time.perf_counter() - t0) / x.shape[0]
+    seed_frames = max(SEED_FRAMES_PER_CLUSTER * K, 10_000)
+    seeding = (2 + math.log(K)) * min(seed_frames, M)  # per restart, in searches of one frame
+    subsample = M * (1 + 0.2 * max(max_iter - 1, 0))
+    streamed = 0 if M >= num_frames else num_frames * (1 + 0.05 * max(max_passes - 1, 0))
+    return per_frame * (n_init * (seeding + subsample) + streamed)
 
 
 @dataclass
@@ -526,6 +557,7 @@ def fit_kmeans(
     max_iter: int = 100,
     max_passes: int = 300,
     tol: float = 1e-4,
+    inertia_tol: float = 0.0,
     num_groups: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
@@ -544,6 +576,8 @@ def fit_kmeans(
         max_passes: Lloyd passes streamed over all frames afterwards.
         tol: relative tolerance (scikit-learn's): stop when the squared
             centroid shift is at most ``tol`` x the mean feature variance.
+        inertia_tol: streamed passes also stop once a pass lowers the
+            inertia by at most this fraction (0: only ``tol``).
         num_groups: groups of centroids with their own distance bound per
             frame (Yinyang k-means); None: K / 10, at most 32. More groups
             skip more distance computations and keep 4 more bytes per frame.
@@ -582,7 +616,7 @@ def fit_kmeans(
             t0 = time.perf_counter()
             start = kmeans_plusplus(sub[seeds] - mean, K, generator)
             t1 = time.perf_counter()
-            result = lloyd(sub_rows, start, max(max_iter, 1), tol_abs)
+            result = lloyd(sub_rows, start, max(max_iter, 1), tol_abs, inertia_tol=inertia_tol)
             seconds["seeding"] += t1 - t0
             seconds["subsample_lloyd"] += time.perf_counter() - t1
             init_inertia.append(result.inertia / M)
@@ -596,8 +630,11 @@ def fit_kmeans(
         labels, lower = cache.state_arrays(G)
         rows = _Rows(lambda a, b: torch.from_numpy(np.array(cache.array[a:b])).to(device), N, mean, labels, lower)
         t0 = time.perf_counter()
-        with tqdm(total=max_passes, desc=f"{name}: Lloyd passes over {N} frames", unit="pass", disable=not progress, leave=False) as bar:
-            full = lloyd(rows, best.centroids, max_passes, tol_abs, bar)
+        # the total is the pass limit, so the ETA is an upper bound from the first pass on
+        # (later passes skip most frames and run faster than the first)
+        desc = f"{name}: Lloyd passes over {N} frames (at most {max_passes}; stops at < {inertia_tol:.2%} gain per pass)"
+        with tqdm(total=max_passes, desc=desc, unit="pass", disable=not progress, leave=False) as bar:
+            full = lloyd(rows, best.centroids, max_passes, tol_abs, bar, inertia_tol)
         seconds["streamed_lloyd"] = time.perf_counter() - t0
         passes = full.iterations
     return KMeansResult(

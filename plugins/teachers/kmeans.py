@@ -49,7 +49,7 @@ from mert_plugins.teachers._features import (
     MFCCFeatures,
     num_student_frames,
 )
-from mert_plugins.teachers._streaming_kmeans import Codebook, FeatureCache, KMeansResult, fit_kmeans
+from mert_plugins.teachers._streaming_kmeans import Codebook, FeatureCache, KMeansResult, estimate_seconds, fit_kmeans
 
 log = logging.getLogger("mert.teachers.kmeans")
 
@@ -69,6 +69,11 @@ class NotFittedError(ValueError):
 # -- options ------------------------------------------------------------------------
 
 
+DEFAULT_SAMPLE_HOURS = 4.0
+"""Default bound on the fit sample: 1.08 M frames at 75 Hz, over 2000 per
+cluster at K = 500 (fairseq's HuBERT recipe fits on 10 % of the corpus)."""
+
+
 class KMeansFitOptions(TeacherOptions):
     """Options shared by the k-means teachers: where the fit is, and how to make one."""
 
@@ -76,7 +81,10 @@ class KMeansFitOptions(TeacherOptions):
         None, description="Fitted teacher (.safetensors from `mert teacher fit`); None: not fitted yet (`mert train` fits it on the training data)."
     )
     sample_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the audio to fit on, drawn at random in chunks (seeded).")
-    sample_hours: float | None = Field(None, gt=0, description="Upper bound on the hours of audio to fit on; None: no bound beyond sample_fraction.")
+    sample_hours: float | None = Field(
+        DEFAULT_SAMPLE_HOURS, gt=0,
+        description="Upper bound on the hours of audio to fit on (keeps the fit's cost flat as the corpus grows); None: no bound beyond sample_fraction.",
+    )
     chunk_seconds: float = Field(5.0, gt=0, description="The fit sample is drawn as chunks of this length (5 s = the training crop).")
     batch_size: int = Field(16, ge=1, description="Chunks per feature batch while fitting.")
     init_frames: int | None = Field(
@@ -84,8 +92,11 @@ class KMeansFitOptions(TeacherOptions):
     )
     n_init: int = Field(1, ge=1, description="k-means++ restarts on the in-memory subsample; the lowest inertia wins.")
     max_iter: int = Field(100, ge=1, description="Lloyd iterations per restart on the in-memory subsample.")
-    max_passes: int = Field(300, ge=1, description="Exact Lloyd passes streamed over all sampled frames afterwards (scikit-learn's max_iter is 300).")
+    max_passes: int = Field(50, ge=1, description="Exact Lloyd passes streamed over all sampled frames afterwards, at most.")
     tol: float = Field(1e-4, ge=0, description="Stop when the squared centroid shift is <= tol x mean feature variance (scikit-learn's rule).")
+    inertia_tol: float = Field(
+        1e-4, ge=0, description="Also stop when a Lloyd pass lowers the inertia by <= this fraction (0: tol only; see docs/kmeans.md for what it costs)."
+    )
     seed: int | None = Field(None, description="Seed of the sample and the initialisation; None: the seed passed to fit() (the run's seed).")
     cache_dir: Path | None = Field(
         None, description="Folder for the temporary on-disk feature cache while fitting (4 bytes x dims x 75 per second of sample); None: the system temp folder."
@@ -353,15 +364,59 @@ class KMeansTeacher(Teacher):
                 teacher is moved back afterwards).
         """
         original = self._device()
-        if device is None:
-            device = original
-            if device.type == "cpu" and torch.cuda.is_available():
-                device = torch.device("cuda", torch.cuda.current_device())
-        self.to(torch.device(device))
+        self.to(self._fit_device(device))
         try:
             return self._fit(files, Path(out_file), seed, progress)
         finally:
             self.to(original)
+
+    def _fit_device(self, device: str | torch.device | None) -> torch.device:
+        if device is not None:
+            return torch.device(device)
+        device = self._device()
+        if device.type == "cpu" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def fit_plan(self, files: list[Path], seed: int = 0, device: str | torch.device | None = None) -> str:
+        """What :meth:`fit` will read and about how long it will take.
+
+        The time is a model calibrated here: one timed feature batch of noise
+        and one timed nearest-centroid block per stream (see
+        :func:`~mert_plugins.teachers._streaming_kmeans.estimate_seconds`).
+        """
+        opts = self.options
+        seed = opts.seed if opts.seed is not None else seed
+        device = self._fit_device(device)
+        plan = plan_sample(files, self.sample_rate, opts.chunk_seconds, opts.sample_fraction, opts.sample_hours, seed, progress=False)
+        original = self._device()
+        self.to(device)
+        try:
+            chunk = round(opts.chunk_seconds * self.sample_rate)
+            timed_chunks = min(2, opts.batch_size)  # a few suffice: the cost is linear in the audio
+            noise = 0.1 * torch.randn(timed_chunks, chunk, generator=torch.Generator().manual_seed(0)).to(device)
+            with torch.no_grad():
+                for ext in self.extractors.values():
+                    ext(noise[:1, : chunk // 4])  # warm-up
+                t0 = time.perf_counter()
+                for ext in self.extractors.values():
+                    ext(noise)
+            feature_seconds = (time.perf_counter() - t0) * plan.sample_hours * 3600 / (timed_chunks * opts.chunk_seconds)
+        finally:
+            self.to(original)
+        frames = int(plan.sample_hours * 3600 * self.frame_rate_hz)
+        # the estimate assumes 20 streamed passes when the inertia rule may stop them early
+        passes = min(opts.max_passes, 20) if opts.inertia_tol > 0 else opts.max_passes
+        kmeans_seconds = sum(
+            estimate_seconds(max(frames, k), self.extractors[name].dim, k, n_init=opts.n_init, init_frames=opts.init_frames,
+                             max_iter=opts.max_iter, max_passes=passes, device=device)
+            for name, k in self.streams().items()
+        )
+        total = feature_seconds + kmeans_seconds
+        return (
+            f"on {plan.sample_hours:.3g} h of {plan.total_hours:.3g} h (sample_hours={opts.sample_hours}, sample_fraction={opts.sample_fraction}), "
+            f"about {_duration(total)} on {device} (features {_duration(feature_seconds)}, k-means {_duration(kmeans_seconds)}; an estimate)"
+        )
 
     def _fit(self, files: list[Path], out_file: Path, seed: int, progress: bool) -> Path:
         from mert_core.audio import AudioError, read_crop
@@ -418,7 +473,8 @@ class KMeansTeacher(Teacher):
                 for name, k in self.streams().items():
                     results[name] = fit_kmeans(
                         caches[name], k, seed=seed + sum(map(ord, name)), n_init=opts.n_init, init_frames=opts.init_frames,
-                        max_iter=opts.max_iter, max_passes=opts.max_passes, tol=opts.tol, device=device, progress=progress,
+                        max_iter=opts.max_iter, max_passes=opts.max_passes, tol=opts.tol, inertia_tol=opts.inertia_tol,
+                        device=device, progress=progress,
                         name=f"{self.name}/{name}",
                     )
                     r = results[name]
@@ -526,6 +582,10 @@ class KMeansTeacher(Teacher):
     def _overridable_settings(self) -> set[str]:
         """Settings an explicit option may change with respect to the teacher file."""
         return set()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _batches(items: list, size: int):
