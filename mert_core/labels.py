@@ -617,9 +617,10 @@ def fit_teacher(
     if options.get("teacher_file") is not None:
         raise ValueError(f"option 'teacher_file' is what fitting writes (--out); drop it from the options of {name!r}")
     teacher = registry.build("teacher", name, options, sample_rate=sample_rate, hop_samples=HOP_SAMPLES)
-    if type(teacher).fit is Teacher.fit:
+    if type(teacher).fit is Teacher.fit or not teacher.needs_fit():
         fittable = [n for n in registry.names("teacher") if registry.get("teacher", n).obj.fit is not Teacher.fit]
-        raise ValueError(f"teacher {name!r} has nothing to fit; teachers that do: {', '.join(fittable) or 'none'}")
+        raise ValueError(f"teacher {name!r} has nothing to fit with these options (e.g. cqt fits only with normalize=per-bin); "
+                         f"teachers that can fit: {', '.join(fittable) or 'none'}")
     device = _resolve_device(device)
     teacher.to(device)
     # the contract is fit(files, out_file, seed); pass the extras a teacher accepts
