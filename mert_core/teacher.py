@@ -132,7 +132,7 @@ class Teacher(torch.nn.Module):
         """Fit the teacher on audio ``files`` and save it to ``out_file``."""
         raise NotImplementedError(f"teacher {self.name!r} has nothing to fit")
 
-    def fit_plan(self, files: list[Path], seed: int = 0, device=None) -> str:
+    def fit_plan(self, files: list[Path], seed: int = 0, device: str | torch.device | None = None) -> str:
         """One line saying what :meth:`fit` will read and about how long it will take ("" when unknown)."""
         return ""
 
