@@ -64,7 +64,7 @@ def teacher_group():
 @_device
 @_quiet
 def fit_cmd(name, data, out_file, sets, seed, device, quiet):
-    """Fit teacher NAME (a k-means teacher) on a sample of the audio.
+    """Fit teacher NAME (k-means, best-rq, mel-rvq, cqt statistics) on a sample of the audio.
 
     Features are streamed from a seeded random sample (--set sample_fraction=0.1
     or --set sample_hours=20); memory stays bounded. The file holds the

@@ -93,10 +93,32 @@ def cpu(preset: str) -> dict:
     }
 
 
+def musicfm_style(preset: str) -> dict:
+    """MusicFM's teacher (Won et al., ICASSP 2024) on MERT's student: BEST-RQ
+    labels of normalised stacked log-mel frames; MusicFM itself has no CQT
+    target, drop it with ``teachers`` in a config to follow it exactly."""
+    return {
+        "model": {"preset": preset},
+        "teachers": [{"name": "best-rq"}, {"name": "cqt"}],
+        "optim": _optim(preset),
+        "data": _data(preset),
+        "mask": {"prob": 0.8, "length": 5},
+    }
+
+
+def muq_style(preset: str) -> dict:
+    """MuQ's teacher (Zhu et al., 2025) on MERT's student: Mel-RVQ codes
+    (8 x 1024) + CQT + in-batch mixup, the MERT-v1 recipe without EnCodec's
+    non-commercial weights."""
+    return {**mert_v1(preset), "teachers": [{"name": "mel-rvq"}, {"name": "cqt"}]}
+
+
 @hookimpl
 def register_recipes(register):
     register(Recipe("mert-v1", "MERT-v1: EnCodec RVQ-VAE (8 codebooks) + CQT teachers, in-batch noise mixup (the paper's final model)", mert_v1))
     register(Recipe("mert-v0", "MERT-v0: log-mel x chroma k-means (60000 classes) + CQT teachers", mert_v0))
     register(Recipe("musichubert", "MusicHuBERT: MFCC k-means (K=2000) teacher only", musichubert))
+    register(Recipe("musicfm-style", "MusicFM's teacher: BEST-RQ random-projection labels of log-mel (8192 classes) + CQT", musicfm_style))
+    register(Recipe("muq-style", "MuQ's teacher: Mel-RVQ codes (8 x 1024) + CQT, in-batch noise mixup (MERT-v1 without EnCodec)", muq_style))
     register(Recipe("cqt-only", "CQT reconstruction only (the musical teacher alone)", cqt_only, default_preset="tiny"))
     register(Recipe("cpu", "A CPU-scale run that learns: log + per-bin standardised CQT, no conv feature penalty, tiny student (not the paper's settings)", cpu, default_preset="tiny"))

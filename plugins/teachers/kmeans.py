@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -221,37 +221,112 @@ def plan_sample(
     return SamplePlan(chosen, len(manifest.files), total * hours, have * hours, dict(manifest.skipped))
 
 
+def sample_batches(
+    plan: SamplePlan, sample_rate: int, batch_size: int, device: torch.device, failures: dict[str, str], name: str, progress: bool = True
+) -> Iterator[tuple[list[Chunk], torch.Tensor]]:
+    """Read the chunks of ``plan``, ``batch_size`` at a time, as batches of equal length.
+
+    A file that fails to decode is logged, recorded in ``failures`` (path ->
+    error) and skipped from then on.
+
+    Yields:
+        ``(chunks, waves)``: the chunks read and their ``(b, S)`` float32
+        waveforms on ``device``.
+    """
+    from mert_core.audio import AudioError, read_crop
+
+    bar = tqdm(total=len(plan.chunks), desc=f"{name}: features", unit="chunk", disable=not progress)
+    for group in _batches(plan.chunks, batch_size):
+        waves, kept = [], []
+        for c in group:
+            if c.path in failures:
+                continue
+            try:
+                waves.append(read_crop(c.path, sample_rate, c.offset_samples, c.num_samples))
+                kept.append(c)
+            except AudioError as exc:
+                failures[c.path] = str(exc)
+                log.warning("%s: skipping %s", name, exc)
+        bar.update(len(group))
+        for length in sorted({len(w) for w in waves}):  # a short read (file shorter than its header) gets its own batch
+            same = [i for i, w in enumerate(waves) if len(w) == length]
+            yield [kept[i] for i in same], torch.from_numpy(np.stack([waves[i] for i in same])).to(device)
+    bar.close()
+
+
 # -- the artifact ---------------------------------------------------------------------
 
 
-def read_teacher_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a fitted k-means teacher: ``(metadata, {"centroids.<stream>": (K, D)})``.
+def read_teacher_file(
+    path: str | Path, artifact_format: str = ARTIFACT_FORMAT, format_version: int = ARTIFACT_VERSION
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a fitted teacher: ``(metadata, tensors)``; for k-means ``{"centroids.<stream>": (K, D)}``.
+
+    Args:
+        path: the ``.safetensors`` artifact.
+        artifact_format: the metadata key that names the kind of teacher file.
+        format_version: the version this code reads.
 
     Raises:
-        TeacherFileError: missing, unreadable, or not a k-means teacher file.
+        TeacherFileError: missing, unreadable, or not a file of ``artifact_format``.
     """
     path = Path(path)
     if not path.is_file():
         raise TeacherFileError(f"teacher_file {path}: no such file; fit one with `mert teacher fit NAME --data AUDIO --out {path}`")
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(ARTIFACT_FORMAT)
+            raw = (f.metadata() or {}).get(artifact_format)
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise TeacherFileError(f"teacher_file {path}: cannot read it as safetensors ({exc}); re-run `mert teacher fit`") from None
     if raw is None:
-        raise TeacherFileError(f"teacher_file {path}: a safetensors file without {ARTIFACT_FORMAT!r} metadata, not a fitted k-means teacher")
+        raise TeacherFileError(f"teacher_file {path}: a safetensors file without {artifact_format!r} metadata, not a fitted {artifact_format} file")
     try:
         meta = json.loads(raw)
     except ValueError as exc:
-        raise TeacherFileError(f"teacher_file {path}: its {ARTIFACT_FORMAT!r} metadata is not valid JSON ({exc}); re-run `mert teacher fit`") from None
+        raise TeacherFileError(f"teacher_file {path}: its {artifact_format!r} metadata is not valid JSON ({exc}); re-run `mert teacher fit`") from None
     if not isinstance(meta, dict):
-        raise TeacherFileError(f"teacher_file {path}: its {ARTIFACT_FORMAT!r} metadata is not a JSON object; re-run `mert teacher fit`")
-    if meta.get("format_version") != ARTIFACT_VERSION:
+        raise TeacherFileError(f"teacher_file {path}: its {artifact_format!r} metadata is not a JSON object; re-run `mert teacher fit`")
+    if meta.get("format_version") != format_version:
         raise TeacherFileError(
-            f"teacher_file {path}: format version {meta.get('format_version')}, this mert reads {ARTIFACT_VERSION}; refit it with this version"
+            f"teacher_file {path}: format version {meta.get('format_version')}, this mert reads {format_version}; refit it with this version"
         )
     return meta, tensors
+
+
+def check_artifact_header(meta: dict[str, Any], path: str | Path | None, teacher: str, sample_rate: int, hop_samples: int) -> None:
+    """Refuse a teacher file fitted for another teacher, sample rate or hop.
+
+    Raises:
+        TeacherFileError: naming the file, both values and what to do.
+    """
+    if meta.get("teacher") != teacher:
+        raise TeacherFileError(
+            f"teacher_file {path}: fitted for teacher {meta.get('teacher')!r}, not {teacher!r}; use it with that teacher or fit one for {teacher!r}"
+        )
+    for key, mine in (("sample_rate", sample_rate), ("hop_samples", hop_samples)):
+        if meta.get(key) != mine:
+            raise TeacherFileError(f"teacher_file {path}: fitted at {key}={meta.get(key)}, this run uses {mine}; refit it for this run")
+
+
+def adopt_settings(options: TeacherOptions, fitted: dict[str, Any], overridable: set[str] = frozenset()) -> TeacherOptions:
+    """``options`` with the settings a teacher file was fitted with.
+
+    An option the user set explicitly to another value than the file's is an
+    error naming it, unless it is in ``overridable``.
+
+    Raises:
+        TeacherFileError: an explicit option disagrees with the file.
+    """
+    given = options.model_dump(mode="json")
+    for key in sorted(options.model_fields_set & set(fitted)):
+        if given[key] != fitted[key] and key not in overridable:
+            raise TeacherFileError(
+                f"option {key}={given[key]!r}, but teacher_file {options.teacher_file} was fitted with {key}={fitted[key]!r}; "
+                f"drop the option or refit with it"
+            )
+    update = {k: v for k, v in fitted.items() if k in type(options).model_fields and k not in options.model_fields_set}
+    return type(options)(**{**options.model_dump(), **update})
 
 
 def centroid_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -419,7 +494,6 @@ class KMeansTeacher(Teacher):
         )
 
     def _fit(self, files: list[Path], out_file: Path, seed: int, progress: bool) -> Path:
-        from mert_core.audio import AudioError, read_crop
         from mert_core.checkpoint import atomic_write
 
         opts = self.options
@@ -440,27 +514,12 @@ class KMeansTeacher(Teacher):
             caches = {name: FeatureCache(Path(tmp) / f"{name}.f32", ext.dim) for name, ext in self.extractors.items()}
             try:
                 # 1. features of the sample, batched, into the caches
-                bar = tqdm(total=len(plan.chunks), desc=f"{self.name}: features", unit="chunk", disable=not progress)
                 used_chunks = []
-                for group in _batches(plan.chunks, opts.batch_size):
-                    waves, kept = [], []
-                    for c in group:
-                        if c.path in read_failures:
-                            continue
-                        try:
-                            waves.append(read_crop(c.path, self.sample_rate, c.offset_samples, c.num_samples))
-                            kept.append(c)
-                        except AudioError as exc:
-                            read_failures[c.path] = str(exc)
-                            log.warning("%s: skipping %s", self.name, exc)
-                    bar.update(len(group))
-                    for length in sorted({len(w) for w in waves}):  # a short read (file shorter than its header) gets its own batch
-                        batch = torch.from_numpy(np.stack([w for w in waves if len(w) == length])).to(device)
-                        with torch.no_grad():
-                            for name, ext in self.extractors.items():
-                                caches[name].append(ext(batch).reshape(-1, ext.dim))
+                for kept, batch in sample_batches(plan, self.sample_rate, opts.batch_size, device, read_failures, self.name, progress):
+                    with torch.no_grad():
+                        for name, ext in self.extractors.items():
+                            caches[name].append(ext(batch).reshape(-1, ext.dim))
                     used_chunks += kept
-                bar.close()
                 for cache in caches.values():
                     cache.finish()
                 feature_seconds = time.perf_counter() - started
@@ -486,7 +545,7 @@ class KMeansTeacher(Teacher):
                 for cache in caches.values():
                     cache.close()
 
-        plan.chunks = used_chunks
+        plan.chunks = sorted(used_chunks, key=lambda c: (c.path, c.offset_samples))
         plan.unusable.update(read_failures)
         tensors = {f"centroids.{name}": r.centroids.contiguous() for name, r in results.items()}
         meta = {
@@ -550,13 +609,7 @@ class KMeansTeacher(Teacher):
 
     def _check_artifact(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         path = self.options.teacher_file
-        if meta.get("teacher") != self.name:
-            raise TeacherFileError(
-                f"teacher_file {path}: fitted for teacher {meta.get('teacher')!r}, not {self.name!r}; use it with that teacher or fit one for {self.name!r}"
-            )
-        for key, mine in (("sample_rate", self.sample_rate), ("hop_samples", self.hop_samples)):
-            if meta.get(key) != mine:
-                raise TeacherFileError(f"teacher_file {path}: fitted at {key}={meta.get(key)}, this run uses {mine}; refit it for this run")
+        check_artifact_header(meta, path, self.name, self.sample_rate, self.hop_samples)
         for name, info in meta.get("streams", {}).items():
             t = tensors.get(f"centroids.{name}")
             if t is None or tuple(t.shape) != (info["num_clusters"], info["dim"]):
@@ -566,18 +619,8 @@ class KMeansTeacher(Teacher):
                 )
 
     def _adopt_settings(self, meta: dict[str, Any]) -> KMeansFitOptions:
-        """The options with the artifact's feature settings; an option the user
-        set explicitly to another value is an error naming it."""
-        fitted = meta.get("features", {})
-        given = self.options.model_dump(mode="json")
-        for key in sorted(self.options.model_fields_set & set(fitted)):
-            if given[key] != fitted[key] and key not in self._overridable_settings():
-                raise TeacherFileError(
-                    f"option {key}={given[key]!r}, but teacher_file {self.options.teacher_file} was fitted with {key}={fitted[key]!r}; "
-                    f"drop the option or refit with it"
-                )
-        update = {k: v for k, v in fitted.items() if k in self.Options.model_fields and k not in self.options.model_fields_set}
-        return type(self.options)(**{**self.options.model_dump(), **update})
+        """The options with the artifact's feature settings (see :func:`adopt_settings`)."""
+        return adopt_settings(self.options, meta.get("features", {}), self._overridable_settings())
 
     def _overridable_settings(self) -> set[str]:
         """Settings an explicit option may change with respect to the teacher file."""
