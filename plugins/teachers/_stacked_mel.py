@@ -30,7 +30,7 @@ from torch import nn
 
 from mert_core.teacher import TeacherOptions
 from mert_plugins.teachers._features import FrameFeatures, LogMelFeatures
-from mert_plugins.teachers.kmeans import SamplePlan, library_versions, plan_sample, sample_batches
+from mert_plugins.teachers.kmeans import SamplePlan, library_versions, measure_frame_stats, plan_sample
 
 log = logging.getLogger("mert.teachers.mel")
 
@@ -119,21 +119,7 @@ def measure_mel_stats(
     Raises:
         ValueError: fewer than 2 frames could be read.
     """
-    total = torch.zeros(logmel.dim, dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    frames = 0
-    failures: dict[str, str] = {}
-    for _, batch in sample_batches(plan, sample_rate, batch_size, device, failures, f"{name}: mel statistics", progress):
-        with torch.no_grad():
-            mel = logmel(batch).reshape(-1, logmel.dim).double().cpu()  # float64 sums: hours of frames
-        total += mel.sum(0)
-        total_sq += mel.square().sum(0)
-        frames += mel.shape[0]
-    if frames < 2:
-        raise ValueError(f"{name}: no readable audio to measure per-bin mel statistics on ({len(plan.chunks)} chunks, {len(failures)} unreadable files); check --data")
-    mean = total / frames
-    std = (total_sq / frames - mean.square()).clamp(min=0).sqrt().clamp(min=1e-5)
-    return mean.float(), std.float(), frames, failures
+    return measure_frame_stats(logmel, plan, sample_rate, batch_size, device, f"{name}: mel", progress, min_std=1e-5)
 
 
 def fit_sample(options: StackedMelOptions, files: list[Path], sample_rate: int, seed: int, progress: bool) -> SamplePlan:

@@ -338,31 +338,13 @@ class CQTTeacher(Teacher):
             device: where to compute the CQT (default: the teacher's device).
         """
         from safetensors.torch import save_file
-        from tqdm import tqdm
 
-        from mert_core.audio import AudioError, read_crop
         from mert_core.checkpoint import atomic_write
-        from mert_plugins.teachers.kmeans import plan_sample
+        from mert_plugins.teachers.kmeans import measure_frame_stats, plan_sample
 
         device = torch.device(device) if device is not None else self.bin_mean.device
         plan = plan_sample(files, self.sample_rate, 5.0, 1.0, self.options.stats_hours, seed, progress)
-        total = torch.zeros(self.options.n_bins, dtype=torch.float64)
-        total_sq = torch.zeros_like(total)
-        frames = 0
-        for chunk in tqdm(plan.chunks, desc="cqt: per-bin statistics", unit="chunk", disable=not progress):
-            try:
-                wave = read_crop(chunk.path, self.sample_rate, chunk.offset_samples, chunk.num_samples)
-            except AudioError as exc:
-                log.warning("cqt: skipping %s", exc)
-                continue
-            mag = self._compressed(torch.from_numpy(wave)[None].to(device))[0].double().cpu()  # T, K
-            total += mag.sum(0)
-            total_sq += mag.square().sum(0)
-            frames += mag.shape[0]
-        if frames < 2:
-            raise ValueError(f"cqt: no readable audio to measure per-bin statistics on in {len(plan.chunks)} chunks; check --data")
-        mean = total / frames
-        std = (total_sq / frames - mean.square()).clamp(min=0).sqrt().clamp(min=1e-6)
+        mean, std, frames, _ = measure_frame_stats(self._compressed, plan, self.sample_rate, 8, device, "cqt", progress, min_std=1e-6)
         meta = {**self._stats_settings(), "frames": frames, "hours": plan.sample_hours, "seed": seed}
         tensors = {"bin_mean": mean.float().contiguous(), "bin_std": std.float().contiguous()}
         atomic_write(Path(out_file), lambda tmp: save_file(tensors, str(tmp), metadata={STATS_FORMAT: json.dumps(meta)}))

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -219,6 +219,41 @@ def plan_sample(
     chosen.sort(key=lambda c: (c.path, c.offset_samples))  # read files in order: much faster than random seeks
     hours = 1 / (3600 * sample_rate)
     return SamplePlan(chosen, len(manifest.files), total * hours, have * hours, dict(manifest.skipped))
+
+
+def measure_frame_stats(
+    features: Callable[[torch.Tensor], torch.Tensor], plan: SamplePlan, sample_rate: int, batch_size: int, device: torch.device,
+    name: str, progress: bool = True, min_std: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, str]]:
+    """Per-dimension mean and std of ``features(wave)`` frames over the chunks of ``plan``.
+
+    Args:
+        features: ``(B, S)`` waves -> ``(B, T, D)`` frames.
+        min_std: the std is at least this (constant bins stay finite after standardising).
+
+    Returns:
+        ``(mean, std, frames, failures)``: ``(D,)`` float32 each, the frames
+        measured, and the files that failed to decode.
+
+    Raises:
+        ValueError: fewer than 2 frames could be read.
+    """
+    total = total_sq = None
+    frames = 0
+    failures: dict[str, str] = {}
+    for _, batch in sample_batches(plan, sample_rate, batch_size, device, failures, f"{name}: statistics", progress):
+        with torch.no_grad():
+            x = features(batch)
+            x = x.reshape(-1, x.shape[-1]).double().cpu()  # float64 sums: hours of frames
+        total = x.sum(0) if total is None else total + x.sum(0)
+        total_sq = x.square().sum(0) if total_sq is None else total_sq + x.square().sum(0)
+        frames += x.shape[0]
+    if frames < 2:
+        raise ValueError(f"{name}: no readable audio to measure per-bin statistics on ({len(plan.chunks)} chunks, "
+                         f"{len(failures)} unreadable files); check --data")
+    mean = total / frames
+    std = (total_sq / frames - mean.square()).clamp(min=0).sqrt().clamp(min=min_std)
+    return mean.float(), std.float(), frames, failures
 
 
 def sample_batches(
