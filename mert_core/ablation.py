@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mert_core.geometry import FrameGeometry
 from mert_core.runconfig import ConfigError, make_train_config
 
 BASELINE_NAMES = ("random", "handcrafted")
@@ -217,7 +218,7 @@ def _share_fitted_teachers(configs, teacher_dir: Path, data, registry, device, p
 
     for config in configs:
         for tc in config.teachers:
-            teacher = registry.build("teacher", tc.name, tc.options, sample_rate=config.data.sample_rate)
+            teacher = registry.build("teacher", tc.name, tc.options, geometry=FrameGeometry(sample_rate=config.data.sample_rate))
             if not teacher.needs_fit() or tc.label_store is not None:
                 continue
             key = hashlib.sha256(json.dumps([tc.name, tc.options, [str(p) for p in data]], sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from mert_core.geometry import frames_for
+
 
 def conv_output_length(length, kernel_size: int, stride: int):
     """Frames a ``kernel_size``/``stride`` conv without padding makes from
@@ -322,11 +324,14 @@ class FeatureExtractor(nn.Module):
             field = (field - 1) * layer.stride + layer.kernel_size
         return field
 
+    @property
+    def hop_samples(self) -> int:
+        """Samples between output frames: the product of the strides (320 for the standard stack)."""
+        return math.prod(layer.stride for layer in self.conv_layers)
+
     def num_frames(self, num_samples):
         """Output frames for ``num_samples`` input samples (int or integer tensor)."""
-        for layer in self.conv_layers:
-            num_samples = conv_output_length(num_samples, layer.kernel_size, layer.stride)
-        return num_samples
+        return frames_for(num_samples, self.hop_samples, self.receptive_field)
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """

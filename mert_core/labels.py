@@ -32,7 +32,6 @@ too: :func:`fit_teacher` and :func:`label_data`.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import logging
@@ -50,6 +49,7 @@ from tqdm.auto import tqdm
 from mert_core import library_versions
 from mert_core.audio import AudioError, read_crop
 from mert_core.checkpoint import file_digest
+from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry, frames_for
 from mert_core.teacher import IGNORE_LABEL, Teacher
 
 log = logging.getLogger("mert.labels")
@@ -58,9 +58,8 @@ FORMAT = "mert-label-store"
 FORMAT_VERSION = 2  # 2: index.json holds labels_sha256 and index_sha256
 LABELS_FILE = "labels.bin"
 INDEX_FILE = "index.json"
-HOP_SAMPLES = 320  # the student's total conv stride (SPEC)
-STUDENT_WINDOW_SAMPLES = 400  # the student's conv receptive field
-DEFAULT_WINDOW_SAMPLES = 120000  # SPEC: 5 s crops at 24 kHz
+STUDENT_WINDOW_SAMPLES = STUDENT_GEOMETRY.receptive_field  # one student frame: the least a window can hold
+DEFAULT_WINDOW_SAMPLES = 120000  # the MERT paper's 5 s crops at 24 kHz
 
 
 class LabelStoreError(ValueError):
@@ -76,9 +75,9 @@ class MissingTeacherFile(ValueError):
     """A teacher that must be fitted was given no fitted file."""
 
 
-def student_frames(num_samples: int, hop_samples: int = HOP_SAMPLES) -> int:
-    """Frames the student makes from ``num_samples`` samples: ``floor((S - 400) / hop) + 1`` (0 if shorter)."""
-    return 0 if num_samples < STUDENT_WINDOW_SAMPLES else (num_samples - STUDENT_WINDOW_SAMPLES) // hop_samples + 1
+def student_frames(num_samples: int) -> int:
+    """Frames a preset student makes from ``num_samples`` samples (:data:`~mert_core.geometry.STUDENT_GEOMETRY`)."""
+    return STUDENT_GEOMETRY.num_frames(num_samples)
 
 
 def label_dtype(num_classes: int) -> np.dtype:
@@ -170,7 +169,7 @@ def write_label_store(
             :func:`mert_core.data.scan_audio` reads).
         out_dir: the store folder to create (atomically: written under a
             temporary name, then renamed).
-        window_samples: window = training crop length (SPEC: 120000).
+        window_samples: window = training crop length (120000: 5 s, as in the MERT paper).
         sample_rate: the student's rate.
         batch_size: full windows per teacher call.
         min_samples: a file's last, partial window is labelled if it holds at
@@ -194,7 +193,7 @@ def write_label_store(
     spec = teacher.target_spec()
     if spec.kind != "discrete":
         raise LabelStoreError(f"teacher {teacher.name!r} makes continuous targets; a label store holds discrete labels only (compute {teacher.name!r} online)")
-    if getattr(teacher, "needs_fit", lambda: False)():
+    if teacher.needs_fit():
         raise LabelStoreError(f"teacher {teacher.name!r} is not fitted; pass its teacher file (`mert teacher fit {teacher.name} ...` makes one)")
     if out_dir.exists() and not overwrite:
         raise LabelStoreError(f"{out_dir}: already exists; pass overwrite=True (--overwrite) to replace it, or choose another folder")
@@ -232,7 +231,7 @@ def write_label_store(
                 wave = torch.from_numpy(np.stack([w for _, _, w in items])).to(device)
                 with torch.no_grad():
                     labels = teacher.store_targets(wave)  # B, T, C
-                want = student_frames(wave.shape[1], hop)
+                want = teacher.geometry.num_frames(wave.shape[1])
                 for b, (fi, k, _) in enumerate(items):
                     path = plan[fi][0]
                     if labels.dim() != 3 or labels.shape[2] != C or labels.shape[1] not in (want, want + 1):
@@ -377,7 +376,7 @@ def _check_windows(index: dict[str, Any]) -> str | None:
     file_of = np.repeat(np.arange(len(files)), per_file)
     k = np.arange(len(rows)) - np.repeat(np.cumsum(per_file) - per_file, per_file)  # window number within its file
     lengths = np.minimum(W, np.array([e["num_samples"] for e in files], dtype=np.int64)[file_of] - k * W)
-    frames = np.where(lengths >= STUDENT_WINDOW_SAMPLES, (lengths - STUDENT_WINDOW_SAMPLES) // hop + 1, 0)
+    frames = frames_for(lengths, hop, STUDENT_WINDOW_SAMPLES)
     bad = np.flatnonzero((rows[:, 1] != frames) & (rows[:, 1] != frames + 1))  # +1: a teacher may give one frame more
     if len(bad):
         i = bad[0]
@@ -616,17 +615,14 @@ def fit_teacher(
     options = dict(options or {})
     if options.get("teacher_file") is not None:
         raise ValueError(f"option 'teacher_file' is what fitting writes (--out); drop it from the options of {name!r}")
-    teacher = registry.build("teacher", name, options, sample_rate=sample_rate, hop_samples=HOP_SAMPLES)
+    teacher = registry.build("teacher", name, options, geometry=FrameGeometry(sample_rate=sample_rate))
     if type(teacher).fit is Teacher.fit or not teacher.needs_fit():
         fittable = [n for n in registry.names("teacher") if registry.get("teacher", n).obj.fit is not Teacher.fit]
         raise ValueError(f"teacher {name!r} has nothing to fit with these options (e.g. cqt fits only with normalize=per-bin); "
                          f"teachers that can fit: {', '.join(fittable) or 'none'}")
     device = _resolve_device(device)
     teacher.to(device)
-    # the contract is fit(files, out_file, seed); pass the extras a teacher accepts
-    accepted = inspect.signature(teacher.fit).parameters
-    extra = {k: v for k, v in (("progress", progress), ("device", device)) if k in accepted}
-    return teacher.fit([Path(p) for p in data_paths], Path(out_file), seed=seed, **extra)
+    return teacher.fit([Path(p) for p in data_paths], Path(out_file), seed=seed, device=device, progress=progress)
 
 
 def label_data(
@@ -657,7 +653,7 @@ def label_data(
     options = dict(options or {})
     if teacher_file is not None:
         options["teacher_file"] = str(teacher_file)
-    teacher = registry.build("teacher", name, options, sample_rate=sample_rate, hop_samples=HOP_SAMPLES)
+    teacher = registry.build("teacher", name, options, geometry=FrameGeometry(sample_rate=sample_rate))
     if teacher.needs_fit():
         raise MissingTeacherFile(f"teacher {name!r} must be fitted first: pass --teacher-file FILE (made by `mert teacher fit {name} --data AUDIO --out FILE`)")
     teacher.to(_resolve_device(device)).eval()

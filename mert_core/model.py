@@ -30,6 +30,7 @@ from mert_core.components import (
     grad_multiply,
     valid_mask,
 )
+from mert_core.geometry import FrameGeometry
 from mert_core.masking import MaskEmbedding
 
 
@@ -86,9 +87,7 @@ class MertStudent(nn.Module):
         self.transformer = transformer
         self.feature_grad_mult = feature_grad_mult
         self.sample_rate = sample_rate
-        self.hop_samples = 1
-        for layer in feature_extractor.conv_layers:
-            self.hop_samples *= layer.stride
+        self.hop_samples = feature_extractor.hop_samples
         self.embed_dim = mask_embedding.weight.shape[0]
         self.num_layers = len(transformer.layers)
         self._args: dict[str, Any] | None = None
@@ -135,6 +134,11 @@ class MertStudent(nn.Module):
     def receptive_field(self) -> int:
         """Samples one frame sees (400): shorter input gives no frame."""
         return self.feature_extractor.receptive_field
+
+    @property
+    def geometry(self) -> FrameGeometry:
+        """Sample rate, hop and receptive field of this student: what teachers and label stores frame by."""
+        return FrameGeometry(self.sample_rate, self.hop_samples, self.receptive_field)
 
     def num_frames(self, num_samples):
         """Frames for ``num_samples`` samples: ``floor((S - 400) / 320) + 1``, 0 if shorter.
@@ -420,11 +424,13 @@ def large_330m(**overrides: Any) -> MertStudent:
     return mert_student(**student_args("330m", **overrides))
 
 
-def build_student(model_config) -> MertStudent:
+def build_student(model_config, sample_rate: int | None = None) -> MertStudent:
     """The student a run config asks for: ``model_config.preset`` with ``model_config.overrides``.
 
     Args:
         model_config: a ``mert_core.config.ModelConfig``.
+        sample_rate: of the audio it will read (the run's ``data.sample_rate``),
+            unless the overrides name one; None: the preset's (24 kHz).
 
     Raises:
         ValueError: one line naming a bad override (``config field 'model.overrides' ...``).
@@ -435,7 +441,8 @@ def build_student(model_config) -> MertStudent:
         raise ValueError(f"config field 'model.overrides': {unknown[0]!r} is not a student argument; "
                          f"valid names: {', '.join(STUDENT_ARG_NAMES)}")
     try:
-        student = mert_student(**student_args(model_config.preset, **overrides))
+        rate = {} if sample_rate is None else {"sample_rate": sample_rate}
+        student = mert_student(**student_args(model_config.preset, **{**rate, **overrides}))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"config field 'model.overrides' {overrides}: {exc}") from None
     # a way of running the model, not part of it: not a builder argument, not in checkpoints' model_args

@@ -2,18 +2,28 @@
 
 A teacher turns a batch of clean 24 kHz waveforms into per-frame targets at the
 student's frame rate. It declares those targets with a :class:`TargetSpec`;
-the core builds the prediction head and the loss from that declaration, so a
-teacher never touches the student.
+the core builds the prediction head and the loss from that declaration.
+
+Everything the core hands a teacher, and everything it calls, is a method or
+argument of :class:`Teacher` below, with a default where it is optional; the
+core never probes a teacher with ``hasattr`` or by reading its signature. The
+README's "Writing a plugin" section lists the contract, and
+:mod:`mert_core.testing` checks a plugin against it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
+
+if TYPE_CHECKING:
+    from torch import nn
 
 IGNORE_LABEL = -1
 """Discrete label value meaning "no target here" (e.g. codebooks not drawn this batch)."""
@@ -37,7 +47,8 @@ class TargetSpec:
         dim: continuous only: size of the target vector (336 for the CQT).
         frame_rate_hz: rate of the targets; must equal the student's.
         default_weight: weight of this teacher's loss in the total when the
-            config gives none (SPEC: acoustic alpha=1, musical 1).
+            config gives none (the MERT paper weighs the acoustic and the
+            musical teacher's losses alike: alpha = 1).
     """
 
     kind: Literal["discrete", "continuous"]
@@ -61,46 +72,73 @@ class Teacher(torch.nn.Module):
     """Base class of all teachers.
 
     Subclasses set ``name``, ``description`` and ``Options`` and implement
-    :meth:`target_spec` and :meth:`targets`. Teachers are ``nn.Module`` s so
-    that ``.to(device)`` moves their buffers (filters, centroids, codecs); they
-    are never trained by the student's optimizer.
+    :meth:`target_spec` and :meth:`targets`; every other method has a default.
+    Teachers are ``nn.Module`` s so that ``.to(device)`` moves their buffers
+    (filters, centroids, codecs); they are never trained by the student's
+    optimizer.
+
+    What the core calls, in the order of a run:
+
+    1. ``Teacher(options, geometry)``: ``geometry`` is the student's
+       (``student.geometry``), so targets line up with its frames.
+    2. :meth:`needs_fit`; if True, :meth:`fit_plan` and
+       ``fit(files, out_file, seed=, device=, progress=)``, then the teacher is
+       built again with ``teacher_file=out_file``.
+    3. :meth:`target_spec`, once.
+    4. Each micro-batch: ``targets(wave, generator=)`` (or
+       ``targets_from_store(labels, generator=)`` with a label store), under
+       ``torch.no_grad()``, before augmentation.
+    5. After each optimizer step: ``on_step(student, step)``.
 
     Args:
         options: a validated instance of ``self.Options``.
-        sample_rate: sample rate of the waveforms handed to :meth:`targets`.
-        hop_samples: the student's hop (320 at 24 kHz = 75 Hz).
+        geometry: the student's frame geometry (24 kHz, hop 320, receptive
+            field 400 for every preset).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type[TeacherOptions]] = TeacherOptions
 
-    def __init__(self, options: TeacherOptions, sample_rate: int = 24000, hop_samples: int = 320) -> None:
+    def __init__(self, options: TeacherOptions, geometry: FrameGeometry = STUDENT_GEOMETRY) -> None:
         super().__init__()
         self.options = options
-        self.sample_rate = sample_rate
-        self.hop_samples = hop_samples
+        self.geometry = geometry
+
+    @property
+    def sample_rate(self) -> int:
+        """Sample rate of the waveforms handed to :meth:`targets` (the student's)."""
+        return self.geometry.sample_rate
+
+    @property
+    def hop_samples(self) -> int:
+        """The student's hop (320 at 24 kHz = 75 Hz)."""
+        return self.geometry.hop_samples
 
     @property
     def frame_rate_hz(self) -> float:
         """The student's frame rate, which targets must match (75 Hz)."""
-        return self.sample_rate / self.hop_samples
+        return self.geometry.frame_rate_hz
 
     def target_spec(self) -> TargetSpec:
         """Declare the targets (kind, size, frame rate)."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def targets(self, wave: torch.Tensor) -> torch.Tensor:
+    def targets(self, wave: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Make targets from clean audio.
 
         Args:
             wave: ``(B, S)`` float waveforms at ``sample_rate``.
+            generator: the trainer's seeded generator of this micro-batch (on
+                ``wave.device``): draw every random choice from it (e.g. which
+                codebook to train on), and a resumed run makes the same
+                targets. None outside training: use a fixed seed of your own.
 
         Returns:
             discrete: ``(B, T, num_codebooks)`` int64 labels (``IGNORE_LABEL``
             where there is no target); continuous: ``(B, T, dim)`` float32.
-            ``T`` is within one frame of the student's ``S // hop_samples``.
+            ``T`` is within one frame of ``geometry.num_frames(S)``.
         """
         raise NotImplementedError
 
@@ -113,8 +151,11 @@ class Teacher(torch.nn.Module):
         codebook) stores the full labels and selects in :meth:`targets_from_store`."""
         return self.targets(wave)
 
-    def targets_from_store(self, labels: torch.Tensor) -> torch.Tensor:
-        """Turn stored labels ``(B, T, C)`` into this batch's targets (default: as stored)."""
+    def targets_from_store(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Turn stored labels ``(B, T, C)`` into this batch's targets (default: as stored).
+
+        ``generator`` is the same per-micro-batch generator :meth:`targets` gets.
+        """
         return labels
 
     # -- optional: teachers that must be fitted before use (k-means) ----------
@@ -128,13 +169,46 @@ class Teacher(torch.nn.Module):
         """True when the teacher cannot make targets until :meth:`fit` has run."""
         return False
 
-    def fit(self, files: list[Path], out_file: Path, seed: int = 0) -> Path:
-        """Fit the teacher on audio ``files`` and save it to ``out_file``."""
+    def fit(self, files: list[Path], out_file: Path, *, seed: int = 0, device: str | torch.device | None = None,
+            progress: bool = True) -> Path:
+        """Fit the teacher on audio ``files``, save it to ``out_file`` and use it.
+
+        Args:
+            files: audio files, folders or manifests.
+            out_file: the artifact to write (atomically); the teacher later
+                loads it through its ``teacher_file`` option.
+            seed: seed of every random choice of the fit.
+            device: where to compute (the teacher is already on it); None: the CPU.
+            progress: show progress bars.
+
+        Returns:
+            ``out_file``.
+        """
         raise NotImplementedError(f"teacher {self.name!r} has nothing to fit")
 
-    def fit_plan(self, files: list[Path], seed: int = 0, device: str | torch.device | None = None) -> str:
+    def fit_plan(self, files: list[Path], *, seed: int = 0, device: str | torch.device | None = None) -> str:
         """One line saying what :meth:`fit` will read and about how long it will take ("" when unknown)."""
         return ""
+
+    # -- optional: teachers that follow the student (EMA, data2vec style) ------
+
+    def on_step(self, student: nn.Module, step: int) -> None:
+        """Called by the trainer once before the first batch and after every
+        optimizer step (default: nothing).
+
+        A teacher whose targets come from the student itself (an exponential
+        moving average of its weights, as in data2vec) makes its copy on the
+        first call and updates it on the others. Read ``student``, never
+        modify it; it is the bare student (not wrapped by
+        DistributedDataParallel or ``torch.compile``), on the training device.
+        Not called after a step skipped for a non-finite gradient (the
+        weights did not change).
+
+        Args:
+            student: the student being trained (a ``MertStudent``).
+            step: optimizer steps taken so far: the starting step on the first
+                call (0, or where a resumed run continues), then 1, 2, ...
+        """
 
     def config_hash(self) -> str:
         """A short hash identifying everything that determines the targets

@@ -9,7 +9,6 @@ with the same weights as one never stopped.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from mert_core.checkpoint import (
     LAST, STUDENT_FILE, load_checkpoint, lock_run_folder, remove_stale_temp_files, save_checkpoint, save_student,
 )
 from mert_core.config import TrainConfig
+from mert_core.geometry import FrameGeometry
 from mert_core.heads import TargetHeads
 from mert_core.loss import MultiTargetLoss
 from mert_core.components import valid_mask
@@ -48,7 +48,7 @@ class TargetLengthError(ValueError):
 
 def lr_at(step: int, peak_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Linear warmup to ``peak_lr``, then linear (polynomial power 1) decay to 0
-    at ``max_steps`` (SPEC)."""
+    at ``max_steps`` (MERT's schedule, from HuBERT's fairseq recipe)."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     remaining = max(0, max_steps - step)
@@ -124,15 +124,16 @@ def resolve_data_paths(config: TrainConfig) -> list[Path]:
     return [ensure_demo_data() / "pieces"]
 
 
-def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], dist_info, log, device=None) -> dict[str, Teacher]:
-    """Instantiate every teacher; fit the ones that need it (rank 0) first."""
+def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], geometry: FrameGeometry, dist_info, log,
+                   device=None) -> dict[str, Teacher]:
+    """Instantiate every teacher for the student's ``geometry``; fit the ones that need it (rank 0) first."""
     names = [t.name for t in config.teachers]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ValueError(f"config field 'teachers': teacher {sorted(dupes)[0]!r} is listed twice; list each teacher once")
     teachers = {}
     for tc in config.teachers:
-        teacher = registry.build("teacher", tc.name, tc.options, sample_rate=config.data.sample_rate, hop_samples=HOP_SAMPLES)
+        teacher = registry.build("teacher", tc.name, tc.options, geometry=geometry)
         if teacher.needs_fit() and tc.label_store is None:
             out_file = config.out_dir / f"teacher-{tc.name}.safetensors"
             if dist_info.is_main and not out_file.exists():
@@ -142,18 +143,15 @@ def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], d
                     f"To fit once and reuse it in every run: `mert teacher fit {tc.name} --data AUDIO --out FILE`, "
                     f"then `--set teacher.{tc.name}.teacher_file=FILE`"
                 )
-                teacher.fit(files, out_file, seed=config.seed, **({"device": device} if "device" in inspect.signature(teacher.fit).parameters else {}))
+                teacher.fit(files, out_file, seed=config.seed, device=device)
             distributed.barrier(dist_info)
             # recorded in the config, so the checkpoint is self-contained and a resume reloads it
             tc.options = {**tc.options, "teacher_file": str(out_file)}
-            teacher = registry.build("teacher", tc.name, tc.options, sample_rate=config.data.sample_rate, hop_samples=HOP_SAMPLES)
+            teacher = registry.build("teacher", tc.name, tc.options, geometry=geometry)
         elif teacher.needs_fit():
             raise ValueError(f"teacher {tc.name!r}: a label store is given but no teacher_file; pass the fitted teacher file it was made with")
         teachers[tc.name] = teacher
     return teachers
-
-
-HOP_SAMPLES = 320  # the student's total conv stride (SPEC): 75 Hz at 24 kHz
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -239,12 +237,18 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
     if is_main and not claimed:  # only now: bad input leaves no empty run folder behind
         _claim_run_folder(out_dir, run_scope, say)
 
-    # teachers: fitted if needed, on the training device, never trained
-    teachers = build_teachers(config, registry, [f.path for f in usable], dist_info, say, device)
+    # the student first: teachers frame their targets by the student that was built
+    torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    student = build_student(config.model, sample_rate=sr)
+
+    # teachers: fitted if needed, on the training device, never trained;
+    # forked RNG: fitting must not shift the stream that initialises the heads
+    with torch.random.fork_rng(devices=[]):
+        teachers = build_teachers(config, registry, [f.path for f in usable], student.geometry, dist_info, say, device)
     specs = {name: t.target_spec() for name, t in teachers.items()}
     for name, spec in specs.items():
-        if abs(spec.frame_rate_hz - sr / HOP_SAMPLES) > 1e-6:
-            raise ValueError(f"teacher {name!r} delivers targets at {spec.frame_rate_hz:g} Hz; the student runs at {sr / HOP_SAMPLES:g} Hz")
+        if abs(spec.frame_rate_hz - student.geometry.frame_rate_hz) > 1e-6:
+            raise ValueError(f"teacher {name!r} delivers targets at {spec.frame_rate_hz:g} Hz; the student runs at {student.geometry.frame_rate_hz:g} Hz")
     for t in teachers.values():
         t.to(device).eval()
     label_stores = {}
@@ -258,9 +262,7 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
             label_stores[tc.name] = store
     augments = [registry.build("augment", a.name, a.options, sample_rate=sr).to(device) for a in config.augment]
 
-    # model, heads, loss, optimizer
-    torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    student = build_student(config.model)
+    # heads, loss, optimizer
     final_dim = config.loss.final_dim or (128 if config.model.preset == "330m" else 64)
     heads = TargetHeads(specs, student.embed_dim, final_dim, config.loss.logit_temperature)
     if state is None and config.model.init_from is not None:
@@ -338,6 +340,8 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
     consecutive_bad = 0
     weights_ok = True  # the current weights gave finite outputs on every step since the last update
     last_saved = step if state is not None else -1
+    for teacher in teachers.values():
+        teacher.on_step(student, step)
     try:
         while step < opt.max_steps:
             lr = lr_at(step, opt.lr, warmup, opt.max_steps)
@@ -361,13 +365,11 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
                 targets, valid_frames = {}, num_frames
                 with torch.no_grad():
                     for name, teacher in teachers.items():
-                        if hasattr(teacher, "generator"):
-                            teacher.generator = generator
                         if name in label_stores:
                             stored = label_stores[name].targets(batch["paths"], batch["offsets"], num_frames).to(device)
-                            t = teacher.targets_from_store(stored)
+                            t = teacher.targets_from_store(stored, generator=generator)
                         else:
-                            t = teacher.targets(wave)
+                            t = teacher.targets(wave, generator=generator)
                         targets[name], have = align_targets(name, t, num_frames, specs[name], batch["paths"])
                         valid_frames = min(valid_frames, have)
 
@@ -437,6 +439,9 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
             step += 1
             window_steps += 1
             bar.update(1)
+            if finite:  # teachers that follow the student (EMA) see the new weights
+                for teacher in teachers.values():
+                    teacher.on_step(student, step)
 
             # log
             if step % config.log_every == 0 or step == opt.max_steps:

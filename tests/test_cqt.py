@@ -9,6 +9,7 @@ import pytest
 import torch
 from nnAudio.features import CQT as NnAudioCQT
 
+from mert_core.geometry import FrameGeometry
 from mert_core.registry import PluginError, load_registry
 from mert_plugins.teachers import cqt as cqt_module
 
@@ -50,7 +51,7 @@ def registry():
 
 @pytest.fixture(scope="module")
 def teacher(registry):
-    return registry.build("teacher", "cqt", {}, sample_rate=SR, hop_samples=HOP)
+    return registry.build("teacher", "cqt", {}, geometry=FrameGeometry(SR, HOP))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_matches_nnaudio_at_other_settings(registry):
     """16 kHz, 50 Hz frames (MERT-v0's rate), 12 bins per octave from 55 Hz."""
     wave = torch.from_numpy(synthetic_music(2.0, sample_rate=16000, seed=3))[None]
     options = {"fmin_hz": 55.0, "n_bins": 72, "bins_per_octave": 12}
-    ours = registry.build("teacher", "cqt", options, sample_rate=16000, hop_samples=320).targets(wave)
+    ours = registry.build("teacher", "cqt", options, geometry=FrameGeometry(16000, 320)).targets(wave)
     layer = NnAudioCQT(sr=16000, hop_length=320, fmin=55.0, n_bins=72, bins_per_octave=12, pad_mode="constant", verbose=False)
     _assert_close_to_nnaudio(ours, layer(wave).transpose(1, 2))
 
@@ -157,11 +158,11 @@ def test_options_are_validated(registry):
     with pytest.raises(PluginError, match="n_bins"):
         registry.options("teacher", "cqt", {"n_bins": 0})
     with pytest.raises(ValueError, match="Nyquist.*n_bins"):
-        registry.build("teacher", "cqt", {"n_bins": 600}, sample_rate=SR, hop_samples=HOP)
+        registry.build("teacher", "cqt", {"n_bins": 600}, geometry=FrameGeometry(SR, HOP))
 
 
 def _cqt(registry, **options):
-    return registry.build("teacher", "cqt", options, sample_rate=SR, hop_samples=HOP)
+    return registry.build("teacher", "cqt", options, geometry=FrameGeometry(SR, HOP))
 
 
 def test_log_compression_and_per_bin_statistics(tmp_path, music_dir):

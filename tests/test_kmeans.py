@@ -18,6 +18,7 @@ from sklearn.cluster import KMeans
 from conftest import assert_kmeans_labels_equal_up_to_ties, music
 from mert_core.audio import read_crop
 from mert_core.checkpoint import load_student, save_student
+from mert_core.geometry import FrameGeometry
 from mert_core.labels import fit_teacher, student_frames
 from mert_core.model import tiny
 from mert_core.registry import PluginError, load_registry
@@ -57,7 +58,7 @@ def lmc_file(registry, audio_dir, tmp_path_factory):
 
 
 def build(registry, name, **options):
-    return registry.build("teacher", name, options, sample_rate=SR, hop_samples=320)
+    return registry.build("teacher", name, options, geometry=FrameGeometry(SR, 320))
 
 
 # -- declared targets --------------------------------------------------------------

@@ -15,6 +15,7 @@ from pydantic import Field
 from conftest import assert_kmeans_labels_equal_up_to_ties, music
 from mert_core.audio import read_crop
 from mert_core.data import CropBatches, scan_audio
+from mert_core.geometry import FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.labels import (
     IGNORE_LABEL,
@@ -51,7 +52,7 @@ class LoudnessTeacher(Teacher):
             return TargetSpec(kind="continuous", frame_rate_hz=self.frame_rate_hz, dim=1)
         return TargetSpec(kind="discrete", frame_rate_hz=self.frame_rate_hz, num_codebooks=2, num_classes=self.options.num_classes)
 
-    def targets(self, wave):
+    def targets(self, wave, generator=None):
         T = student_frames(wave.shape[1])
         frames = wave[:, : (T - 1) * 320 + 400].unfold(1, 400, 320) if T else wave.new_zeros(wave.shape[0], 0, 400)
         energy = frames.pow(2).mean(-1)  # B, T
@@ -106,7 +107,7 @@ def hidden_file(registry, audio_dir, tmp_path_factory):
 
 
 def teacher(registry, name, **options):
-    return registry.build("teacher", name, options, sample_rate=SR, hop_samples=320)
+    return registry.build("teacher", name, options, geometry=FrameGeometry(SR, 320))
 
 
 def assert_same_labels(t, wave, online, offline):

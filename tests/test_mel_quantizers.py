@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import music
 from mert_core.audio import read_crop
+from mert_core.geometry import FrameGeometry
 from mert_core.labels import IGNORE_LABEL, LabelStore, fit_teacher, student_frames, write_label_store
 from mert_core.registry import load_registry
 from mert_plugins.teachers._features import LogMelFeatures
@@ -50,7 +51,7 @@ def fit(registry, name, audio_dir, out, seed=0, **options):
 
 
 def build(registry, name, **options):
-    return registry.build("teacher", name, options, sample_rate=SR, hop_samples=320)
+    return registry.build("teacher", name, options, geometry=FrameGeometry(SR, 320))
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import MAX_FLIPPED_FRAMES, TIE_MARGIN, music, threads, tie_margin
 
+from mert_core.geometry import FrameGeometry
 from mert_core.registry import PluginError, load_registry
 from mert_core.teacher import IGNORE_LABEL
 from mert_plugins.teachers.rvq_vae import (
@@ -274,16 +275,14 @@ def test_random_codebook_per_batch(registry, weights, teacher):
     wave = batch(0.4, seeds=(15, 16))
     full = teacher.targets(wave)
     t = registry.build("teacher", "rvq-vae", {"weights_path": str(weights), "codebooks": "random", "seed": 3})
-    t.generator = torch.Generator().manual_seed(0)  # what the trainer does each step
-    got = t.targets(wave)
+    got = t.targets(wave, generator=torch.Generator().manual_seed(0))  # what the trainer does each step
     kept = [k for k in range(8) if (got[..., k] != IGNORE_LABEL).any()]
     assert len(kept) == 1  # one codebook for the whole batch, the others ignored
     assert torch.equal(got[..., kept[0]], full[..., kept[0]])
     assert (got[..., [k for k in range(8) if k != kept[0]]] == IGNORE_LABEL).all()
 
     def drawn(generator) -> int:
-        t.generator = generator
-        got = t.select_codebooks(full)
+        got = t.select_codebooks(full, generator)
         kept = [k for k in range(8) if (got[..., k] != IGNORE_LABEL).any()]
         assert len(kept) == 1
         return kept[0]
@@ -292,7 +291,6 @@ def test_random_codebook_per_batch(registry, weights, teacher):
     assert draws == [drawn(torch.Generator().manual_seed(seed)) for seed in range(40)]  # deterministic under the seed
     assert len(set(draws)) >= 5  # and spread over the 8 codebooks
     # without a generator: a fixed stream from a CPU generator seeded with options.seed
-    t.generator = None
     seeded = torch.Generator().manual_seed(3)
     expected = [int(torch.randint(8, (1,), generator=seeded)) for _ in range(10)]
     assert [int((t.select_codebooks(full) != IGNORE_LABEL).any(1).any(0).nonzero()) for _ in range(10)] == expected
@@ -370,7 +368,7 @@ def test_wrong_or_corrupt_checkpoint(registry, weights, tmp_path):
 
 def test_wrong_sample_rate(registry, weights):
     with pytest.raises(ValueError, match="24000 Hz"):
-        registry.build("teacher", "rvq-vae", {"weights_path": str(weights)}, sample_rate=16000, hop_samples=320)
+        registry.build("teacher", "rvq-vae", {"weights_path": str(weights)}, geometry=FrameGeometry(16000, 320))
 
 
 def test_config_hash_follows_weights_content(registry, weights, other_teacher, teacher, teacher_1_5, tmp_path):

@@ -42,7 +42,7 @@ class CleanCheck(Teacher):
     calls = 0
     def target_spec(self):
         return TargetSpec(kind="continuous", dim=1, frame_rate_hz=self.frame_rate_hz)
-    def targets(self, wave):
+    def targets(self, wave, generator=None):
         if wave.mean().abs() > 10:
             raise RuntimeError("teacher saw augmented audio")
         CleanCheck.calls += 1

@@ -22,18 +22,13 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-STUDENT_WINDOW_SAMPLES = 400
-"""Receptive field of the student's conv stack (kernels 10,3,3,3,3,2,2; strides 5,2,2,2,2,2,2)."""
+from mert_core.geometry import STUDENT_GEOMETRY
+
+STUDENT_WINDOW_SAMPLES = STUDENT_GEOMETRY.receptive_field
+"""Receptive field of the student's conv stack (400: kernels 10,3,3,3,3,2,2; strides 5,2,2,2,2,2,2)."""
 
 LOG_OFFSET = 1e-6
 """Added to mel energies before the log (torchaudio's MFCC uses the same)."""
-
-
-def num_student_frames(num_samples: int, hop_samples: int = 320) -> int:
-    """Frames the student's conv stack makes from ``num_samples`` samples (0 if too short)."""
-    if num_samples < STUDENT_WINDOW_SAMPLES:
-        return 0
-    return (num_samples - STUDENT_WINDOW_SAMPLES) // hop_samples + 1
 
 
 def pad_for_frames(wave: torch.Tensor, n_fft: int) -> torch.Tensor:
@@ -117,7 +112,7 @@ class MFCCFeatures(FrameFeatures):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, dim)``."""
         wave = _check_wave(wave)
-        if num_student_frames(wave.shape[1], self.hop_samples) == 0:
+        if wave.shape[1] < STUDENT_WINDOW_SAMPLES:  # no student frame
             return self.empty(wave)
         logmel = torch.log(self.power(wave) @ self.mel_fb + LOG_OFFSET)  # B, T, n_mels
         c = logmel @ self.dct  # B, T, n_mfcc
@@ -148,7 +143,7 @@ class LogMelFeatures(FrameFeatures):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, n_mels)``."""
         wave = _check_wave(wave)
-        if num_student_frames(wave.shape[1], self.hop_samples) == 0:
+        if wave.shape[1] < STUDENT_WINDOW_SAMPLES:  # no student frame
             return self.empty(wave)
         return torch.log(self.power(wave) @ self.mel_fb + LOG_OFFSET)
 
@@ -177,7 +172,7 @@ class ChromaFeatures(FrameFeatures):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, n_chroma)``."""
         wave = _check_wave(wave)
-        if num_student_frames(wave.shape[1], self.hop_samples) == 0:
+        if wave.shape[1] < STUDENT_WINDOW_SAMPLES:  # no student frame
             return self.empty(wave)
         chroma = self.power(wave) @ self.chroma_fb  # B, T, n_chroma
         # librosa.util.normalize(norm=inf): frames below the smallest normal float stay as they are
@@ -210,7 +205,7 @@ class HiddenStateFeatures(FrameFeatures):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, dim)``."""
         wave = _check_wave(wave)
-        if num_student_frames(wave.shape[1], self.hop_samples) == 0:
+        if wave.shape[1] < STUDENT_WINDOW_SAMPLES:  # no student frame
             return self.empty(wave)
         out = self.student(wave, None, output_hidden_states=True)  # every clip full length: no padding mask
         return out.hidden_states[self.layer].float()

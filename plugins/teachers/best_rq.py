@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import TargetSpec, Teacher
 from mert_plugins.teachers._stacked_mel import (
@@ -79,19 +80,19 @@ class BestRQTeacher(Teacher):
     description = "BEST-RQ: random projection + random codebook (8192 x 16) of normalised stacked log-mel frames (MusicFM's teacher)"
     Options: ClassVar = BestRQOptions
 
-    def __init__(self, options: BestRQOptions, sample_rate: int = 24000, hop_samples: int = 320):
-        super().__init__(options, sample_rate, hop_samples)
+    def __init__(self, options: BestRQOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
+        super().__init__(options, geometry)
         self.fit_info: dict[str, Any] | None = None
         tensors = None
         if options.teacher_file is not None:
             meta, tensors = read_teacher_file(options.teacher_file, ARTIFACT_FORMAT, ARTIFACT_VERSION)
-            check_artifact_header(meta, options.teacher_file, self.name, sample_rate, hop_samples)
+            check_artifact_header(meta, options.teacher_file, self.name, self.sample_rate, self.hop_samples)
             if options.seed is not None and options.seed != meta["seed"]:
                 raise TeacherFileError(f"option seed={options.seed}, but teacher_file {options.teacher_file} was drawn with seed={meta['seed']}; drop the option or refit with it")
             self.options = adopt_settings(options, meta["features"])
             self.fit_info = meta
         o = self.options
-        self.features = NormalisedMelStack(sample_rate, hop_samples, o.n_mels, o.n_fft, o.stack_frames)
+        self.features = NormalisedMelStack(self.sample_rate, self.hop_samples, o.n_mels, o.n_fft, o.stack_frames)
         self.register_buffer("projection", torch.zeros(o.num_codebooks, self.features.dim, o.codebook_dim))
         self.register_buffer("codebook", torch.zeros(o.num_codebooks, o.codebook_size, o.codebook_dim))
         self._digest: str | None = None
@@ -110,7 +111,7 @@ class BestRQTeacher(Teacher):
         return self._digest is None
 
     @torch.no_grad()
-    def targets(self, wave: torch.Tensor) -> torch.Tensor:
+    def targets(self, wave: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, S)`` clean audio -> ``(B, T, num_codebooks)`` int64 labels, ``T`` the student's frame count."""
         if self.needs_fit():
             raise NotFittedError(
@@ -130,7 +131,8 @@ class BestRQTeacher(Teacher):
         payload = f"{self.name}|{self.sample_rate}|{self.hop_samples}|{json.dumps(self.feature_settings(), sort_keys=True)}|{self._digest}"
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
-    def fit(self, files: list[Path], out_file: Path, seed: int = 0, progress: bool = True, device: str | torch.device | None = None) -> Path:
+    def fit(self, files: list[Path], out_file: Path, *, seed: int = 0, device: str | torch.device | None = None,
+            progress: bool = True) -> Path:
         """Measure the per-bin log-mel statistics on a sample of ``files``, draw
         the random projection and codebook from the seed, save all to
         ``out_file`` and use them.

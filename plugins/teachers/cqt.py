@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import TargetSpec, Teacher, TeacherOptions
 
@@ -151,6 +152,18 @@ def _kernel_spectrum(freq_bins: np.ndarray, n_fft: int, nu: np.ndarray, length: 
     return window_sum * (np.cos(angle) + 1j * np.sin(angle)) / (length / 2.0)  # sum(w) = L / 2 (L1 norm)
 
 
+def checked_frequencies(sample_rate: int, fmin_hz: float, n_bins: int, bins_per_octave: int) -> np.ndarray:
+    """:func:`cqt_frequencies`, refused unless the top bin lies below the Nyquist frequency."""
+    freqs_hz = cqt_frequencies(fmin_hz, n_bins, bins_per_octave)
+    if freqs_hz[-1] >= sample_rate / 2:
+        raise ValueError(
+            f"cqt options: the top bin ({freqs_hz[-1]:.1f} Hz from fmin_hz={fmin_hz}, n_bins={n_bins}, "
+            f"bins_per_octave={bins_per_octave}) must lie below the Nyquist frequency ({sample_rate / 2:g} Hz); "
+            f"lower n_bins or fmin_hz"
+        )
+    return freqs_hz
+
+
 class FastCQT(torch.nn.Module):
     """nnAudio's CQT1992v2 magnitude, from one FFT and a sparse matrix of folded kernels.
 
@@ -171,13 +184,7 @@ class FastCQT(torch.nn.Module):
                  bins_per_octave: int = 48, pad_mode: str = "constant"):
         super().__init__()
         self.sample_rate, self.hop_samples, self.pad_mode = sample_rate, hop_samples, pad_mode
-        self.freqs_hz = cqt_frequencies(fmin_hz, n_bins, bins_per_octave)
-        if self.freqs_hz[-1] >= sample_rate / 2:
-            raise ValueError(
-                f"cqt options: the top bin ({self.freqs_hz[-1]:.1f} Hz from fmin_hz={fmin_hz}, n_bins={n_bins}, "
-                f"bins_per_octave={bins_per_octave}) must lie below the Nyquist frequency ({sample_rate / 2:g} Hz); "
-                f"lower n_bins or fmin_hz"
-            )
+        self.freqs_hz = checked_frequencies(sample_rate, fmin_hz, n_bins, bins_per_octave)
         self.lengths = cqt_kernel_lengths(self.freqs_hz, sample_rate, bins_per_octave)
         # frame t reads samples [t*hop - ceil(L/2), t*hop + L - ceil(L/2)); pad so the lowest bin fits
         self.pad_samples = int(math.ceil(self.lengths.max() / 2))
@@ -306,9 +313,9 @@ class CQTTeacher(Teacher):
     description = "Constant-Q spectrum of the clean audio, 336 bins at 75 Hz, MSE target (MERT's musical teacher)"
     Options = CQTOptions
 
-    def __init__(self, options: CQTOptions, sample_rate: int = 24000, hop_samples: int = 320):
-        super().__init__(options, sample_rate, hop_samples)
-        self.cqt = FastCQT(sample_rate, hop_samples, options.fmin_hz, options.n_bins, options.bins_per_octave, options.pad_mode)
+    def __init__(self, options: CQTOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
+        super().__init__(options, geometry)
+        self.cqt = FastCQT(self.sample_rate, self.hop_samples, options.fmin_hz, options.n_bins, options.bins_per_octave, options.pad_mode)
         # per-bin statistics of normalize='per-bin' (identity until fitted or loaded)
         self.register_buffer("bin_mean", torch.zeros(options.n_bins), persistent=False)
         self.register_buffer("bin_std", torch.ones(options.n_bins), persistent=False)
@@ -326,7 +333,8 @@ class CQTTeacher(Teacher):
         return {"sample_rate": self.sample_rate, "hop_samples": self.hop_samples, **{k: getattr(self.options, k) for k in keys}}
 
     @torch.no_grad()
-    def fit(self, files: list[Path], out_file: Path, seed: int = 0, progress: bool = True, device: str | torch.device | None = None) -> Path:
+    def fit(self, files: list[Path], out_file: Path, *, seed: int = 0, device: str | torch.device | None = None,
+            progress: bool = True) -> Path:
         """Measure each bin's mean and std of the (compressed) CQT on ``stats_hours``
         of random 5 s chunks of ``files``, save them to ``out_file`` and use them.
 
@@ -388,7 +396,7 @@ class CQTTeacher(Teacher):
         return TargetSpec(kind="continuous", dim=self.options.n_bins, frame_rate_hz=self.frame_rate_hz, default_weight=1.0)
 
     @torch.no_grad()
-    def targets(self, wave: torch.Tensor) -> torch.Tensor:
+    def targets(self, wave: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """CQT targets.
 
         Args:

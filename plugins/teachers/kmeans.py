@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mert_core import library_versions
+from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.runconfig import ConfigError
 from mert_core.teacher import TargetSpec, Teacher, TeacherOptions
@@ -47,7 +48,7 @@ from mert_plugins.teachers._features import (
     HiddenStateFeatures,
     LogMelFeatures,
     MFCCFeatures,
-    num_student_frames,
+    STUDENT_WINDOW_SAMPLES,
 )
 from mert_plugins.teachers._streaming_kmeans import Codebook, FeatureCache, KMeansResult, estimate_seconds, fit_kmeans
 
@@ -198,7 +199,7 @@ def plan_sample(
         n = f.num_samples(sample_rate)
         for start in range(0, n, chunk):
             length = min(chunk, n - start)
-            if num_student_frames(length) > 0:
+            if length >= STUDENT_WINDOW_SAMPLES:  # at least one student frame
                 candidates.append(Chunk(f.path, start, length))
     total = sum(c.num_samples for c in candidates)
     if not candidates:
@@ -387,8 +388,8 @@ class KMeansTeacher(Teacher):
 
     Options: ClassVar[type[KMeansFitOptions]] = KMeansFitOptions
 
-    def __init__(self, options: KMeansFitOptions, sample_rate: int = 24000, hop_samples: int = 320):
-        super().__init__(options, sample_rate, hop_samples)
+    def __init__(self, options: KMeansFitOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
+        super().__init__(options, geometry)
         self.fit_info: dict[str, Any] | None = None
         tensors = None
         if options.teacher_file is not None:
@@ -430,7 +431,7 @@ class KMeansTeacher(Teacher):
         return len(self.codebooks) == 0
 
     @torch.no_grad()
-    def targets(self, wave: torch.Tensor) -> torch.Tensor:
+    def targets(self, wave: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, S)`` clean audio -> ``(B, T, C)`` int64 labels, ``T = floor((S - 400) / hop) + 1``."""
         if self.needs_fit():
             raise NotFittedError(
@@ -457,7 +458,8 @@ class KMeansTeacher(Teacher):
 
     # -- fitting ------------------------------------------------------------------------------
 
-    def fit(self, files: list[Path], out_file: Path, seed: int = 0, progress: bool = True, device: str | torch.device | None = None) -> Path:
+    def fit(self, files: list[Path], out_file: Path, *, seed: int = 0, device: str | torch.device | None = None,
+            progress: bool = True) -> Path:
         """Fit every stream's codebook on a sample of ``files``, save the
         artifact to ``out_file`` (atomically) and load it into this teacher.
 
@@ -488,7 +490,7 @@ class KMeansTeacher(Teacher):
             return torch.device("cuda", torch.cuda.current_device())
         return device
 
-    def fit_plan(self, files: list[Path], seed: int = 0, device: str | torch.device | None = None) -> str:
+    def fit_plan(self, files: list[Path], *, seed: int = 0, device: str | torch.device | None = None) -> str:
         """What :meth:`fit` will read and about how long it will take.
 
         The time is a model calibrated here: one timed feature batch of noise
@@ -736,9 +738,9 @@ class HiddenKMeansTeacher(KMeansTeacher):
     description = "k-means of a trained student's hidden layer, K=500 or 2000 (SPEC: HuBERT iteration 2)"
     Options = HiddenOptions
 
-    def __init__(self, options: HiddenOptions, sample_rate: int = 24000, hop_samples: int = 320):
+    def __init__(self, options: HiddenOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
         self._checkpoint_id: str | None = None
-        super().__init__(options, sample_rate, hop_samples)
+        super().__init__(options, geometry)
         if self.fit_info is not None:
             want = self.fit_info.get("identity", {}).get("checkpoint_id")
             if want != self._checkpoint_id:

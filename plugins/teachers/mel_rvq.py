@@ -30,6 +30,7 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import TargetSpec, Teacher
 from mert_plugins.teachers._stacked_mel import (
@@ -147,17 +148,17 @@ class MelRVQTeacher(Teacher):
     description = "Mel-RVQ: codes of a residual VQ (8 x 1024) trained on normalised stacked log-mel frames (MuQ's teacher)"
     Options: ClassVar = MelRVQOptions
 
-    def __init__(self, options: MelRVQOptions, sample_rate: int = 24000, hop_samples: int = 320):
-        super().__init__(options, sample_rate, hop_samples)
+    def __init__(self, options: MelRVQOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
+        super().__init__(options, geometry)
         self.fit_info: dict[str, Any] | None = None
         tensors = None
         if options.teacher_file is not None:
             meta, tensors = read_teacher_file(options.teacher_file, ARTIFACT_FORMAT, ARTIFACT_VERSION)
-            check_artifact_header(meta, options.teacher_file, self.name, sample_rate, hop_samples)
+            check_artifact_header(meta, options.teacher_file, self.name, self.sample_rate, self.hop_samples)
             self.options = adopt_settings(options, meta["features"])
             self.fit_info = meta
         o = self.options
-        self.features = NormalisedMelStack(sample_rate, hop_samples, o.n_mels, o.n_fft, o.stack_frames)
+        self.features = NormalisedMelStack(self.sample_rate, self.hop_samples, o.n_mels, o.n_fft, o.stack_frames)
         self.rvq = ResidualVQ(self.features.dim, o.num_codebooks, o.codebook_size, o.codebook_dim).requires_grad_(False)
         self._digest: str | None = None
         if tensors is not None:
@@ -179,7 +180,7 @@ class MelRVQTeacher(Teacher):
         return super().train(False)
 
     @torch.no_grad()
-    def targets(self, wave: torch.Tensor) -> torch.Tensor:
+    def targets(self, wave: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, S)`` clean audio -> ``(B, T, num_codebooks)`` int64 codes, ``T`` the student's frame count."""
         x = self._frames(wave)  # B, T, D
         if x.shape[1] == 0:  # shorter than one student frame
@@ -226,7 +227,8 @@ class MelRVQTeacher(Teacher):
 
     # -- training ------------------------------------------------------------------------------
 
-    def fit(self, files: list[Path], out_file: Path, seed: int = 0, progress: bool = True, device: str | torch.device | None = None) -> Path:
+    def fit(self, files: list[Path], out_file: Path, *, seed: int = 0, device: str | torch.device | None = None,
+            progress: bool = True) -> Path:
         """Train the residual VQ on a sample of ``files``, save it to ``out_file`` and use it.
 
         Per-bin statistics come first, then the normalised stacked frames of

@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher, TeacherOptions
 
@@ -48,7 +49,7 @@ BANDWIDTH_KBPS = 6.0  # 6 kbps = 8 codebooks x 10 bits x 75 Hz
 NUM_CODEBOOKS = 8
 CODEBOOK_SIZE = 1024
 SAMPLE_RATE = 24000
-HOP_SAMPLES = 320
+HOP_SAMPLES = 320  # EnCodec's own hop, which happens to equal the student's (checked against its geometry)
 
 
 class EncodecWeightsError(ValueError):
@@ -221,10 +222,11 @@ class RVQVAEOptions(TeacherOptions):
 class RVQVAETeacher(Teacher):
     """EnCodec 24 kHz RVQ codes at 6 kbps: 8 codebooks x 1024 classes at 75 Hz (MERT-v1).
 
+    The ``'random'`` codebook draw comes from the ``generator`` handed to
+    :meth:`targets` / :meth:`targets_from_store` (the trainer's per-step one);
+    without one, from a CPU generator seeded with ``options.seed``.
+
     Attributes:
-        generator: optional ``torch.Generator`` for the ``'random'`` codebook
-            draw; the trainer sets its per-step generator here. When None, a
-            CPU generator seeded with ``options.seed`` is used.
         weights_file: the checkpoint that was loaded.
     """
 
@@ -232,19 +234,18 @@ class RVQVAETeacher(Teacher):
     description = "EnCodec 24 kHz RVQ codes at 6 kbps: 8 codebooks x 1024 classes at 75 Hz (MERT-v1 acoustic teacher)"
     Options = RVQVAEOptions
 
-    def __init__(self, options: RVQVAEOptions, sample_rate: int = SAMPLE_RATE, hop_samples: int = HOP_SAMPLES):
-        super().__init__(options, sample_rate, hop_samples)
-        if sample_rate != SAMPLE_RATE or hop_samples != HOP_SAMPLES:
+    def __init__(self, options: RVQVAEOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
+        super().__init__(options, geometry)
+        if (geometry.sample_rate, geometry.hop_samples) != (SAMPLE_RATE, HOP_SAMPLES):
             raise ValueError(
                 f"rvq-vae: EnCodec runs on {SAMPLE_RATE} Hz audio with a {HOP_SAMPLES}-sample hop (75 Hz); "
-                f"got sample_rate={sample_rate}, hop_samples={hop_samples}; set data.sample_rate to {SAMPLE_RATE}"
+                f"got sample_rate={geometry.sample_rate}, hop_samples={geometry.hop_samples}; set data.sample_rate to {SAMPLE_RATE}"
             )
         # Resolve and check the weights here, so `mert train` stops before training starts.
         self.weights_file = resolve_weights_path(options.weights_path)
         self.codec = build_encodec(load_checkpoint(self.weights_file), source=str(self.weights_file))
         self.codec.decoder = None  # only the encoder and quantizer make codes; saves half the memory
         self._weights_sha256 = file_sha256(self.weights_file)
-        self.generator: torch.Generator | None = None
         self._fallback_generator = torch.Generator().manual_seed(options.seed)
 
     def train(self, mode: bool = True):
@@ -288,11 +289,13 @@ class RVQVAETeacher(Teacher):
                 codes.append(frames[0][0][:, :, :num_frames])  # b, 8, T: the partial last frame dropped
         return torch.cat(codes).transpose(1, 2).long()  # B, T, 8
 
-    def select_codebooks(self, codes: torch.Tensor) -> torch.Tensor:
+    def select_codebooks(self, codes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Apply the ``codebooks`` option: keep the chosen codebooks, ``IGNORE_LABEL`` the rest.
 
         Args:
             codes: ``(B, T, 8)`` int64 codes (from :meth:`codes` or a label store).
+            generator: source of the ``'random'`` draw; None: the teacher's own,
+                seeded with ``options.seed``.
 
         Returns:
             ``(B, T, 8)`` int64 targets.
@@ -301,7 +304,7 @@ class RVQVAETeacher(Teacher):
         if choice == "all":
             return codes
         if choice == "random":
-            g = self.generator if self.generator is not None else self._fallback_generator
+            g = generator if generator is not None else self._fallback_generator
             keep = [int(torch.randint(NUM_CODEBOOKS, (1,), generator=g, device=g.device).item())]
         else:
             keep = list(choice)
@@ -310,7 +313,7 @@ class RVQVAETeacher(Teacher):
         return out
 
     @torch.no_grad()
-    def targets(self, wave: torch.Tensor) -> torch.Tensor:
+    def targets(self, wave: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Codes of the clean audio, with the ``codebooks`` option applied.
 
         Args:
@@ -319,7 +322,7 @@ class RVQVAETeacher(Teacher):
         Returns:
             ``(B, S // 320, 8)`` int64 labels, ``IGNORE_LABEL`` in codebooks not chosen.
         """
-        return self.select_codebooks(self.codes(wave))
+        return self.select_codebooks(self.codes(wave), generator)
 
     @torch.no_grad()
     def store_targets(self, wave: torch.Tensor) -> torch.Tensor:
@@ -327,8 +330,8 @@ class RVQVAETeacher(Teacher):
         the ``codebooks`` option per batch, so one store serves every ablation."""
         return self.codes(wave)
 
-    def targets_from_store(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.select_codebooks(labels)
+    def targets_from_store(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.select_codebooks(labels, generator)
 
     def config_hash(self) -> str:
         """Framing, encodec version and the weights file's content: what decides the codes."""

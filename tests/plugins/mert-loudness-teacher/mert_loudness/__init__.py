@@ -25,7 +25,7 @@ class LoudnessTeacher(Teacher):
         return TargetSpec(kind="continuous", dim=1, frame_rate_hz=self.frame_rate_hz)
 
     @torch.no_grad()
-    def targets(self, wave: torch.Tensor) -> torch.Tensor:
+    def targets(self, wave: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         # frames of 400 samples every hop, like the student's receptive field
         frames = wave.float().unfold(-1, 400, self.hop_samples)  # B, T, 400
         power = frames.pow(2).mean(-1).clamp(min=1e-12)
