@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Level = Literal["clip", "frame"]
 Problem = Literal["multiclass", "multilabel", "regression", "beat"]
@@ -50,6 +50,18 @@ class TaskOptions(BaseModel):
     """Base class of a task's options. Subclasses describe every field."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class BeatTaskOptions(TaskOptions):
+    """Base class of the options of a beat-tracking task (``problem = "beat"``).
+
+    The default :meth:`Task.score` of a beat task reads these two fields; a
+    beat task's ``Options`` subclass this one (``class MyOptions(BeatTaskOptions)``,
+    listed first when it also extends another options class).
+    """
+
+    tolerance_seconds: float = Field(0.07, gt=0, description="Hit window of the beat F-measure (mir_eval default 0.07 s; the MERT thesis quotes 0.02 s).")
+    postprocess: Literal["dp", "peaks"] = Field("dp", description="Beat post-processing: librosa dynamic programming (dp) or peak picking.")
 
 
 @dataclass(frozen=True)
@@ -81,10 +93,12 @@ class Task:
     """Base class of downstream tasks.
 
     Subclasses set the class attributes and implement :meth:`labels` and
-    :meth:`examples`; the defaults of :meth:`targets`, :meth:`frame_targets`
+    :meth:`load_examples`; the defaults of :meth:`targets`, :meth:`frame_targets`
     and :meth:`score` cover the four problem types, and a task overrides
     :meth:`score` when its metric needs more than class indices (key
-    detection maps them to key names for the mir_eval weighted score).
+    detection maps them to key names for the mir_eval weighted score). A
+    task with ``problem = "beat"`` declares ``Options`` that subclass
+    :class:`BeatTaskOptions` (checked when the class is defined).
 
     Args:
         options: a validated instance of ``self.Options``.
@@ -97,6 +111,14 @@ class Task:
     problem: ClassVar[Problem] = "multiclass"
     metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
     """Metric names this task reports; the first selects lr and layer."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.problem == "beat" and not issubclass(cls.Options, BeatTaskOptions):
+            raise TypeError(
+                f"task {cls.__name__} has problem 'beat', so its Options must subclass mert_core.tasks.BeatTaskOptions "
+                f"(tolerance_seconds, postprocess); {cls.Options.__name__} does not"
+            )
 
     def __init__(self, options: TaskOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -222,11 +244,10 @@ class Task:
         if self.problem == "beat":
             from mert_core.evaluation.beats import track_beats
 
-            tolerance = float(getattr(self.options, "tolerance_seconds", 0.07))
-            method = getattr(self.options, "postprocess", "dp")
+            options: BeatTaskOptions = self.options  # type: ignore[assignment]  # declared by __init_subclass__
             refs = [np.asarray(ex.label, dtype=np.float64) for ex in examples]
-            ests = [track_beats(np.asarray(a), frame_rate_hz, method=method) for a in outputs]
-            return {"beat_f_measure": M.beat_f_measure(refs, ests, tolerance_seconds=tolerance)}
+            ests = [track_beats(np.asarray(a), frame_rate_hz, method=options.postprocess) for a in outputs]
+            return {"beat_f_measure": M.beat_f_measure(refs, ests, tolerance_seconds=options.tolerance_seconds)}
         raise ValueError(f"task {self.name!r}: unknown problem type {self.problem!r}")
 
     def describe(self) -> dict[str, Any]:

@@ -9,13 +9,12 @@ written exactly like a third-party task plugin would be.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
 from mert_core.evaluation import metrics as M
 from mert_core.hookspecs import hookimpl
-from mert_core.tasks import Example, Task, TaskDataError, TaskOptions
+from mert_core.tasks import BeatTaskOptions, Example, Task, TaskDataError, TaskOptions
 
 
 class DemoOptions(TaskOptions):
@@ -93,9 +92,8 @@ class DemoTimbreTask(_DemoTask):
         return self.labels().index(record["timbre"])
 
 
-class DemoBeatOptions(DemoOptions):
-    tolerance_seconds: float = Field(0.07, gt=0, description="Hit window of the beat F-measure (mir_eval default 0.07 s; the MERT thesis quotes 0.02 s).")
-    postprocess: Literal["dp", "peaks"] = Field("dp", description="Beat post-processing: librosa dynamic programming (dp) or peak picking.")
+class DemoBeatOptions(BeatTaskOptions, DemoOptions):
+    """The demo's data folder and the beat scoring options (in this order)."""
 
 
 class DemoBeatTask(_DemoTask):
