@@ -247,6 +247,42 @@ def test_labels_are_the_nearest_centroid(registry, mfcc_file):
         assert teacher.targets(torch.zeros(1, S)).shape == (1, student_frames(S), 1)
 
 
+def test_sklearn_backend_fits_labels_and_trains(registry, audio_dir, mfcc_file, tmp_path, monkeypatch):
+    """backend='sklearn': MiniBatchKMeans fits the codebook; labels are still the
+    nearest centroid; the fitted file labels a store and trains a student."""
+    from mert_core import api
+    from mert_core.labels import LabelStore, label_data
+
+    monkeypatch.setenv("MERT_CACHE", str(tmp_path / "cache"))
+    fitted = fit_teacher("kmeans-mfcc", [audio_dir], tmp_path / "sk.safetensors", {**SMALL_MFCC, "backend": "sklearn"},
+                         registry=registry, device="cpu", progress=False)
+    meta, tensors = read_teacher_file(fitted)
+    native_meta, _ = read_teacher_file(mfcc_file)
+    assert meta["fit"]["backend"] == "sklearn" and native_meta["fit"]["backend"] == "native"
+    stream = meta["streams"]["mfcc"]
+    assert tensors["centroids.mfcc"].shape == (12, 39) and stream["num_frames"] == native_meta["streams"]["mfcc"]["num_frames"]
+    assert stream["inertia"] <= 1.25 * native_meta["streams"]["mfcc"]["inertia"]  # a k-means fit, if a mini-batch one
+
+    teacher = build(registry, "kmeans-mfcc", teacher_file=str(fitted))
+    wave = torch.from_numpy(np.stack([music(3.0, SR, seed=s) for s in (41, 42)]))
+    labels = teacher.targets(wave)
+    x = teacher.extractors["mfcc"](wave).double().numpy().reshape(-1, 39)
+    c = tensors["centroids.mfcc"].double().numpy()
+    assert (labels.flatten().numpy() == ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)).mean() > 0.999
+    assert len(labels.unique()) >= 4
+
+    store = label_data("kmeans-mfcc", [audio_dir], tmp_path / "store", teacher_file=fitted, window_samples=2 * SR, device="cpu", progress=False)
+    assert store.num_files == 4 and LabelStore.open(tmp_path / "store").labels.shape[1] == 1
+    config = api.make_train_config(
+        teachers=["kmeans-mfcc"], preset="tiny", data=[audio_dir], out_dir=tmp_path / "run", max_steps=2, registry=registry,
+        overrides=[f"teacher.kmeans-mfcc.teacher_file={fitted}", "data.batch_size=2", "data.num_workers=0", "data.crop_seconds=2.0",
+                   "log_every=1", f"teacher.kmeans-mfcc.label_store={tmp_path / 'store'}"],
+    )
+    api.train(config, registry=registry, progress=False, log=lambda message: None)
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and np.isfinite(last["loss/kmeans-mfcc"])
+
+
 def test_tie_check_refuses_labels_that_are_no_tie(registry, mfcc_file, lmc_file):
     """The tie-aware comparison fails on a label changed away from a tie, in a plain or a product codebook."""
     wave = torch.from_numpy(np.stack([music(2.0, SR, seed=s) for s in (33, 34)]))

@@ -547,6 +547,65 @@ class KMeansResult:
         return self.inertia / max(self.num_frames, 1)
 
 
+def _check_enough_frames(num_frames: int, num_clusters: int, name: str) -> None:
+    if num_frames < num_clusters:
+        raise KMeansError(
+            f"{name}: the sample holds {num_frames} frames, fewer than the {num_clusters} clusters asked for; "
+            f"use more audio (sample_fraction / sample_hours) or fewer clusters (n_clusters)"
+        )
+
+
+def fit_minibatch_kmeans(
+    cache: FeatureCache,
+    num_clusters: int,
+    *,
+    seed: int,
+    n_init: int = 1,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    batch_frames: int = 4096,
+    name: str = "k-means",
+) -> KMeansResult:
+    """Cluster every row of ``cache`` with scikit-learn's ``MiniBatchKMeans``
+    (the k-means teachers' ``backend='sklearn'``).
+
+    The rows are read into memory (4 bytes x dims per frame); k-means++ seeds
+    ``n_init`` runs, the best is kept, and the inertia reported is the exact one
+    over all rows (scikit-learn's ``compute_labels``).
+
+    Args:
+        cache: finished feature cache (N rows).
+        num_clusters: K.
+        seed: scikit-learn's ``random_state``.
+        n_init: k-means++ restarts.
+        max_iter: passes over the rows, at most.
+        tol: scikit-learn's early-stopping tolerance on the centroid change.
+        batch_frames: rows per mini-batch.
+        name: named in errors.
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    N, K = cache.rows, num_clusters
+    _check_enough_frames(N, K, name)
+    started = time.perf_counter()
+    model = MiniBatchKMeans(n_clusters=K, n_init=n_init, max_iter=max_iter, tol=tol, batch_size=batch_frames,
+                            random_state=seed % 2**32, compute_labels=True)
+    model.fit(np.asarray(cache.array))
+    return KMeansResult(
+        centroids=torch.from_numpy(model.cluster_centers_.astype(np.float32)),
+        inertia=float(model.inertia_),
+        num_frames=N,
+        init_frames=N,
+        init_inertia=[],
+        passes=int(model.n_iter_),
+        converged=int(model.n_iter_) < max_iter,
+        history=[],
+        relocated=0,
+        subsample_iterations=int(model.n_steps_),
+        seconds={"sklearn": round(time.perf_counter() - started, 3)},
+    )
+
+
 def fit_kmeans(
     cache: FeatureCache,
     num_clusters: int,
@@ -586,11 +645,7 @@ def fit_kmeans(
         name: shown in progress bars.
     """
     N, K = cache.rows, num_clusters
-    if N < K:
-        raise KMeansError(
-            f"{name}: the sample holds {N} frames, fewer than the {K} clusters asked for; "
-            f"use more audio (sample_fraction / sample_hours) or fewer clusters (n_clusters)"
-        )
+    _check_enough_frames(N, K, name)
     device = torch.device(device)
     rng = np.random.default_rng(seed)
     if init_frames is None:

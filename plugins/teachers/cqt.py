@@ -37,6 +37,7 @@ MERT's code does (``cqt[:, :T_student]``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -101,6 +102,12 @@ class CQTOptions(TeacherOptions):
         "`mert train` after it fits them.",
     )
     stats_hours: float = Field(0.5, gt=0, description="With normalize='per-bin': hours of training audio (random 5 s chunks) the statistics are measured on.")
+    backend: Literal["native", "nnaudio"] = Field(
+        "native",
+        description="Who computes the CQT magnitude: 'native' (mert's one-FFT CQT, ~100x faster on CPU) or 'nnaudio' "
+        "(nnAudio.features.CQT1992v2 itself, the reference 'native' reproduces to ~1e-4). Same bins, hop and padding; "
+        "compression and normalisation follow either way.",
+    )
 
 
 # -- kernel geometry (nnAudio's create_cqt_kernels, filter_scale=1, norm=1) ----------
@@ -290,6 +297,40 @@ class FastCQT(torch.nn.Module):
         return frames.reshape(batch, self.n_bins, num_chunks * chunk_frames)[..., :num_frames]
 
 
+class NnAudioCQT(torch.nn.Module):
+    """nnAudio's ``CQT1992v2`` magnitude (``backend='nnaudio'``), shaped like :class:`FastCQT`'s.
+
+    The reference :class:`FastCQT` reproduces, at nnAudio's cost (every bin
+    convolved with the lowest bin's kernel). nnAudio's extra last frame is
+    dropped, so both backends give ``S // hop_samples`` frames.
+
+    Args: as :class:`FastCQT`.
+
+    Shapes:
+        input ``(B, S)`` float; output ``(B, n_bins, S // hop_samples)`` float32.
+    """
+
+    def __init__(self, sample_rate: int = 24000, hop_samples: int = 320, fmin_hz: float = 32.7, n_bins: int = 336,
+                 bins_per_octave: int = 48, pad_mode: str = "constant"):
+        super().__init__()
+        from nnAudio.features import CQT1992v2
+
+        checked_frequencies(sample_rate, fmin_hz, n_bins, bins_per_octave)
+        self.hop_samples, self.n_bins = hop_samples, n_bins
+        self.layer = CQT1992v2(sr=sample_rate, hop_length=hop_samples, fmin=fmin_hz, n_bins=n_bins, bins_per_octave=bins_per_octave,
+                               window="hann", center=True, pad_mode=pad_mode, output_format="Magnitude", verbose=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_frames = x.shape[1] // self.hop_samples
+        if num_frames == 0 or x.shape[0] == 0:
+            return x.new_zeros((x.shape[0], self.n_bins, num_frames))
+        return self.layer(x.float())[..., :num_frames]  # B, K, T
+
+
+BACKENDS = {"native": FastCQT, "nnaudio": NnAudioCQT}
+"""The ``backend`` option's values: classes taking FastCQT's arguments."""
+
+
 def _fft_friendly(n: int) -> int:
     """The smallest 5-smooth integer >= n (FFT sizes with factors 2, 3, 5 are fast)."""
     best = 1 << max(0, (n - 1).bit_length())
@@ -315,7 +356,7 @@ class CQTTeacher(Teacher):
 
     def __init__(self, options: CQTOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
         super().__init__(options, geometry)
-        self.cqt = FastCQT(self.sample_rate, self.hop_samples, options.fmin_hz, options.n_bins, options.bins_per_octave, options.pad_mode)
+        self.cqt = BACKENDS[options.backend](self.sample_rate, self.hop_samples, options.fmin_hz, options.n_bins, options.bins_per_octave, options.pad_mode)
         # per-bin statistics of normalize='per-bin' (identity until fitted or loaded)
         self.register_buffer("bin_mean", torch.zeros(options.n_bins), persistent=False)
         self.register_buffer("bin_std", torch.ones(options.n_bins), persistent=False)
@@ -391,6 +432,12 @@ class CQTTeacher(Teacher):
             elif self.options.compression == "log":
                 mag = torch.log(mag + self.options.log_floor)
         return mag
+
+    def config_hash(self) -> str:
+        """The base hash; ``backend`` counts only when it is not the default (hashes made before it existed still match)."""
+        options = self.options.model_dump_json(exclude={"backend"} if self.options.backend == "native" else None)
+        payload = f"{self.name}|{self.sample_rate}|{self.hop_samples}|{options}"
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def target_spec(self) -> TargetSpec:
         return TargetSpec(kind="continuous", dim=self.options.n_bins, frame_rate_hz=self.frame_rate_hz, default_weight=1.0)

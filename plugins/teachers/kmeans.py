@@ -50,7 +50,9 @@ from mert_plugins.teachers._features import (
     MFCCFeatures,
     STUDENT_WINDOW_SAMPLES,
 )
-from mert_plugins.teachers._streaming_kmeans import Codebook, FeatureCache, KMeansResult, estimate_seconds, fit_kmeans
+from mert_plugins.teachers._streaming_kmeans import (
+    Codebook, FeatureCache, KMeansResult, estimate_seconds, fit_kmeans, fit_minibatch_kmeans,
+)
 
 log = logging.getLogger("mert.teachers.kmeans")
 
@@ -99,6 +101,11 @@ class KMeansFitOptions(TeacherOptions):
         1e-4, ge=0, description="Also stop when a Lloyd pass lowers the inertia by <= this fraction (0: tol only; see docs/kmeans.md for what it costs)."
     )
     seed: int | None = Field(None, description="Seed of the sample and the initialisation; None: the seed passed to fit() (the run's seed).")
+    backend: Literal["native", "sklearn"] = Field(
+        "native", description="Who clusters the fit sample: 'native' (mert's bounded-memory torch k-means, on the fit device) or "
+        "'sklearn' (scikit-learn's MiniBatchKMeans on the CPU, the sample held in memory; n_init, max_iter and tol apply). "
+        "Either way targets are the nearest centroid.",
+    )
     cache_dir: Path | None = Field(
         None, description="Folder for the temporary on-disk feature cache while fitting (4 bytes x dims x 75 per second of sample); None: the system temp folder."
     )
@@ -567,12 +574,18 @@ class KMeansTeacher(Teacher):
                 # 2. one k-means per stream
                 results: dict[str, KMeansResult] = {}
                 for name, k in self.streams().items():
-                    results[name] = fit_kmeans(
-                        caches[name], k, seed=seed + sum(map(ord, name)), n_init=opts.n_init, init_frames=opts.init_frames,
-                        max_iter=opts.max_iter, max_passes=opts.max_passes, tol=opts.tol, inertia_tol=opts.inertia_tol,
-                        device=device, progress=progress,
-                        name=f"{self.name}/{name}",
-                    )
+                    if opts.backend == "sklearn":
+                        results[name] = fit_minibatch_kmeans(
+                            caches[name], k, seed=seed + sum(map(ord, name)), n_init=opts.n_init, max_iter=opts.max_iter,
+                            tol=opts.tol, name=f"{self.name}/{name}",
+                        )
+                    else:
+                        results[name] = fit_kmeans(
+                            caches[name], k, seed=seed + sum(map(ord, name)), n_init=opts.n_init, init_frames=opts.init_frames,
+                            max_iter=opts.max_iter, max_passes=opts.max_passes, tol=opts.tol, inertia_tol=opts.inertia_tol,
+                            device=device, progress=progress,
+                            name=f"{self.name}/{name}",
+                        )
                     r = results[name]
                     log.info(
                         "%s/%s: K=%d, inertia %.6g per frame over %d frames (%d streamed passes, %s)",
