@@ -38,7 +38,7 @@ def synthetic_music(seconds: float, sample_rate: int = SR, seed: int = 0) -> np.
 
 
 def student_frames(samples: int) -> int:
-    """Frames of the SPEC conv stack: kernels (10,3,3,3,3,2,2), strides (5,2,2,2,2,2,2)."""
+    """Frames of the MERT paper's conv stack: kernels (10,3,3,3,3,2,2), strides (5,2,2,2,2,2,2)."""
     for kernel, stride in zip((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)):
         samples = (samples - kernel) // stride + 1
     return max(samples, 0)

@@ -1,38 +1,9 @@
-"""The musical teacher: the Constant-Q spectrum of the clean audio (SPEC "Teachers").
+"""The musical teacher ``cqt``: the Constant-Q magnitude of the clean audio, as MERT regresses it.
 
-MERT regresses the magnitude of nnAudio's CQT (``nnAudio.features.CQT``, i.e.
-``CQT1992v2``: fmin 32.7 Hz, 336 bins, 48 per octave, hop 320, hann window,
-L1-normalised kernels with librosa's sqrt(length) scaling, ``center=True``).
-nnAudio computes it as a strided ``conv1d`` in which *every* bin pays for the
-lowest bin's 65536-tap kernel: ~17 audio-seconds/s on 2 idle CPU cores.
-
-This module computes the same numbers from one FFT per clip (Brown & Puckette's
-sparse spectral kernels, with the hop folded into the frequency domain):
-
-1. ``X = rfft(padded clip)``, FFT length ``N = M * hop``.
-2. Each bin's kernel is a hann-windowed complex exponential, so its spectrum is
-   a narrow bump around the bin's frequency. We evaluate it in closed form (the
-   window is a sum of three exponentials, each giving a Dirichlet kernel) on the
-   main lobe plus ``SIDELOBES`` window-bins of side lobes either side.
-3. Sampling the correlation every ``hop`` samples is, in the frequency domain,
-   folding ``X * kernel`` onto ``M`` bins: FFT bin ``f`` lands on ``f mod M``
-   (exact, because ``N = M * hop``). Steps 2-3 for all bins are one sparse
-   ``(n_bins * M, N/2 + 1)`` matrix, applied with a single sparse matmul.
-4. An ``M``-point inverse FFT per bin gives the complex CQT at every frame;
-   its magnitude is the target.
-
-The work per 5 s clip is one 173k-point FFT, a sparse matmul with ~1.1 M
-nonzeros and 336 inverse FFTs of 540 points, instead of nnAudio's 336 x 65536
-taps per frame. The only approximation is the side lobes left out (below
--85 dB); the relative error against nnAudio on music is ~6e-5 (see
-``benchmarks/bench_cqt.py`` and ``docs/cqt.md``). The normalisation is
-nnAudio's own, derived analytically, so no per-bin scale is fitted.
-
-Frames: frame ``t`` is centred on sample ``t * hop`` (nnAudio's ``center=True``);
-nnAudio returns ``S // hop + 1`` frames, we return the first ``S // hop``. The
-student's conv stack gives ``(S - 400) // 320 + 1`` frames, so ours are equal to
-it, or one more when ``S % 320 < 80``; the core drops the extra last frame, as
-MERT's code does (``cqt[:, :T_student]``).
+The same numbers as nnAudio's ``CQT1992v2`` (fmin 32.7 Hz, 336 bins, 48 per
+octave, hop 320, ``center=True``) from one FFT per clip and a sparse matrix of
+folded kernels (:class:`FastCQT`), or from nnAudio itself (``backend='nnaudio'``).
+How it works, what it matches and how fast it is: ``docs/cqt.md``.
 """
 
 from __future__ import annotations
@@ -71,14 +42,14 @@ which bounds memory and the number of cached kernel sets."""
 
 
 class CQTOptions(TeacherOptions):
-    fmin_hz: float = Field(32.7, gt=0, description="Centre frequency of the lowest bin in Hz (SPEC: 32.7 Hz, C1).")
-    n_bins: int = Field(336, ge=1, description="Number of CQT bins = target size (SPEC: 336 = 7 octaves x 48).")
-    bins_per_octave: int = Field(48, ge=1, description="Bins per octave (SPEC: 48).")
+    fmin_hz: float = Field(32.7, gt=0, description="Centre frequency of the lowest bin in Hz (the MERT paper: 32.7 Hz, C1).")
+    n_bins: int = Field(336, ge=1, description="Number of CQT bins = target size (the MERT paper: 336 = 7 octaves x 48).")
+    bins_per_octave: int = Field(48, ge=1, description="Bins per octave (the MERT paper: 48).")
     pad_mode: Literal["constant", "reflect"] = Field(
         "constant",
         description="How the clip is extended past its ends so border frames are centred (nnAudio center=True): "
         "'constant' (zeros, what MERT's code uses) or 'reflect' (nnAudio's default; needs clips longer than half "
-        "the lowest bin's kernel, ~1.05 s at the SPEC settings).",
+        "the lowest bin's kernel, ~1.05 s at the paper's settings).",
     )
     compression: Literal["none", "log1p", "log"] = Field(
         "none",

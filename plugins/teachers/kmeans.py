@@ -1,7 +1,7 @@
 """The k-means family of acoustic teachers (MusicHuBERT, MERT-v0, HuBERT iteration 2).
 
 * ``kmeans-mfcc``: MFCC + delta + delta-delta (13 -> 39 dims, or 20 -> 60),
-  one codebook of K = 500 classes (SPEC: 100, 500 or 2000).
+  one codebook of K = 500 classes (the MERT paper tried 100, 500 and 2000).
 * ``kmeans-logmel-chroma``: one clustering of log-mel frames (K = 300) and one
   of chroma frames (K = 200), combined into 300 x 200 = 60000 product classes
   as one target (the paper's way), or kept as two codebooks.
@@ -116,7 +116,7 @@ FIT_FIELDS = frozenset(KMeansFitOptions.model_fields)
 
 
 class MFCCOptions(KMeansFitOptions):
-    n_clusters: int = Field(500, ge=2, description="K (SPEC: 100, 500 or 2000; 2000 was best for music).")
+    n_clusters: int = Field(500, ge=2, description="K (the MERT paper tried 100, 500 and 2000; 2000 was best for music).")
     n_mfcc: int = Field(13, ge=1, description="Cepstral coefficients: 13 -> 39 dims with deltas (MusicHuBERT), 20 -> 60.")
     n_mels: int = Field(64, ge=1, description="Mel bands under the MFCC.")
     n_fft: int = Field(1024, ge=400, description="STFT window (hann), centred on each student frame.")
@@ -124,10 +124,10 @@ class MFCCOptions(KMeansFitOptions):
 
 
 class LogMelChromaOptions(KMeansFitOptions):
-    n_clusters_logmel: int = Field(300, ge=2, description="K of the log-mel clustering (SPEC: 300).")
-    n_clusters_chroma: int = Field(200, ge=2, description="K of the chroma clustering (SPEC: 200).")
+    n_clusters_logmel: int = Field(300, ge=2, description="K of the log-mel clustering (MERT-v0: 300).")
+    n_clusters_chroma: int = Field(200, ge=2, description="K of the chroma clustering (MERT-v0: 200).")
     combine: Literal["product", "separate"] = Field(
-        "product", description="product: one target of logmel x chroma classes (SPEC: 60000); separate: two codebooks."
+        "product", description="product: one target of logmel x chroma classes (MERT-v0: 60000); separate: two codebooks."
     )
     n_mels: int = Field(128, ge=1, description="Mel bands of the log-mel features.")
     n_fft: int = Field(1024, ge=400, description="STFT window of the log-mel features.")
@@ -142,7 +142,7 @@ class HiddenOptions(KMeansFitOptions):
     layer: int | None = Field(
         None, ge=0, description="Hidden state to cluster: 0 = transformer input, i = output of layer i; None: the middle layer (6 of 12, as HuBERT's second iteration)."
     )
-    n_clusters: int = Field(500, ge=2, description="K (SPEC: 500 or 2000).")
+    n_clusters: int = Field(500, ge=2, description="K (HuBERT: 500; 2000 for music in the MERT paper).")
 
 
 # -- the fit sample -----------------------------------------------------------------
@@ -690,7 +690,7 @@ class MFCCKMeansTeacher(KMeansTeacher):
     """k-means of MFCC + delta + delta-delta frames (MusicHuBERT): one codebook of K classes."""
 
     name = "kmeans-mfcc"
-    description = "k-means of MFCC+deltas (13 -> 39 dims), K=500 (SPEC 100/500/2000): MusicHuBERT's acoustic teacher"
+    description = "k-means of MFCC+deltas (13 -> 39 dims), K=500 (the MERT paper tried 100/500/2000): MusicHuBERT's acoustic teacher"
     Options = MFCCOptions
 
     def streams(self) -> dict[str, int]:
@@ -711,7 +711,7 @@ class LogMelChromaKMeansTeacher(KMeansTeacher):
     """
 
     name = "kmeans-logmel-chroma"
-    description = "k-means of log-mel (K=300) x chroma (K=200) = 60000 product classes (SPEC): MERT-v0's acoustic teacher"
+    description = "k-means of log-mel (K=300) x chroma (K=200) = 60000 product classes: MERT-v0's acoustic teacher"
     Options = LogMelChromaOptions
 
     def streams(self) -> dict[str, int]:
@@ -748,7 +748,7 @@ class HiddenKMeansTeacher(KMeansTeacher):
     """
 
     name = "kmeans-hidden"
-    description = "k-means of a trained student's hidden layer, K=500 or 2000 (SPEC: HuBERT iteration 2)"
+    description = "k-means of a trained student's hidden layer, K=500 or 2000 (HuBERT's second iteration)"
     Options = HiddenOptions
 
     def __init__(self, options: HiddenOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):

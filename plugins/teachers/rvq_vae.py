@@ -1,31 +1,10 @@
-"""The RVQ-VAE teacher (MERT-v1): EnCodec's residual-vector-quantizer codes.
+"""The RVQ-VAE teacher ``rvq-vae`` (MERT-v1's acoustic teacher): EnCodec's residual-VQ codes.
 
-EnCodec's 24 kHz model at 6 kbps encodes audio into 8 codebooks of 1024 codes
-at 75 Hz, exactly the student's frame rate (SPEC "Teachers"). Each codebook is
-one discrete target with its own classification head.
-
-Weights. The official checkpoint ``encodec_24khz-d7cc33bc.th`` is licensed
-CC-BY-NC 4.0 and is never downloaded by mert. It is read from the option
-``weights_path``, else from where ``encodec`` itself would cache it:
-``$TORCH_HOME/hub/checkpoints/encodec_24khz-d7cc33bc.th`` (``torch.hub.get_dir()``).
-
-Framing. EnCodec pads the tail of a clip to a multiple of its hop (320) and
-gives ``ceil(S / 320)`` frames. We drop the last frame when it is partial
-(made partly of EnCodec's padding) and return ``S // 320`` frames: one more
-than the student's ``(S - 400) // 320 + 1`` for a 5 s crop (375 vs 374; the
-core drops the extra one), and never more than one off.
-
-The chunk rule. EnCodec's LSTM carries state across the whole input, so a file
-encoded in pieces gives different codes than encoded whole. Both the online
-path and ``mert teacher label`` therefore encode exactly one training window
-(the crop, 5 s) at a time, on a grid from sample 0 of the file; the trainer
-takes grid-aligned crops when a label store is used, so the codes are the same
-either way. Batching: EnCodec has no batch-dependent operation, but float
-rounding can differ with the batch size and flip a near-tie (measured: about
-1 code in 10^4 on CPU). On CPU the teacher therefore encodes clip by clip by
-default (batching gains little there), which makes the codes exactly
-independent of the batch; on GPU it encodes the whole batch at once
-(``clips_per_call``).
+EnCodec's 24 kHz model at 6 kbps gives 8 codebooks x 1024 codes at 75 Hz, the
+student's frame rate; each codebook is one discrete target. Where the weights
+come from (never downloaded: CC-BY-NC 4.0), how frames line up with the
+student's, why one training window is encoded at a time (online and offline
+codes agree) and why CPU batches go clip by clip: ``docs/rvq_vae_mixup.md``.
 """
 
 from __future__ import annotations
@@ -181,7 +160,7 @@ class RVQVAEOptions(TeacherOptions):
     codebooks: Literal["all", "random"] | list[int] = Field(
         "all",
         description=(
-            "Which codebooks are targets: 'all' 8 (SPEC, the final MERT-v1), a list of indices 0-7 "
+            "Which codebooks are targets: 'all' 8 (the final MERT-v1), a list of indices 0-7 "
             "(e.g. [0] or [7], the paper's ablations), or 'random': one codebook per batch, drawn "
             "from the trainer's per-step generator. Codebooks not chosen get IGNORE_LABEL."
         ),
@@ -260,7 +239,7 @@ class RVQVAETeacher(Teacher):
             frame_rate_hz=SAMPLE_RATE / HOP_SAMPLES,
             num_codebooks=NUM_CODEBOOKS,
             num_classes=CODEBOOK_SIZE,
-            default_weight=1.0,  # SPEC: alpha = 1
+            default_weight=1.0,  # the MERT paper: alpha = 1
         )
 
     @torch.no_grad()
