@@ -95,8 +95,7 @@ def bench_step(teachers, device, batch_size: int, crop_samples: int, repeats: in
         targets = {}
         with torch.no_grad():
             for name, teacher in teachers.items():
-                teacher.generator = generator
-                t = teacher.targets(wave) if online else stored[name]
+                t = teacher.targets(wave, generator=generator) if online else stored[name]
                 targets[name], _ = align_targets(name, t, num_frames, specs[name], paths)
         mixed = mixup(wave, lengths, generator)
         mask = compute_span_mask((batch_size, num_frames), torch.full((batch_size,), num_frames, device=device), 0.8, 5, generator)

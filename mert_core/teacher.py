@@ -15,15 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
-
-if TYPE_CHECKING:
-    from torch import nn
 
 IGNORE_LABEL = -1
 """Discrete label value meaning "no target here" (e.g. codebooks not drawn this batch)."""
@@ -192,7 +189,7 @@ class Teacher(torch.nn.Module):
 
     # -- optional: teachers that follow the student (EMA, data2vec style) ------
 
-    def on_step(self, student: nn.Module, step: int) -> None:
+    def on_step(self, student: torch.nn.Module, step: int) -> None:
         """Called by the trainer once before the first batch and after every
         optimizer step (default: nothing).
 
