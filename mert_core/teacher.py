@@ -189,6 +189,32 @@ class Teacher(torch.nn.Module):
 
     # -- optional: teachers that follow the student (EMA, data2vec style) ------
 
+    follows_student: ClassVar[bool] = False
+    """True for a teacher whose targets change as the student trains (EMA): it
+    cannot have an offline label store, and the trainer keeps its
+    :meth:`training_state` in every checkpoint."""
+
+    def attach(self, student: torch.nn.Module) -> None:
+        """Called once with the student that was built, after the teacher is
+        built (and fitted) and before :meth:`target_spec` (default: nothing).
+
+        The student's weights are not final yet (a resumed or ``init_from`` run
+        loads them later): read its shape here (a teacher that follows the
+        student declares ``dim=student.embed_dim``), take its weights in
+        :meth:`on_step`.
+        """
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Tensors that change during training and must survive a resume (default:
+        none). Saved in every checkpoint; a resumed run hands them to
+        :meth:`load_training_state` before the first :meth:`on_step` call."""
+        return {}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`training_state` returned (default: nothing to restore)."""
+        if state:
+            raise ValueError(f"teacher {self.name!r} keeps no training state, but the checkpoint holds {sorted(state)[:3]}")
+
     def on_step(self, student: torch.nn.Module, step: int) -> None:
         """Called by the trainer once before the first batch and after every
         optimizer step (default: nothing).

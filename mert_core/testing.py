@@ -119,7 +119,16 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
         if teacher.needs_fit():
             _fail(what, "still needs_fit() after fit(); a fit must load what it wrote")
 
+    # the trainer's order: attach(student), target_spec(), on_step(student, start), then targets per batch
+    from mert_core.model import tiny
+
+    student = tiny(sample_rate=geometry.sample_rate)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    if teacher.attach(student) is not None:
+        _fail(what, "attach(student) must return None")
     spec = teacher.target_spec()
+    if teacher.on_step(student, 0) is not None:
+        _fail(what, "on_step(student, step) must return None")
     if not isinstance(spec, TargetSpec):
         _fail(what, f"target_spec() must return a mert_core.teacher.TargetSpec, got {type(spec).__name__}")
     if abs(spec.frame_rate_hz - geometry.frame_rate_hz) > 1e-6:
@@ -138,15 +147,14 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
                 _fail(what, "targets_from_store(store_targets(wave), generator=g) differs from targets(wave, generator=g); "
                             "online and offline labels must agree")
 
-    from mert_core.model import tiny
-
-    student = tiny(sample_rate=geometry.sample_rate)
-    before = {k: v.clone() for k, v in student.state_dict().items()}
-    for step in (0, 1):
-        if teacher.on_step(student, step) is not None:
-            _fail(what, "on_step(student, step) must return None")
+    if teacher.on_step(student, 1) is not None:  # after an optimizer step
+        _fail(what, "on_step(student, step) must return None")
     if any(not torch.equal(before[k], v) for k, v in student.state_dict().items()):
         _fail(what, "on_step changed the student's weights; read the student, never modify it")
+    state = teacher.training_state()
+    if teacher.follows_student and not state:
+        _fail(what, "follows_student is True but training_state() is empty; a resumed run could not continue it")
+    teacher.load_training_state(state)
     return teacher
 
 

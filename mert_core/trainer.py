@@ -245,6 +245,8 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
     # forked RNG: fitting must not shift the stream that initialises the heads
     with torch.random.fork_rng(devices=[]):
         teachers = build_teachers(config, registry, [f.path for f in usable], student.geometry, dist_info, say, device)
+    for t in teachers.values():
+        t.attach(student)
     specs = {name: t.target_spec() for name, t in teachers.items()}
     for name, spec in specs.items():
         if abs(spec.frame_rate_hz - student.geometry.frame_rate_hz) > 1e-6:
@@ -292,6 +294,8 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
             scaler.load_state_dict(state["scaler"])
         step = state["step"]
         counters.update(state["counters"])
+        for name, t in teachers.items():  # e.g. the EMA teacher's weights
+            t.load_training_state(state.get("teacher_states", {}).get(name, {}))
     train_model: nn.Module = model
     if dist_info.enabled:
         # layerdrop and one-random-codebook runs leave parameters unused on some steps
@@ -606,6 +610,7 @@ def _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, 
         "counters": counters,
         "plugin_versions": registry.versions(),
         "teacher_hashes": {name: t.config_hash() for name, t in teachers.items()},
+        "teacher_states": {name: t.training_state() for name, t in teachers.items() if t.follows_student},
         "world_size": len(rng["torch"]),
         "history": history,  # changes made on resume, e.g. a lowered optim.lr
     }

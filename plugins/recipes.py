@@ -113,6 +113,20 @@ def muq_style(preset: str) -> dict:
     return {**mert_v1(preset), "teachers": [{"name": "mel-rvq"}, {"name": "cqt"}]}
 
 
+def music2vec(preset: str) -> dict:
+    """Music2Vec (Li et al., 2022) / data2vec on MERT's student: regress the
+    averaged top 8 layers of the student's EMA, span masking 10 frames with
+    probability 0.65, no conv feature penalty (data2vec has none)."""
+    return {
+        "model": {"preset": preset},
+        "teachers": [{"name": "ema"}],
+        "optim": _optim(preset),
+        "data": _data(preset),
+        "mask": {"prob": 0.65, "length": 10},
+        "loss": {"feature_penalty": 0.0},
+    }
+
+
 @hookimpl
 def register_recipes(register):
     register(Recipe("mert-v1", "MERT-v1: EnCodec RVQ-VAE (8 codebooks) + CQT teachers, in-batch noise mixup (the paper's final model)", mert_v1))
@@ -120,5 +134,6 @@ def register_recipes(register):
     register(Recipe("musichubert", "MusicHuBERT: MFCC k-means (K=2000) teacher only", musichubert))
     register(Recipe("musicfm-style", "MusicFM's teacher: BEST-RQ random-projection labels of log-mel (8192 classes) + CQT", musicfm_style))
     register(Recipe("muq-style", "MuQ's teacher: Mel-RVQ codes (8 x 1024) + CQT, in-batch noise mixup (MERT-v1 without EnCodec)", muq_style))
+    register(Recipe("music2vec", "Music2Vec / data2vec: regress the student's own EMA (top 8 layers), span-10 masking", music2vec))
     register(Recipe("cqt-only", "CQT reconstruction only (the musical teacher alone)", cqt_only, default_preset="tiny"))
     register(Recipe("cpu", "A CPU-scale run that learns: log + per-bin standardised CQT, no conv feature penalty, tiny student (not the paper's settings)", cpu, default_preset="tiny"))

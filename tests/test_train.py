@@ -153,7 +153,7 @@ def _cli(*args, env=None, **kwargs):
 
 
 def _train_args(out, data, steps):
-    args = ["train", "--teacher", "cqt", "--augment", "add-dc", "--preset", "tiny", "--data", str(data),
+    args = ["train", "--teacher", "cqt", "--teacher", "ema", "--augment", "add-dc", "--preset", "tiny", "--data", str(data),
             "--out", str(out), "--max-steps", str(steps), "--quiet", "--set", "checkpoint_every=2",
             "--set", "augment.add-dc.sleep_seconds=0.4"]
     for item in TINY:
@@ -187,12 +187,14 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, music_dir, che
         assert torch.equal(a["student"][k], b["student"][k]), k
     for k in a["heads"]:
         assert torch.equal(a["heads"][k], b["heads"][k]), k
+    for k in a["teacher_states"]["ema"]:  # the EMA teacher's copy continues exactly too
+        assert torch.equal(a["teacher_states"]["ema"][k], b["teacher_states"]["ema"][k]), k
 
 
 DDP_SCRIPT = '''
 import os, sys, torch
 from mert_core import api
-config = api.make_train_config(teachers=["cqt"], preset="tiny", data=[sys.argv[1]], out_dir=sys.argv[2], max_steps=3,
+config = api.make_train_config(teachers=["cqt", "ema"], preset="tiny", data=[sys.argv[1]], out_dir=sys.argv[2], max_steps=3,
                                overrides=["data.batch_size=1", "data.num_workers=0", "data.crop_seconds=2.0", "data.min_seconds=1.0", "log_every=1"])
 result = api.train(config, progress=False)
 torch.save(result.student.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
