@@ -171,3 +171,16 @@ def make_train_config(
         raise ConfigError(f"config field 'model.init_from': {config.model.init_from} does not exist; give a Hugging Face "
                           f"HuBERT/MERT folder, a mert run folder, a .pt or a student.safetensors")
     return config
+
+
+def with_data_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with its data paths resolved: no paths means the built-in demo
+    pieces (generated once into the cache), written into the config so that the
+    saved config records the audio the run really read."""
+    if config.data.paths:
+        return config
+    from mert_core.demo import ensure_demo_data
+
+    # the demo's single notes (1.5 s) are for downstream tasks, not pretraining
+    config.data.paths = [ensure_demo_data() / "pieces"]
+    return config
