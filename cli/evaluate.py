@@ -130,10 +130,11 @@ class _InputError(ValueError):
 def _prepare(checkpoints, hf_models, baselines, preset, tasks, task_sets, overrides, device, seed):
     """Validate everything up front (options, task data, checkpoints) before any long work."""
     from mert_core.evaluation import api
+    from mert_core.paths import resolve_device
 
     probe_opts, extract_opts = _split_options(overrides)
     probe_opts.setdefault("seed", seed)
-    probe_opts.setdefault("device", api.resolve_device(device))
+    probe_opts.setdefault("device", resolve_device(device))
     from mert_core.evaluation.extract import ExtractOptions
     from mert_core.evaluation.probe import ProbeOptions
 

@@ -16,14 +16,10 @@ change, :func:`roll_back_to_checkpoint_before` undoes non-finite steps.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,6 +27,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from mert_core.config import TrainConfig
+from mert_core.files import atomic_write, remove_stale_temp_files  # noqa: F401 - re-exported: the run folder's writes
 from mert_core.model import MertStudent
 
 FORMAT = "mert-checkpoint-v1"
@@ -40,66 +37,12 @@ LOCK_FILE = ".lock"
 
 log = logging.getLogger(__name__)
 
-# atomic_write's temporary names: "." + target name + "." + mkstemp's 8 random characters + ".tmp"
-_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the path and what to do."""
 
 
 class RunFolderBusy(RuntimeError):
     """Another process is writing into the same run folder."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash (even
-    SIGKILL) leaves either the old file or the new one, never half a file
-    (plus, after SIGKILL, a temporary file that :func:`remove_stale_temp_files`
-    deletes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as exc:
-        if _disk_full(exc, path.parent):  # torch.save says only "unexpected pos", safetensors "I/O error"
-            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _disk_full(exc: BaseException, folder: Path) -> bool:
-    """Whether a failed write failed for lack of space (checked while the partial file still fills the disk)."""
-    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
-        return True
-    try:
-        return shutil.disk_usage(folder).free < (1 << 20)
-    except OSError:
-        return False
-
-
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete what :func:`atomic_write` leaves in ``folder`` when killed mid-write.
-
-    Only safe while no other process writes there: call it with the folder's
-    :func:`lock_run_folder` held.
-
-    Returns:
-        the files removed.
-    """
-    removed = []
-    for p in sorted(Path(folder).glob(".*.tmp")):
-        if _TMP_NAME.match(p.name) and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 @contextlib.contextmanager

@@ -22,7 +22,6 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,6 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from mert_core.audio import AUDIO_EXTENSIONS, AudioError, audio_info, read_crop, resampled_length
+from mert_core.files import atomic_write
+from mert_core.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,6 @@ _CACHE_COLUMNS = ("path", "size", "mtime_ns", "sample_rate", "frames", "error")
 
 class DataError(ValueError):
     """A data problem the user has to fix (missing folder, malformed manifest, no usable files)."""
-
-
-def default_cache_dir() -> Path:
-    """``$MERT_CACHE`` or ``~/.cache/mert``."""
-    env = os.environ.get("MERT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mert"
 
 
 # ---------------------------------------------------------------------------
@@ -167,7 +162,7 @@ def scan_audio(paths: Iterable[str | Path], cache_dir: Path | None = None, progr
             with ``sample_rate``: rows that give them are trusted and not
             opened), or single audio files.
         cache_dir: where scan results are cached (default
-            :func:`default_cache_dir`), keyed by the input paths. A re-scan
+            :func:`mert_core.paths.cache_root`), keyed by the input paths. A re-scan
             reuses entries whose file size and mtime are unchanged, opens new
             or changed files and drops deleted ones.
         progress: show a progress bar while headers are read.
@@ -370,7 +365,7 @@ def _number(path: Path, line: int, row: dict[str, str], column: str, kind: type,
 
 
 def _cache_file(inputs: list[Path], cache_dir: Path | None) -> Path | None:
-    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    cache_dir = cache_root(cache_dir)
     key = hashlib.sha256(json.dumps(sorted(str(p) for p in inputs)).encode()).hexdigest()[:16]
     return cache_dir / "scans" / f"scan-{_CACHE_VERSION}-{key}.tsv"
 
@@ -389,17 +384,13 @@ def _read_cache(cache_file: Path | None) -> dict[str, dict[str, str]]:
 
 
 def _atomic_write_tsv(path: Path, header: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             writer.writerow(list(header))
             writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _one_line(text: str) -> str:

@@ -36,6 +36,8 @@ import scipy.signal
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from mert_core.files import publish_folder
+
 DEMO_VERSION = "demo-v1"
 SAMPLE_RATE = 24000
 TONIC_NAMES = ("C", "Db", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
@@ -103,9 +105,9 @@ def ensure_demo_data(root: Path | None = None, seed: int = 0, size: DemoSize = D
     a folder with a different stamp is regenerated.
     """
     if root is None:
-        from mert_core.data import default_cache_dir
+        from mert_core.paths import cache_root
 
-        root = default_cache_dir() / DEMO_VERSION
+        root = cache_root() / DEMO_VERSION
     root = Path(root).expanduser().absolute()
     stamp = _stamp(seed, size)
     if _read_stamp(root) == stamp:
@@ -119,19 +121,10 @@ def ensure_demo_data(root: Path | None = None, seed: int = 0, size: DemoSize = D
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         generate_demo_data(tmp, seed=seed, size=size, progress=progress)
-        if root.exists():  # an older version (or an empty folder): replace it
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            try:
-                os.replace(root, old / "d")
-            except OSError:
-                pass  # someone else replaced it meanwhile; checked below
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            # Another process renamed its copy first; use it if it is complete.
-            if _read_stamp(root) != stamp:
-                raise
+        # an older version (or an empty folder) is replaced; if another process
+        # renamed its copy in first, use it if it is complete
+        if not publish_folder(tmp, root) and _read_stamp(root) != stamp:
+            raise OSError(f"{root}: cannot put the demo data in place (another process is writing it?); run again")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root

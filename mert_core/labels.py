@@ -50,6 +50,8 @@ from tqdm.auto import tqdm
 from mert_core import library_versions
 from mert_core.audio import AudioError, read_crop
 from mert_core.checkpoint import file_digest
+from mert_core.files import publish_folder
+from mert_core.paths import resolve_device
 from mert_core.teacher import IGNORE_LABEL, Teacher
 
 log = logging.getLogger("mert.labels")
@@ -254,7 +256,8 @@ def write_label_store(
             json.dump(index, f)
             f.flush()
             os.fsync(f.fileno())
-        _replace_folder(tmp_dir, out_dir)
+        if not publish_folder(tmp_dir, out_dir):
+            raise LabelStoreError(f"{out_dir}: another process wrote a store there meanwhile; label again into another folder")
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
@@ -364,18 +367,6 @@ def _label_windows(writer: _LabelWriter, plan, sample_rate: int, window_samples:
         bar.update(len(pending))
     writer.write_finished()
     bar.close()
-
-
-def _replace_folder(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename the finished ``tmp_dir`` to ``out_dir``; an old store there is
-    moved aside first, so a crash leaves one of the two."""
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.rename(out_dir, old)
-        os.rename(tmp_dir, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp_dir, out_dir)
 
 
 def _index_digest(index: dict[str, Any]) -> str:
@@ -607,12 +598,6 @@ class LabelStore:
 # -- the Python API behind `mert teacher fit` / `mert teacher label` ---------------------
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def fit_teacher(
     name: str,
     data_paths: Iterable[str | Path],
@@ -651,7 +636,7 @@ def fit_teacher(
         fittable = [n for n in registry.names("teacher") if registry.get("teacher", n).obj.fit is not Teacher.fit]
         raise ValueError(f"teacher {name!r} has nothing to fit with these options (e.g. cqt fits only with normalize=per-bin); "
                          f"teachers that can fit: {', '.join(fittable) or 'none'}")
-    device = _resolve_device(device)
+    device = torch.device(resolve_device(device))
     teacher.to(device)
     # the contract is fit(files, out_file, seed); pass the extras a teacher accepts
     accepted = inspect.signature(teacher.fit).parameters
@@ -690,7 +675,7 @@ def label_data(
     teacher = registry.build("teacher", name, options, sample_rate=sample_rate, hop_samples=HOP_SAMPLES)
     if teacher.needs_fit():
         raise MissingTeacherFile(f"teacher {name!r} must be fitted first: pass --teacher-file FILE (made by `mert teacher fit {name} --data AUDIO --out FILE`)")
-    teacher.to(_resolve_device(device)).eval()
+    teacher.to(torch.device(resolve_device(device))).eval()
     return write_label_store(
         teacher, list(data_paths), out_dir, window_samples=window_samples, sample_rate=sample_rate, batch_size=batch_size,
         min_samples=min_samples, progress=progress, overwrite=overwrite, num_workers=num_workers,
