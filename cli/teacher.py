@@ -1,37 +1,17 @@
 """``mert teacher fit`` and ``mert teacher label``: the offline teacher path.
 
-Thin layers over :func:`mert_core.labels.fit_teacher` and
-:func:`mert_core.labels.label_data`.
+Thin layers over :func:`mert_core.api.fit_teacher` and
+:func:`mert_core.api.label_data`.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import click
 
 from mert_cli.errors import ErrorHandlingGroup
-
-
-def parse_sets(assignments: tuple[str, ...]) -> dict:
-    """``("n_clusters=2000", "n_mfcc=20")`` -> ``{"n_clusters": 2000, "n_mfcc": 20}`` (values as YAML scalars)."""
-    from mert_core.runconfig import parse_value
-
-    options = {}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set n_clusters=2000")
-        options[key.strip()] = parse_value(value)
-    return options
-
-
-def _logging(quiet: bool) -> None:
-    # show the sample and fit summaries (INFO) unless the caller configured logging already
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+from mert_cli.options import parse_sets, setup_logging
 
 
 _data = click.option(
@@ -71,11 +51,11 @@ def fit_cmd(name, data, out_file, sets, seed, device, quiet):
     centroids, feature settings, inertia, the sample and library versions, and
     serves every split.
     """
-    from mert_core.labels import fit_teacher
+    from mert_core import api
 
-    _logging(quiet)
+    setup_logging(quiet)
     options = parse_sets(sets)
-    path = fit_teacher(name, list(data), out_file, options, seed=seed, device=device, progress=not quiet)
+    path = api.fit_teacher(name, list(data), out_file, options, seed=seed, device=device, progress=not quiet)
     click.echo(f"fitted {name} -> {path}")
 
 
@@ -99,13 +79,14 @@ def label_cmd(name, teacher_file, data, out_dir, sets, window_seconds, sample_ra
     each file, exactly as the trainer's aligned crops; pass the folder as
     `label_store` of the teacher in the training config.
     """
-    from mert_core.labels import MissingTeacherFile, label_data
+    from mert_core import api
+    from mert_core.labels import MissingTeacherFile
 
-    _logging(quiet)
+    setup_logging(quiet)
     options = parse_sets(sets)
     window = round(window_seconds * sample_rate)
     try:
-        s = label_data(
+        s = api.label_data(
             name, list(data), out_dir, options, teacher_file=teacher_file, window_samples=window, sample_rate=sample_rate,
             batch_size=batch_size, device=device, overwrite=overwrite, num_workers=num_workers, progress=not quiet,
         )
