@@ -65,7 +65,7 @@ def fit_cmd(name, data, out_file, sets, seed, device, quiet):
 @_data
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Label store folder to create.")
 @_set
-@click.option("--window-seconds", default=5.0, show_default=True, help="Window = training crop (SPEC: 5 s; 5.12 s for the large model).")
+@click.option("--window-seconds", default=5.0, show_default=True, help="Window = training crop (MERT: 5 s; 5.12 s for the large model).")
 @click.option("--sample-rate", default=24000, show_default=True, help="The student's sample rate.")
 @click.option("--batch-size", default=16, show_default=True, help="Windows per teacher call.")
 @click.option("--num-workers", default=0, show_default=True, help="Processes decoding audio.")

@@ -196,7 +196,7 @@ class ConvLayerBlock(nn.Module):
 
     Args:
         in_channels, out_channels, kernel_size, stride: of the convolution.
-        bias: whether the convolution has a bias (SPEC: no).
+        bias: whether the convolution has a bias (MERT: no).
         norm: ``"group"`` (GroupNorm with one group per channel: each channel is
             normalised over time), ``"layer"`` (LayerNorm over channels, per
             frame) or None.
@@ -354,7 +354,7 @@ class FeatureProjection(nn.Module):
     Args:
         in_features: conv channels C.
         out_features: model width D.
-        dropout: HuBERT's ``dropout_input`` (SPEC: 0.1 base, 0 large).
+        dropout: HuBERT's ``dropout_input`` (MERT: 0.1 base, 0 large).
         layer_norm: whether to normalise first (True for HuBERT/MERT).
     """
 
@@ -382,8 +382,8 @@ class ConvolutionalPositionalEmbedding(nn.Module):
 
     Args:
         embed_dim: model width D.
-        kernel_size: SPEC 128.
-        groups: SPEC 16.
+        kernel_size: MERT: 128.
+        groups: MERT: 16.
         dropout: only sets the init scale (fairseq's formula).
     """
 
@@ -493,7 +493,7 @@ class FeedForward(nn.Module):
 
     Args:
         embed_dim: D.
-        ffn_dim: inner width (SPEC: 3072 base, 4096 large).
+        ffn_dim: inner width (MERT: 3072 base, 4096 large).
         activation_dropout: after the GELU.
         dropout: after the output Linear.
     """
@@ -550,7 +550,7 @@ class Transformer(nn.Module):
         layer_norm: post-LN: applied to the input (after adding the positional
             embedding); pre-LN: applied to the output.
         dropout: on the input, after the positional embedding.
-        layerdrop: probability of skipping each layer in training (SPEC: 0.05 base).
+        layerdrop: probability of skipping each layer in training (MERT: 0.05 base).
         layer_norm_first: pre-LN when True.
         activation_checkpointing: keep only each layer's input for the backward
             pass and recompute the layer there (less memory, about one more

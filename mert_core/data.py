@@ -100,20 +100,6 @@ class Manifest:
         too_short = [f for f in self.files if f.duration_seconds < min_seconds]
         return long_enough, too_short
 
-    def summary(self, min_seconds: float | None = None) -> dict[str, Any]:
-        """Counts for logs: ``n_files``, ``hours``, ``n_skipped`` and, given
-        ``min_seconds``, ``n_too_short`` and ``hours_usable``."""
-        out: dict[str, Any] = {
-            "n_files": len(self.files),
-            "hours": sum(f.duration_seconds for f in self.files) / 3600,
-            "n_skipped": len(self.skipped),
-        }
-        if min_seconds is not None:
-            ok, short = self.split_by_duration(min_seconds)
-            out["n_too_short"] = len(short)
-            out["hours_usable"] = sum(f.duration_seconds for f in ok) / 3600
-        return out
-
     def save(self, path: str | Path) -> Path:
         """Write a TSV (columns ``path, duration_seconds, sample_rate, frames,
         skipped_reason``) that :meth:`load` and :func:`scan_audio` read back."""
@@ -423,8 +409,8 @@ class CropBatches(Dataset):
         manifest: from :func:`scan_audio`.
         batch_size: clips per micro-batch.
         sample_rate: output rate (24 kHz).
-        crop_seconds: crop length (SPEC: 5 s).
-        min_seconds: shorter files are not used (SPEC: 3 s); see ``too_short``.
+        crop_seconds: crop length (MERT: 5 s).
+        min_seconds: shorter files are not used (MERT: 3 s); see ``too_short``.
         seed: data-order seed.
         rank, world_size: this process's place among data-parallel ranks.
         align_crops: crop offsets are multiples of the crop length (only whole
@@ -477,15 +463,6 @@ class CropBatches(Dataset):
             )
         self._known_bad: dict[str, str] = {}
         self._perms: dict[int, np.ndarray] = {}
-
-    def summary(self) -> dict[str, Any]:
-        """Counts for logs."""
-        return {
-            "n_files_usable": self.num_usable_files,
-            "n_files_this_rank": len(self.files),
-            "n_too_short": len(self.too_short),
-            "hours_this_rank": sum(f.duration_seconds for f in self.files) / 3600,
-        }
 
     # -- the pure part ----------------------------------------------------------
 
@@ -594,37 +571,3 @@ def make_loader(dataset: CropBatches, start_index: int = 0, num_workers: int = 1
         pin_memory = torch.cuda.is_available()
     extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor, "worker_init_fn": _init_worker} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=None, sampler=_CountFrom(start_index), num_workers=num_workers, pin_memory=pin_memory, **extra)
-
-
-def build_dataset(
-    data,
-    *,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    align_crops: bool = False,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-) -> CropBatches:
-    """Scan ``data.paths`` (a :class:`mert_core.config.DataConfig`) and build the dataset.
-
-    Empty ``data.paths`` means the built-in demo pieces
-    (:func:`mert_core.demo.ensure_demo_data`), generated on first use.
-    """
-    paths = list(data.paths)
-    if not paths:
-        from mert_core.demo import ensure_demo_data
-
-        paths = [ensure_demo_data() / "pieces"]
-    manifest = scan_audio(paths, cache_dir=cache_dir, progress=progress)
-    return CropBatches(
-        manifest,
-        data.batch_size,
-        sample_rate=data.sample_rate,
-        crop_seconds=data.crop_seconds,
-        min_seconds=data.min_seconds,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        align_crops=align_crops,
-    )

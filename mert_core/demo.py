@@ -149,6 +149,29 @@ def load_demo_metadata(root: Path, kind: str | None = None, split: str | None = 
     return [r for r in records if (kind is None or r["kind"] == kind) and (split is None or r["split"] == split)]
 
 
+def synthetic_music(seconds: float, sample_rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
+    """Chords of harmonic tones with vibrato and decay, a bass line, percussive noise bursts:
+    a test signal with the spectral shape of music, shared by the CQT teacher's tests
+    and benchmark (``(seconds * sample_rate,)`` float32 in [-0.8, 0.8])."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sample_rate)
+    out = np.zeros(n)
+    for start in np.arange(0, seconds, 0.5):
+        seg = slice(int(start * sample_rate), min(n, int((start + 0.5) * sample_rate)))
+        ts = np.arange(seg.stop - seg.start) / sample_rate
+        env = np.exp(-2.5 * ts)
+        root = 110 * 2 ** (rng.integers(0, 12) / 12)
+        for interval in (0, 4, 7) if rng.random() < 0.5 else (0, 3, 7, 10):
+            f0 = root * 2 ** (interval / 12) * 2 ** rng.integers(0, 3)
+            phase = 2 * np.pi * f0 * np.cumsum(1 + 0.006 * np.sin(2 * np.pi * rng.uniform(4, 7) * ts)) / sample_rate
+            for h in range(1, 7):
+                out[seg] += 0.05 / h * env * np.sin(h * phase + rng.uniform(0, 2 * np.pi))
+        out[seg] += 0.15 * env * np.sin(2 * np.pi * root / 2 * ts)
+        out[seg] += 0.2 * rng.standard_normal(len(ts)) * np.exp(-40 * ts) * (rng.random() < 0.7)
+    out += 0.003 * rng.standard_normal(n)
+    return (0.8 * out / np.abs(out).max()).astype(np.float32)
+
+
 def generate_demo_data(out_dir: Path, seed: int = 0, size: DemoSize = DemoSize(), progress: bool = True) -> list[dict[str, Any]]:
     """Write the demo set into ``out_dir`` (created if needed) and return its metadata."""
     out_dir = Path(out_dir)

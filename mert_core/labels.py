@@ -60,9 +60,9 @@ FORMAT = "mert-label-store"
 FORMAT_VERSION = 2  # 2: index.json holds labels_sha256 and index_sha256
 LABELS_FILE = "labels.bin"
 INDEX_FILE = "index.json"
-HOP_SAMPLES = 320  # the student's total conv stride (SPEC)
+HOP_SAMPLES = 320  # the student's total conv stride (MERT)
 STUDENT_WINDOW_SAMPLES = 400  # the student's conv receptive field
-DEFAULT_WINDOW_SAMPLES = 120000  # SPEC: 5 s crops at 24 kHz
+DEFAULT_WINDOW_SAMPLES = 120000  # MERT: 5 s crops at 24 kHz
 
 
 class LabelStoreError(ValueError):
@@ -105,11 +105,6 @@ class LabelStoreSummary:
     @property
     def bytes_per_frame_per_codebook(self) -> float:
         return self.labels_bytes / max(self.num_frames * self.num_codebooks, 1)
-
-    @property
-    def frames_per_second(self) -> float:
-        return self.num_frames / max(self.seconds, 1e-9)
-
 
 # -- writing ----------------------------------------------------------------------
 
@@ -172,7 +167,7 @@ def write_label_store(
             :func:`mert_core.data.scan_audio` reads).
         out_dir: the store folder to create (atomically: written under a
             temporary name, then renamed).
-        window_samples: window = training crop length (SPEC: 120000).
+        window_samples: window = training crop length (MERT: 120000).
         sample_rate: the student's rate.
         batch_size: full windows per teacher call.
         min_samples: a file's last, partial window is labelled if it holds at

@@ -6,6 +6,9 @@ over one builder, ``mert_student(**args)``. ``build_student`` is the only
 function that reads the run config. A student remembers its builder
 arguments (``student.args``), so a checkpoint can rebuild it with
 ``MertStudent.from_args(args)``.
+
+"MERT" in the docstrings cites the MERT paper (Li et al. 2023, arXiv
+2306.00107), whose student is HuBERT's (Hsu et al. 2021) architecture.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class MertStudent(nn.Module):
         feature_projection: ``(B, T, C)`` -> ``(B, T, D)``.
         mask_embedding: replaces masked frames after the projection.
         transformer: the encoder.
-        feature_grad_mult: scales the conv extractor's gradient (SPEC: 0.1
+        feature_grad_mult: scales the conv extractor's gradient (MERT: 0.1
             base, 1.0 large); 0 freezes it (run without autograd).
         sample_rate: of the audio the student reads (informational).
     """
@@ -241,14 +244,14 @@ def mert_student(
 
     Args:
         conv_channels: channels of every conv layer (an int) or one per layer.
-        conv_kernels, conv_strides: per conv layer (SPEC: (10,3,3,3,3,2,2),
+        conv_kernels, conv_strides: per conv layer (MERT: (10,3,3,3,3,2,2),
             (5,2,2,2,2,2,2) = hop 320).
-        conv_bias: conv biases (SPEC: none).
-        extractor_norm: "group" (GroupNorm after the first conv only, SPEC) or
+        conv_bias: conv biases (MERT: none).
+        extractor_norm: "group" (GroupNorm after the first conv only, as in MERT) or
             "layer" (LayerNorm after every conv, fairseq's ``layer_norm`` mode).
         embed_dim, num_layers, num_heads, ffn_dim: transformer size.
         layer_norm_first: pre-LN with a final LayerNorm (large) or post-LN (base).
-        pos_conv_kernel, pos_conv_groups: positional conv (SPEC 128, 16).
+        pos_conv_kernel, pos_conv_groups: positional conv (MERT 128, 16).
         projection_layer_norm: LayerNorm before the feature projection.
         dropout: hidden dropout (after attention, FFN and positional embedding).
         attention_dropout: on attention probabilities.
@@ -258,7 +261,7 @@ def mert_student(
         attention_relax: MERT-large's r (32); 0 = off.
         feature_grad_mult: conv extractor gradient scale (0 = frozen).
         layer_norm_eps: of every LayerNorm and the GroupNorm.
-        sample_rate: of the input audio (informational; SPEC 24 kHz).
+        sample_rate: of the input audio (informational; MERT: 24 kHz).
     """
     args = dict(locals())
     num_conv = len(conv_kernels)
@@ -375,14 +378,14 @@ BASE_95M_ARGS: dict[str, Any] = dict(
     dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, input_dropout=0.1, layerdrop=0.05,
     attention_relax=0.0, feature_grad_mult=0.1,
 )
-"""SPEC base: post-LN, 12 x 768, dropouts 0.1, layerdrop 0.05, feature_grad_mult 0.1 (94.37 M parameters)."""
+"""MERT-95M (Li et al. 2023, arXiv 2306.00107): post-LN, 12 x 768, dropouts 0.1, layerdrop 0.05, feature_grad_mult 0.1 (94.37 M parameters)."""
 
 LARGE_330M_ARGS: dict[str, Any] = dict(
     conv_channels=512, embed_dim=1024, num_layers=24, num_heads=16, ffn_dim=4096, layer_norm_first=True,
     dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, input_dropout=0.0, layerdrop=0.0,
     attention_relax=32.0, feature_grad_mult=1.0,
 )
-"""SPEC large: pre-LN with a final LayerNorm, 24 x 1024, no dropout, attention relax 32, feature_grad_mult 1.0."""
+"""MERT-330M (Li et al. 2023, arXiv 2306.00107): pre-LN with a final LayerNorm, 24 x 1024, no dropout, attention relax 32, feature_grad_mult 1.0."""
 
 PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY_ARGS, "95m": BASE_95M_ARGS, "330m": LARGE_330M_ARGS}
 

@@ -37,7 +37,7 @@ class TargetSpec:
         dim: continuous only: size of the target vector (336 for the CQT).
         frame_rate_hz: rate of the targets; must equal the student's.
         default_weight: weight of this teacher's loss in the total when the
-            config gives none (SPEC: acoustic alpha=1, musical 1).
+            config gives none (MERT: acoustic alpha=1, musical 1).
     """
 
     kind: Literal["discrete", "continuous"]

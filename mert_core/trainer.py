@@ -48,7 +48,7 @@ class TargetLengthError(ValueError):
 
 def lr_at(step: int, peak_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Linear warmup to ``peak_lr``, then linear (polynomial power 1) decay to 0
-    at ``max_steps`` (SPEC)."""
+    at ``max_steps`` (MERT, Li et al. 2023)."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     remaining = max(0, max_steps - step)
@@ -144,7 +144,7 @@ def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], d
     return teachers
 
 
-HOP_SAMPLES = 320  # the student's total conv stride (SPEC): 75 Hz at 24 kHz
+HOP_SAMPLES = 320  # the student's total conv stride (MERT): 75 Hz at 24 kHz
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
