@@ -60,7 +60,9 @@ def one_line_errors() -> Iterator[None]:
     (unexpected errors, and every error under ``MERT_DEBUG=1``, keep their traceback)."""
     try:
         yield
-    except InputError:
+    except InputError as exc:
+        if os.environ.get("MERT_DEBUG") and exc.__cause__ is not None:
+            raise exc.__cause__  # the input error behind it, with its traceback
         raise
     except click.UsageError as exc:  # click's own (missing option, bad choice): one line too, with where to look
         where = f" (see `{exc.ctx.command_path} -h`)" if exc.ctx is not None else ""
