@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
