@@ -4,7 +4,7 @@
     python benchmarks/bench_cqt.py --threads 1 --device cuda
 
 Prints audio-seconds per second of wall time for ours (``mert_plugins.teachers.cqt``),
-nnAudio's ``CQT1992v2`` at SPEC's settings (the reference the paper used) and
+nnAudio's ``CQT1992v2`` at the MERT paper's settings (the reference the paper used) and
 ``librosa.cqt`` at the same settings, the speed ratios, and the relative error
 ``||ours - ref|| / ||ref||`` against nnAudio over the whole spectrogram. librosa's
 multirate CQT is shown for context, after a per-bin least-squares scale.
@@ -23,30 +23,10 @@ import torch
 from nnAudio.features import CQT1992v2
 from tqdm import tqdm
 
+from mert_core.demo import synthetic_music
 from mert_plugins.teachers.cqt import CQTOptions, CQTTeacher
 
-SR, HOP, FMIN, N_BINS, BPO = 24000, 320, 32.7, 336, 48  # SPEC
-
-
-def synthetic_music(seconds: float, sample_rate: int = SR, seed: int = 0) -> np.ndarray:
-    """Chords of harmonic tones with vibrato and decay, a bass line, percussive noise bursts."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sample_rate)
-    out = np.zeros(n)
-    for start in np.arange(0, seconds, 0.5):
-        seg = slice(int(start * sample_rate), min(n, int((start + 0.5) * sample_rate)))
-        ts = np.arange(seg.stop - seg.start) / sample_rate
-        env = np.exp(-2.5 * ts)
-        root = 110 * 2 ** (rng.integers(0, 12) / 12)
-        for interval in (0, 4, 7) if rng.random() < 0.5 else (0, 3, 7, 10):
-            f0 = root * 2 ** (interval / 12) * 2 ** rng.integers(0, 3)
-            phase = 2 * np.pi * f0 * np.cumsum(1 + 0.006 * np.sin(2 * np.pi * rng.uniform(4, 7) * ts)) / sample_rate
-            for h in range(1, 7):
-                out[seg] += 0.05 / h * env * np.sin(h * phase + rng.uniform(0, 2 * np.pi))
-        out[seg] += 0.15 * env * np.sin(2 * np.pi * root / 2 * ts)
-        out[seg] += 0.2 * rng.standard_normal(len(ts)) * np.exp(-40 * ts) * (rng.random() < 0.7)
-    out += 0.003 * rng.standard_normal(n)
-    return (0.8 * out / np.abs(out).max()).astype(np.float32)
+SR, HOP, FMIN, N_BINS, BPO = 24000, 320, 32.7, 336, 48  # MERT's settings
 
 
 def timed(fn, repeats: int, device: torch.device, bar: tqdm) -> tuple[float, object]:

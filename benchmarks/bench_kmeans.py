@@ -186,7 +186,7 @@ def music_fits(audio: Path, K: int, seed: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0, help="Audio to generate.")
-    ap.add_argument("--clusters", type=int, default=500, help="K (SPEC default 500).")
+    ap.add_argument("--clusters", type=int, default=500, help="K (MERT's default: 500).")
     ap.add_argument("--threads", type=int, default=1, help="Threads for torch and scikit-learn alike.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None, help="Keep the audio and outputs here (default: a temp folder).")

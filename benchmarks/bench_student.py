@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="tiny,95m", help="comma-separated: tiny, 95m, 330m")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=5.0, help="clip length (SPEC training crop: 5 s)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="clip length (MERT's training crop: 5 s)")
     parser.add_argument("--batch-tiny", type=int, default=4)
     parser.add_argument("--batch-95m", type=int, default=2)
     parser.add_argument("--batch-330m", type=int, default=1)

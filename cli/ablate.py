@@ -1,5 +1,5 @@
 """``mert ablate``: the paper's teacher ablation in one command, a thin layer
-over :func:`mert_core.ablation.ablate`."""
+over :func:`mert_core.api.ablate`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mert_cli.evaluate import _setup_logging, _split_options, _task_options
+from mert_cli.options import setup_eval_logging, split_eval_options, task_options
 
 
 @click.command("ablate")
@@ -39,15 +39,15 @@ def ablate_cmd(data, arms, tasks, task_sets, seeds, max_steps, base_recipe, pres
       mert ablate --data /music --arm cqt=cqt --arm lmc+cqt=kmeans-logmel-chroma+cqt \\
                   --seeds 3 --max-steps 600 --task nsynth-pitch --task-set nsynth-pitch.data_dir=/data/nsynth
     """
-    from mert_core import ablation
+    from mert_core import ablation, api
 
-    _setup_logging(quiet)
-    probe_options, extract_options = _split_options(overrides)
-    arm_list = [ablation.parse_arm(a) for a in arms] or ablation.default_arms(ablation.encodec_weights_available())
-    report = ablation.ablate(
+    setup_eval_logging(quiet)
+    probe_options, extract_options = split_eval_options(overrides)
+    arm_list = [api.parse_arm(a) for a in arms] or api.default_arms(ablation.encodec_weights_available())
+    report = api.ablate(
         arm_list, data=list(data), out_dir=out_dir, tasks=list(tasks), seeds=seeds, max_steps=max_steps,
         base_recipe=base_recipe, preset=preset, train_overrides=list(train_overrides),
-        task_options=_task_options(task_sets, list(tasks)), probe_options=probe_options, extract_options=extract_options,
+        task_options=task_options(task_sets, list(tasks)), probe_options=probe_options, extract_options=extract_options,
         baselines=list(baselines) or list(ablation.BASELINE_NAMES), cache_dir=cache_dir, device=device,
         progress=not quiet, log=click.echo,
     )

@@ -8,8 +8,11 @@ exit 1. Set MERT_DEBUG=1 to see the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
+from typing import Iterator
 
 import click
 from pydantic import ValidationError
@@ -51,21 +54,44 @@ def one_line(exc: BaseException) -> click.ClickException | None:
     return None
 
 
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn what the block raises into the one-line error of :func:`one_line`
+    (unexpected errors, and every error under ``MERT_DEBUG=1``, keep their traceback)."""
+    try:
+        yield
+    except InputError as exc:
+        if os.environ.get("MERT_DEBUG") and exc.__cause__ is not None:
+            raise exc.__cause__  # the input error behind it, with its traceback
+        raise
+    except click.UsageError as exc:  # click's own (missing option, bad choice): one line too, with where to look
+        where = f" (see `{exc.ctx.command_path} -h`)" if exc.ctx is not None else ""
+        raise InputError(exc.format_message() + where) from None
+    except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        raise
+    except Exception as exc:  # noqa: BLE001 - everything known becomes one line
+        if os.environ.get("MERT_DEBUG"):
+            raise
+        error = one_line(exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def usage_errors(fn):
+    """:func:`one_line_errors` for a command that may run on its own, outside the ``mert`` group."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with one_line_errors():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 class ErrorHandlingGroup(click.Group):
+    """A group whose commands fail with one line (see :func:`one_line_errors`)."""
+
     def invoke(self, ctx):
-        try:
+        with one_line_errors():
             return super().invoke(ctx)
-        except InputError:
-            raise
-        except click.UsageError as exc:  # click's own (missing option, bad choice): one line too, with where to look
-            where = f" (see `{exc.ctx.command_path} -h`)" if exc.ctx is not None else ""
-            raise InputError(exc.format_message() + where) from None
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
-            raise
-        except Exception as exc:  # noqa: BLE001 - everything known becomes one line
-            if os.environ.get("MERT_DEBUG"):
-                raise
-            error = one_line(exc)
-            if error is None:
-                raise
-            raise error from None

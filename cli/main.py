@@ -47,24 +47,11 @@ def _add_commands() -> None:
     from mert_cli.plugins_cmd import list_plugins
     from mert_cli.train import train
 
-    cli.add_command(train)
-    cli.add_command(ablate_cmd)
-    cli.add_command(export_cmd)
-    cli.add_command(list_plugins)
-    cli.add_command(new_plugin_cmd)
-    try:
-        from mert_cli.teacher import teacher_group
+    from mert_cli.evaluate import eval_cmd, extract_cmd, probe_cmd
+    from mert_cli.teacher import teacher_group
 
-        cli.add_command(teacher_group)
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    try:
-        from mert_cli.evaluate import eval_cmd, extract_cmd, probe_cmd
-
-        for cmd in (extract_cmd, probe_cmd, eval_cmd):
-            cli.add_command(cmd)
-    except ImportError:  # pragma: no cover
-        pass
+    for cmd in (train, teacher_group, extract_cmd, probe_cmd, eval_cmd, ablate_cmd, export_cmd, list_plugins, new_plugin_cmd):
+        cli.add_command(cmd)
 
 
 _add_commands()

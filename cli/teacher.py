@@ -1,37 +1,17 @@
 """``mert teacher fit`` and ``mert teacher label``: the offline teacher path.
 
-Thin layers over :func:`mert_core.labels.fit_teacher` and
-:func:`mert_core.labels.label_data`.
+Thin layers over :func:`mert_core.api.fit_teacher` and
+:func:`mert_core.api.label_data`.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import click
 
 from mert_cli.errors import ErrorHandlingGroup
-
-
-def parse_sets(assignments: tuple[str, ...]) -> dict:
-    """``("n_clusters=2000", "n_mfcc=20")`` -> ``{"n_clusters": 2000, "n_mfcc": 20}`` (values as YAML scalars)."""
-    from mert_core.runconfig import parse_value
-
-    options = {}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set n_clusters=2000")
-        options[key.strip()] = parse_value(value)
-    return options
-
-
-def _logging(quiet: bool) -> None:
-    # show the sample and fit summaries (INFO) unless the caller configured logging already
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+from mert_cli.options import parse_sets, setup_logging
 
 
 _data = click.option(
@@ -71,11 +51,11 @@ def fit_cmd(name, data, out_file, sets, seed, device, quiet):
     centroids, feature settings, inertia, the sample and library versions, and
     serves every split.
     """
-    from mert_core.labels import fit_teacher
+    from mert_core import api
 
-    _logging(quiet)
+    setup_logging(quiet)
     options = parse_sets(sets)
-    path = fit_teacher(name, list(data), out_file, options, seed=seed, device=device, progress=not quiet)
+    path = api.fit_teacher(name, list(data), out_file, options, seed=seed, device=device, progress=not quiet)
     click.echo(f"fitted {name} -> {path}")
 
 
@@ -85,7 +65,7 @@ def fit_cmd(name, data, out_file, sets, seed, device, quiet):
 @_data
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Label store folder to create.")
 @_set
-@click.option("--window-seconds", default=5.0, show_default=True, help="Window = training crop (SPEC: 5 s; 5.12 s for the large model).")
+@click.option("--window-seconds", default=5.0, show_default=True, help="Window = training crop (MERT: 5 s; 5.12 s for the large model).")
 @click.option("--sample-rate", default=24000, show_default=True, help="The student's sample rate.")
 @click.option("--batch-size", default=16, show_default=True, help="Windows per teacher call.")
 @click.option("--num-workers", default=0, show_default=True, help="Processes decoding audio.")
@@ -99,13 +79,14 @@ def label_cmd(name, teacher_file, data, out_dir, sets, window_seconds, sample_ra
     each file, exactly as the trainer's aligned crops; pass the folder as
     `label_store` of the teacher in the training config.
     """
-    from mert_core.labels import MissingTeacherFile, label_data
+    from mert_core import api
+    from mert_core.labels import MissingTeacherFile
 
-    _logging(quiet)
+    setup_logging(quiet)
     options = parse_sets(sets)
     window = round(window_seconds * sample_rate)
     try:
-        s = label_data(
+        s = api.label_data(
             name, list(data), out_dir, options, teacher_file=teacher_file, window_samples=window, sample_rate=sample_rate,
             batch_size=batch_size, device=device, overwrite=overwrite, num_workers=num_workers, progress=not quiet,
         )

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mert_core.geometry import FrameGeometry
+from mert_core.paths import resolve_device
 from mert_core.runconfig import ConfigError, make_train_config
 
 BASELINE_NAMES = ("random", "handcrafted")
@@ -179,10 +180,10 @@ def ablate(
 
     upstreams = []
     for arm_name, dirs in runs.items():
-        upstreams += [checkpoint_upstream(d, device=eval_api.resolve_device(device), name=f"{arm_name}@s{s}") for s, d in enumerate(dirs)]
+        upstreams += [checkpoint_upstream(d, device=resolve_device(device), name=f"{arm_name}@s{s}") for s, d in enumerate(dirs)]
     like = upstreams[0].student
     if "random" in baselines:
-        upstreams += [random_upstream(like, seed=s, device=eval_api.resolve_device(device), name=f"random@s{s}") for s in range(seeds)]
+        upstreams += [random_upstream(like, seed=s, device=resolve_device(device), name=f"random@s{s}") for s in range(seeds)]
     if "handcrafted" in baselines:
         upstreams.append(HandcraftedUpstream())
     results = []

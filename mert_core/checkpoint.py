@@ -7,25 +7,27 @@ optimizer, scaler, rng, counters, plugin_versions, teacher_hashes, history``
 (``history``: what each ``--resume`` changed, e.g. ``optim.lr``).
 The student export (``student.safetensors``) holds the student's weights with
 ``model_args`` and ``config`` as JSON in the safetensors metadata.
+
+A run folder holds ``checkpoints/step_N.pt``, ``last.pt`` (a link to the
+newest) and the export; :func:`resume_config` decides what a ``--resume`` may
+change, :func:`roll_back_to_checkpoint_before` undoes non-finite steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from mert_core.config import TrainConfig
+from mert_core.files import atomic_write, remove_stale_temp_files  # noqa: F401 - re-exported: the run folder's writes
 from mert_core.model import MertStudent
 
 FORMAT = "mert-checkpoint-v1"
@@ -35,66 +37,12 @@ LOCK_FILE = ".lock"
 
 log = logging.getLogger(__name__)
 
-# atomic_write's temporary names: "." + target name + "." + mkstemp's 8 random characters + ".tmp"
-_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the path and what to do."""
 
 
 class RunFolderBusy(RuntimeError):
     """Another process is writing into the same run folder."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash (even
-    SIGKILL) leaves either the old file or the new one, never half a file
-    (plus, after SIGKILL, a temporary file that :func:`remove_stale_temp_files`
-    deletes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as exc:
-        if _disk_full(exc, path.parent):  # torch.save says only "unexpected pos", safetensors "I/O error"
-            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _disk_full(exc: BaseException, folder: Path) -> bool:
-    """Whether a failed write failed for lack of space (checked while the partial file still fills the disk)."""
-    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
-        return True
-    try:
-        return shutil.disk_usage(folder).free < (1 << 20)
-    except OSError:
-        return False
-
-
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete what :func:`atomic_write` leaves in ``folder`` when killed mid-write.
-
-    Only safe while no other process writes there: call it with the folder's
-    :func:`lock_run_folder` held.
-
-    Returns:
-        the files removed.
-    """
-    removed = []
-    for p in sorted(Path(folder).glob(".*.tmp")):
-        if _TMP_NAME.match(p.name) and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 @contextlib.contextmanager
@@ -260,3 +208,88 @@ def _student_for(path: Path, args: Any, shapes: dict[str, tuple[int, ...]]):
         return MertStudent.from_args(args, stored_shapes=shapes)
     except ValueError as exc:
         raise CheckpointError(f"{path}: model_args do not match the weights it holds: {exc}") from None
+
+
+# -- a run folder's checkpoints: rolling back, resuming ----------------------------
+
+def roll_back_to_checkpoint_before(out_dir: Path, first_bad_step: int) -> int | None:
+    """Point ``last.pt`` and the student export at the newest checkpoint older
+    than ``first_bad_step`` (weights that gave finite outputs), delete the newer
+    ones (weights that did not), and return its step (None if there is none)."""
+    ckpt_dir = out_dir / "checkpoints"
+    numbered = sorted(ckpt_dir.glob("step_*.pt"))
+    good = [p for p in numbered if int(p.stem.removeprefix("step_")) < first_bad_step]
+    for p in numbered[len(good):]:
+        p.unlink()
+    if not good:
+        (out_dir / LAST).unlink(missing_ok=True)
+        return None
+    state = load_checkpoint(good[-1])
+    point_last(out_dir, good[-1], state)
+    student = MertStudent.from_args(state["model_args"])
+    student.load_state_dict(state["student"])
+    save_student(student, out_dir / STUDENT_FILE, state["config"])
+    return state["step"]
+
+
+def point_last(out_dir: Path, numbered: Path, state: dict) -> None:
+    """Make ``last.pt`` a hard link to ``numbered``, swapped in atomically."""
+    tmp = out_dir / f".{LAST}.link"
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(numbered, tmp)
+        os.replace(tmp, out_dir / LAST)
+    except OSError:  # filesystems without hard links
+        save_checkpoint(state, out_dir / LAST)
+
+
+# init_from only starts a run: a resume takes the weights from the checkpoint and keeps the recorded source;
+# activation checkpointing and compile change how a step runs, not what it computes; the peak lr may
+# change (the non-finite stop advises lowering it), recorded in the run's history
+_RESUMABLE_CHANGES = {
+    "model.init_from", "model.init_from_hash", "model.activation_checkpointing", "compile", "optim.lr",
+    "optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "device",
+}
+
+
+def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[TrainConfig, dict[str, list]]:
+    """The saved config, except for fields that may change on resume (the
+    peak lr among them, as the non-finite stop advises), and those changes as
+    ``{field: [saved, new]}``."""
+    saved = TrainConfig.model_validate(state["config"])
+    new, old = _flatten(config.model_dump(mode="json")), _flatten(saved.model_dump(mode="json"))
+    # a teacher fitted by the first run has its artifact recorded in the saved config only
+    for flat, given in ((old, new), (new, old)):
+        for saved_t, given_t in zip(flat.get("teachers", []), given.get("teachers", [])):
+            if "teacher_file" not in given_t["options"]:
+                saved_t["options"] = {k: v for k, v in saved_t["options"].items() if k != "teacher_file"}
+    changed = {}
+    for key in sorted(set(new) | set(old)):
+        if new.get(key) != old.get(key) and key in _RESUMABLE_CHANGES:
+            changed[key] = [old.get(key), new.get(key)]
+        elif new.get(key) != old.get(key):
+            raise ValueError(
+                f"--resume: config field {key!r} is {new.get(key)!r} but the run in {out_dir} used {old.get(key)!r}; "
+                f"resume with the same settings or use a new --out"
+            )
+    return saved.model_copy(update={
+        "model": saved.model.model_copy(update={"activation_checkpointing": config.model.activation_checkpointing}),
+        "compile": config.compile,
+        "optim": saved.optim.model_copy(update={"max_steps": config.optim.max_steps, "lr": config.optim.lr}),
+        "log_every": config.log_every, "checkpoint_every": config.checkpoint_every,
+        "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps,
+        "data": saved.data.model_copy(update={"num_workers": config.data.num_workers}),
+        "device": config.device,
+    }), changed
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "options":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -3,6 +3,10 @@
 Only builders read it; components take explicit arguments. It is saved, whole,
 in every checkpoint. Every model forbids unknown fields, so a typo in a YAML
 file or a ``--set`` is an error naming the field.
+
+Defaults follow the MERT paper (Li et al. 2023, arXiv 2306.00107), cited as
+"MERT" in the field descriptions, and HuBERT (Hsu et al. 2021) where MERT
+keeps its settings.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    preset: Literal["tiny", "95m", "330m"] = Field("tiny", description="Student size preset (SPEC: 95m base, 330m large).")
+    preset: Literal["tiny", "95m", "330m"] = Field("tiny", description="Student size preset (MERT: 95m base, 330m large).")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword overrides of the preset's builder arguments, e.g. {'num_layers': 4}.",
@@ -40,7 +44,7 @@ class ModelConfig(_Strict):
 class TeacherConfig(_Strict):
     name: str = Field(description="Registered teacher name, e.g. 'cqt', 'rvq-vae', 'kmeans-mfcc'.")
     options: dict[str, Any] = Field(default_factory=dict, description="Teacher options, validated by the teacher's Options model.")
-    weight: float | None = Field(None, ge=0, description="Loss weight; None uses the teacher's default (SPEC alpha=1).")
+    weight: float | None = Field(None, ge=0, description="Loss weight; None uses the teacher's default (MERT alpha=1).")
     label_store: Path | None = Field(None, description="Offline label store made by `mert teacher label`; None computes labels online.")
 
 
@@ -51,34 +55,34 @@ class AugmentConfig(_Strict):
 
 class DataConfig(_Strict):
     paths: list[Path] = Field(default_factory=list, description="Audio folders (recursive) or manifest files (.tsv/.csv); empty = built-in demo data.")
-    sample_rate: int = Field(24000, gt=0, description="Student sample rate (SPEC: 24 kHz).")
-    crop_seconds: float = Field(5.0, gt=0, description="Training crop length (SPEC: 5 s; large 5.12 s).")
-    min_seconds: float = Field(3.0, ge=0, description="Files shorter than this are not used (SPEC: 3 s).")
+    sample_rate: int = Field(24000, gt=0, description="Student sample rate (MERT: 24 kHz).")
+    crop_seconds: float = Field(5.0, gt=0, description="Training crop length (MERT: 5 s; large 5.12 s).")
+    min_seconds: float = Field(3.0, ge=0, description="Files shorter than this are not used (MERT: 3 s).")
     batch_size: int = Field(4, ge=1, description="Clips per micro-batch per process.")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes.")
 
 
 class MaskConfig(_Strict):
-    prob: float = Field(0.8, ge=0, le=1, description="HuBERT mask_prob: fraction of frames that start a span, times span length (SPEC 0.8).")
-    length: int = Field(5, ge=1, description="Span length in frames (SPEC 5).")
+    prob: float = Field(0.8, ge=0, le=1, description="HuBERT mask_prob: fraction of frames that start a span, times span length (MERT 0.8).")
+    length: int = Field(5, ge=1, description="Span length in frames (MERT 5).")
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(5e-4, gt=0, description="Peak learning rate (SPEC: 5e-4 base, 1.5e-3 large).")
-    betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas (SPEC).")
-    eps: float = Field(1e-6, gt=0, description="Adam eps (SPEC).")
-    weight_decay: float = Field(0.01, ge=0, description="Weight decay (SPEC).")
-    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup updates; None = 8% of max_steps (SPEC: 32k of 400k).")
-    max_steps: int = Field(400000, ge=1, description="Total optimizer updates; the lr decays linearly to 0 here (SPEC 400k).")
-    grad_clip: float = Field(10.0, gt=0, description="Gradient norm clip (SPEC: 10 base, 1 large).")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate (MERT: 5e-4 base, 1.5e-3 large).")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas (MERT).")
+    eps: float = Field(1e-6, gt=0, description="Adam eps (MERT).")
+    weight_decay: float = Field(0.01, ge=0, description="Weight decay (MERT).")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup updates; None = 8% of max_steps (MERT: 32k of 400k).")
+    max_steps: int = Field(400000, ge=1, description="Total optimizer updates; the lr decays linearly to 0 here (MERT 400k).")
+    grad_clip: float = Field(10.0, gt=0, description="Gradient norm clip (MERT: 10 base, 1 large).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer update.")
 
 
 class LossConfig(_Strict):
-    feature_penalty: float = Field(10.0, ge=0, description="Weight of the conv-feature L2 penalty (SPEC/HuBERT: 10).")
+    feature_penalty: float = Field(10.0, ge=0, description="Weight of the conv-feature L2 penalty (HuBERT, Hsu et al. 2021, and MERT: 10).")
     unmasked_weight: float = Field(
         0.0, ge=0, description="Weight of the same losses at the unmasked frames (HuBERT's pred_nomask_weight; MERT: 0, masked frames only).")
-    logit_temperature: float = Field(0.1, gt=0, description="Cosine-logit temperature of discrete heads (SPEC 0.1).")
+    logit_temperature: float = Field(0.1, gt=0, description="Cosine-logit temperature of discrete heads (MERT 0.1).")
     final_dim: int | None = Field(None, ge=1, description="Discrete head projection size; None: 64 for tiny/95m, 128 for 330m.")
 
 

@@ -22,7 +22,6 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,6 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from mert_core.audio import AUDIO_EXTENSIONS, AudioError, audio_info, read_crop, resampled_length
+from mert_core.files import atomic_write
+from mert_core.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,6 @@ _CACHE_COLUMNS = ("path", "size", "mtime_ns", "sample_rate", "frames", "error")
 
 class DataError(ValueError):
     """A data problem the user has to fix (missing folder, malformed manifest, no usable files)."""
-
-
-def default_cache_dir() -> Path:
-    """``$MERT_CACHE`` or ``~/.cache/mert``."""
-    env = os.environ.get("MERT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mert"
 
 
 # ---------------------------------------------------------------------------
@@ -105,20 +100,6 @@ class Manifest:
         too_short = [f for f in self.files if f.duration_seconds < min_seconds]
         return long_enough, too_short
 
-    def summary(self, min_seconds: float | None = None) -> dict[str, Any]:
-        """Counts for logs: ``n_files``, ``hours``, ``n_skipped`` and, given
-        ``min_seconds``, ``n_too_short`` and ``hours_usable``."""
-        out: dict[str, Any] = {
-            "n_files": len(self.files),
-            "hours": sum(f.duration_seconds for f in self.files) / 3600,
-            "n_skipped": len(self.skipped),
-        }
-        if min_seconds is not None:
-            ok, short = self.split_by_duration(min_seconds)
-            out["n_too_short"] = len(short)
-            out["hours_usable"] = sum(f.duration_seconds for f in ok) / 3600
-        return out
-
     def save(self, path: str | Path) -> Path:
         """Write a TSV (columns ``path, duration_seconds, sample_rate, frames,
         skipped_reason``) that :meth:`load` and :func:`scan_audio` read back."""
@@ -167,7 +148,7 @@ def scan_audio(paths: Iterable[str | Path], cache_dir: Path | None = None, progr
             with ``sample_rate``: rows that give them are trusted and not
             opened), or single audio files.
         cache_dir: where scan results are cached (default
-            :func:`default_cache_dir`), keyed by the input paths. A re-scan
+            :func:`mert_core.paths.cache_root`), keyed by the input paths. A re-scan
             reuses entries whose file size and mtime are unchanged, opens new
             or changed files and drops deleted ones.
         progress: show a progress bar while headers are read.
@@ -370,7 +351,7 @@ def _number(path: Path, line: int, row: dict[str, str], column: str, kind: type,
 
 
 def _cache_file(inputs: list[Path], cache_dir: Path | None) -> Path | None:
-    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    cache_dir = cache_root(cache_dir)
     key = hashlib.sha256(json.dumps(sorted(str(p) for p in inputs)).encode()).hexdigest()[:16]
     return cache_dir / "scans" / f"scan-{_CACHE_VERSION}-{key}.tsv"
 
@@ -389,17 +370,13 @@ def _read_cache(cache_file: Path | None) -> dict[str, dict[str, str]]:
 
 
 def _atomic_write_tsv(path: Path, header: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             writer.writerow(list(header))
             writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _one_line(text: str) -> str:
@@ -432,8 +409,8 @@ class CropBatches(Dataset):
         manifest: from :func:`scan_audio`.
         batch_size: clips per micro-batch.
         sample_rate: output rate (24 kHz).
-        crop_seconds: crop length (SPEC: 5 s).
-        min_seconds: shorter files are not used (SPEC: 3 s); see ``too_short``.
+        crop_seconds: crop length (MERT: 5 s).
+        min_seconds: shorter files are not used (MERT: 3 s); see ``too_short``.
         seed: data-order seed.
         rank, world_size: this process's place among data-parallel ranks.
         align_crops: crop offsets are multiples of the crop length (only whole
@@ -486,15 +463,6 @@ class CropBatches(Dataset):
             )
         self._known_bad: dict[str, str] = {}
         self._perms: dict[int, np.ndarray] = {}
-
-    def summary(self) -> dict[str, Any]:
-        """Counts for logs."""
-        return {
-            "n_files_usable": self.num_usable_files,
-            "n_files_this_rank": len(self.files),
-            "n_too_short": len(self.too_short),
-            "hours_this_rank": sum(f.duration_seconds for f in self.files) / 3600,
-        }
 
     # -- the pure part ----------------------------------------------------------
 
@@ -603,37 +571,3 @@ def make_loader(dataset: CropBatches, start_index: int = 0, num_workers: int = 1
         pin_memory = torch.cuda.is_available()
     extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor, "worker_init_fn": _init_worker} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=None, sampler=_CountFrom(start_index), num_workers=num_workers, pin_memory=pin_memory, **extra)
-
-
-def build_dataset(
-    data,
-    *,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    align_crops: bool = False,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-) -> CropBatches:
-    """Scan ``data.paths`` (a :class:`mert_core.config.DataConfig`) and build the dataset.
-
-    Empty ``data.paths`` means the built-in demo pieces
-    (:func:`mert_core.demo.ensure_demo_data`), generated on first use.
-    """
-    paths = list(data.paths)
-    if not paths:
-        from mert_core.demo import ensure_demo_data
-
-        paths = [ensure_demo_data() / "pieces"]
-    manifest = scan_audio(paths, cache_dir=cache_dir, progress=progress)
-    return CropBatches(
-        manifest,
-        data.batch_size,
-        sample_rate=data.sample_rate,
-        crop_seconds=data.crop_seconds,
-        min_seconds=data.min_seconds,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        align_crops=align_crops,
-    )

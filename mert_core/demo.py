@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,8 @@ import numpy as np
 import scipy.signal
 import soundfile as sf
 from tqdm.auto import tqdm
+
+from mert_core.files import publish_folder
 
 DEMO_VERSION = "demo-v1"
 SAMPLE_RATE = 24000
@@ -103,9 +104,9 @@ def ensure_demo_data(root: Path | None = None, seed: int = 0, size: DemoSize = D
     a folder with a different stamp is regenerated.
     """
     if root is None:
-        from mert_core.data import default_cache_dir
+        from mert_core.paths import cache_root
 
-        root = default_cache_dir() / DEMO_VERSION
+        root = cache_root() / DEMO_VERSION
     root = Path(root).expanduser().absolute()
     stamp = _stamp(seed, size)
     if _read_stamp(root) == stamp:
@@ -119,19 +120,10 @@ def ensure_demo_data(root: Path | None = None, seed: int = 0, size: DemoSize = D
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         generate_demo_data(tmp, seed=seed, size=size, progress=progress)
-        if root.exists():  # an older version (or an empty folder): replace it
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            try:
-                os.replace(root, old / "d")
-            except OSError:
-                pass  # someone else replaced it meanwhile; checked below
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            # Another process renamed its copy first; use it if it is complete.
-            if _read_stamp(root) != stamp:
-                raise
+        # an older version (or an empty folder) is replaced; if another process
+        # renamed its copy in first, use it if it is complete
+        if not publish_folder(tmp, root) and _read_stamp(root) != stamp:
+            raise OSError(f"{root}: cannot put the demo data in place (another process is writing it?); run again")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -154,6 +146,29 @@ def load_demo_metadata(root: Path, kind: str | None = None, split: str | None = 
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     return [r for r in records if (kind is None or r["kind"] == kind) and (split is None or r["split"] == split)]
+
+
+def synthetic_music(seconds: float, sample_rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
+    """Chords of harmonic tones with vibrato and decay, a bass line, percussive noise bursts:
+    a test signal with the spectral shape of music, shared by the CQT teacher's tests
+    and benchmark (``(seconds * sample_rate,)`` float32 in [-0.8, 0.8])."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sample_rate)
+    out = np.zeros(n)
+    for start in np.arange(0, seconds, 0.5):
+        seg = slice(int(start * sample_rate), min(n, int((start + 0.5) * sample_rate)))
+        ts = np.arange(seg.stop - seg.start) / sample_rate
+        env = np.exp(-2.5 * ts)
+        root = 110 * 2 ** (rng.integers(0, 12) / 12)
+        for interval in (0, 4, 7) if rng.random() < 0.5 else (0, 3, 7, 10):
+            f0 = root * 2 ** (interval / 12) * 2 ** rng.integers(0, 3)
+            phase = 2 * np.pi * f0 * np.cumsum(1 + 0.006 * np.sin(2 * np.pi * rng.uniform(4, 7) * ts)) / sample_rate
+            for h in range(1, 7):
+                out[seg] += 0.05 / h * env * np.sin(h * phase + rng.uniform(0, 2 * np.pi))
+        out[seg] += 0.15 * env * np.sin(2 * np.pi * root / 2 * ts)
+        out[seg] += 0.2 * rng.standard_normal(len(ts)) * np.exp(-40 * ts) * (rng.random() < 0.7)
+    out += 0.003 * rng.standard_normal(n)
+    return (0.8 * out / np.abs(out).max()).astype(np.float32)
 
 
 def generate_demo_data(out_dir: Path, seed: int = 0, size: DemoSize = DemoSize(), progress: bool = True) -> list[dict[str, Any]]:

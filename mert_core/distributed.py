@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mert_core.paths import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,12 +37,9 @@ def setup(device_request: str = "auto") -> tuple[DistInfo, torch.device]:
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
     )
-    if device_request == "auto":
-        device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_request)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{info.local_rank}")
+    device = torch.device(resolve_device(device_request, info.local_rank))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{info.local_rank}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if info.enabled and not dist.is_initialized():

@@ -17,7 +17,8 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from mert_core.checkpoint import LAST, STUDENT_FILE, atomic_write, load_student
+from mert_core.checkpoint import LAST, STUDENT_FILE, load_student
+from mert_core.files import atomic_write
 from mert_core.convert import hf_config_from_args, hf_export_problem, mert_state_dict_to_hf
 
 HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")

@@ -19,10 +19,10 @@ class CosineLogitHead(nn.Module):
 
     Args:
         embed_dim: student feature size D.
-        final_dim: projection size (SPEC: 64 base, 128 large).
+        final_dim: projection size (MERT: 64 base, 128 large).
         num_codebooks: C label streams, one projection each.
         num_classes: K classes per codebook, each with a learned embedding.
-        temperature: logits = cosine / temperature (SPEC 0.1).
+        temperature: logits = cosine / temperature (MERT 0.1).
     """
 
     def __init__(self, embed_dim: int, final_dim: int, num_codebooks: int, num_classes: int, temperature: float = 0.1):

@@ -50,6 +50,8 @@ from mert_core import library_versions
 from mert_core.audio import AudioError, read_crop
 from mert_core.checkpoint import file_digest
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry, frames_for
+from mert_core.files import publish_folder
+from mert_core.paths import resolve_device
 from mert_core.teacher import IGNORE_LABEL, Teacher
 
 log = logging.getLogger("mert.labels")
@@ -102,11 +104,6 @@ class LabelStoreSummary:
     @property
     def bytes_per_frame_per_codebook(self) -> float:
         return self.labels_bytes / max(self.num_frames * self.num_codebooks, 1)
-
-    @property
-    def frames_per_second(self) -> float:
-        return self.num_frames / max(self.seconds, 1e-9)
-
 
 # -- writing ----------------------------------------------------------------------
 
@@ -220,79 +217,13 @@ def write_label_store(
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
-    entries: dict[int, dict[str, Any]] = {}
-    total_frames, total_windows = 0, 0
     try:
         with open(tmp_dir / LABELS_FILE, "wb") as labels_out:
-            pending: list[tuple[int, int, np.ndarray]] = []  # (file index, window index, wave) of full windows
-            results: dict[int, dict[int, np.ndarray]] = {}
-
-            def run(items: list[tuple[int, int, np.ndarray]]) -> None:
-                wave = torch.from_numpy(np.stack([w for _, _, w in items])).to(device)
-                with torch.no_grad():
-                    labels = teacher.store_targets(wave)  # B, T, C
-                want = teacher.geometry.num_frames(wave.shape[1])
-                for b, (fi, k, _) in enumerate(items):
-                    path = plan[fi][0]
-                    if labels.dim() != 3 or labels.shape[2] != C or labels.shape[1] not in (want, want + 1):
-                        raise LabelStoreError(
-                            f"{path}: teacher {teacher.name!r} gave labels of shape {tuple(labels.shape[1:])} for window {k} "
-                            f"({wave.shape[1]} samples), expected ({want} or {want + 1}, {C}) frames x codebooks; the teacher is broken"
-                        )
-                    lab = labels[b]
-                    if bool(((lab < 0) | (lab >= spec.num_classes)).any()):
-                        raise LabelStoreError(
-                            f"{path}: teacher {teacher.name!r} gave labels outside 0..{spec.num_classes - 1} "
-                            f"(min {int(lab.min())}, max {int(lab.max())}) in window {k}; a store holds only real classes"
-                        )
-                    results.setdefault(fi, {})[k] = lab.cpu().numpy().astype(dtype)
-
-            def flush_done() -> None:
-                nonlocal total_frames, total_windows
-                for fi in [fi for fi, got in results.items() if len(got) == len(plan[fi][1])]:
-                    path, windows = plan[fi]
-                    got = results.pop(fi)
-                    rows = []
-                    for k in range(len(windows)):
-                        lab = np.ascontiguousarray(got[k])
-                        labels_out.write(lab.tobytes())
-                        rows.append([total_frames, int(lab.shape[0])])
-                        total_frames += int(lab.shape[0])
-                    total_windows += len(windows)
-                    st = os.stat(path)
-                    num_samples = windows[-1][0] + windows[-1][1]
-                    entries[fi] = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "num_samples": num_samples, "windows": rows}
-
-            reader = torch.utils.data.DataLoader(
-                _FileWindows(plan, sample_rate), batch_size=None, shuffle=False, num_workers=num_workers,
-                collate_fn=_as_is,
-            )
-            bar = tqdm(total=sum(len(w) for _, w in plan), desc=f"labelling with {teacher.name}", unit="window", disable=not progress)
-            for fi, waves, error in reader:
-                if error is not None:
-                    skipped[plan[fi][0]] = error
-                    log.warning("skipping %s", error)
-                    bar.update(len(plan[fi][1]))
-                    continue
-                for k, wave in enumerate(waves):
-                    if len(wave) == window_samples:
-                        pending.append((fi, k, wave))
-                    else:  # the last, partial window: labelled on its own, at its own length
-                        run([(fi, k, wave)])
-                        bar.update(1)
-                while len(pending) >= batch_size:
-                    run(pending[:batch_size])
-                    bar.update(batch_size)
-                    pending = pending[batch_size:]
-                flush_done()
-            if pending:
-                run(pending)
-                bar.update(len(pending))
-            flush_done()
-            bar.close()
+            writer = _LabelWriter(teacher, plan, labels_out, device)
+            _label_windows(writer, plan, sample_rate, window_samples, batch_size, num_workers, skipped, progress)
             labels_out.flush()
             os.fsync(labels_out.fileno())
-
+        entries, total_frames, total_windows = writer.entries, writer.total_frames, writer.total_windows
         index = {
             "labels_sha256": file_digest(tmp_dir / LABELS_FILE),
             "format": FORMAT,
@@ -319,13 +250,8 @@ def write_label_store(
             json.dump(index, f)
             f.flush()
             os.fsync(f.fileno())
-        if out_dir.exists():  # overwrite: move the old store aside first, so a crash leaves one of the two
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.rename(out_dir, old)
-            os.rename(tmp_dir, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp_dir, out_dir)
+        if not publish_folder(tmp_dir, out_dir):
+            raise LabelStoreError(f"{out_dir}: another process wrote a store there meanwhile; label again into another folder")
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
@@ -345,6 +271,96 @@ def write_label_store(
         out_dir, summary.num_files, total_windows, total_frames, C, dtype.name, len(skipped), summary.seconds,
     )
     return summary
+
+
+class _LabelWriter:
+    """Labels windows with the teacher and appends each file's labels to
+    ``labels_out`` once all its windows are done, in the order files finish.
+
+    State: ``entries`` (file index -> its index.json entry), ``total_frames``,
+    ``total_windows``; labelled windows of unfinished files wait in ``results``.
+    """
+
+    def __init__(self, teacher: Teacher, plan: list[tuple[str, list[tuple[int, int]]]], labels_out, device: torch.device):
+        self.teacher, self.plan, self.labels_out, self.device = teacher, plan, labels_out, device
+        self.spec = teacher.target_spec()
+        self.dtype = label_dtype(self.spec.num_classes)
+        self.results: dict[int, dict[int, np.ndarray]] = {}
+        self.entries: dict[int, dict[str, Any]] = {}
+        self.total_frames, self.total_windows = 0, 0
+
+    def label(self, items: list[tuple[int, int, np.ndarray]]) -> None:
+        """Label ``(file index, window index, wave)`` windows of one length in one teacher call."""
+        teacher, C = self.teacher, self.spec.num_codebooks
+        wave = torch.from_numpy(np.stack([w for _, _, w in items])).to(self.device)
+        with torch.no_grad():
+            labels = teacher.store_targets(wave)  # B, T, C
+        want = self.teacher.geometry.num_frames(wave.shape[1])
+        for b, (fi, k, _) in enumerate(items):
+            path = self.plan[fi][0]
+            if labels.dim() != 3 or labels.shape[2] != C or labels.shape[1] not in (want, want + 1):
+                raise LabelStoreError(
+                    f"{path}: teacher {teacher.name!r} gave labels of shape {tuple(labels.shape[1:])} for window {k} "
+                    f"({wave.shape[1]} samples), expected ({want} or {want + 1}, {C}) frames x codebooks; the teacher is broken"
+                )
+            lab = labels[b]
+            if bool(((lab < 0) | (lab >= self.spec.num_classes)).any()):
+                raise LabelStoreError(
+                    f"{path}: teacher {teacher.name!r} gave labels outside 0..{self.spec.num_classes - 1} "
+                    f"(min {int(lab.min())}, max {int(lab.max())}) in window {k}; a store holds only real classes"
+                )
+            self.results.setdefault(fi, {})[k] = lab.cpu().numpy().astype(self.dtype)
+
+    def write_finished(self) -> None:
+        """Append the labels of every file whose windows are all labelled."""
+        for fi in [fi for fi, got in self.results.items() if len(got) == len(self.plan[fi][1])]:
+            path, windows = self.plan[fi]
+            got = self.results.pop(fi)
+            rows = []
+            for k in range(len(windows)):
+                lab = np.ascontiguousarray(got[k])
+                self.labels_out.write(lab.tobytes())
+                rows.append([self.total_frames, int(lab.shape[0])])
+                self.total_frames += int(lab.shape[0])
+            self.total_windows += len(windows)
+            st = os.stat(path)
+            num_samples = windows[-1][0] + windows[-1][1]
+            self.entries[fi] = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "num_samples": num_samples, "windows": rows}
+
+
+def _label_windows(writer: _LabelWriter, plan, sample_rate: int, window_samples: int, batch_size: int,
+                   num_workers: int, skipped: dict[str, str], progress: bool) -> None:
+    """Read every planned window (in ``num_workers`` processes) and label it:
+    full windows in batches of ``batch_size``, a last, partial one on its own.
+    Unreadable files go to ``skipped``."""
+    reader = torch.utils.data.DataLoader(
+        _FileWindows(plan, sample_rate), batch_size=None, shuffle=False, num_workers=num_workers,
+        collate_fn=_as_is,
+    )
+    pending: list[tuple[int, int, np.ndarray]] = []  # (file index, window index, wave) of full windows
+    bar = tqdm(total=sum(len(w) for _, w in plan), desc=f"labelling with {writer.teacher.name}", unit="window", disable=not progress)
+    for fi, waves, error in reader:
+        if error is not None:
+            skipped[plan[fi][0]] = error
+            log.warning("skipping %s", error)
+            bar.update(len(plan[fi][1]))
+            continue
+        for k, wave in enumerate(waves):
+            if len(wave) == window_samples:
+                pending.append((fi, k, wave))
+            else:  # the last, partial window: labelled on its own, at its own length
+                writer.label([(fi, k, wave)])
+                bar.update(1)
+        while len(pending) >= batch_size:
+            writer.label(pending[:batch_size])
+            bar.update(batch_size)
+            pending = pending[batch_size:]
+        writer.write_finished()
+    if pending:
+        writer.label(pending)
+        bar.update(len(pending))
+    writer.write_finished()
+    bar.close()
 
 
 def _index_digest(index: dict[str, Any]) -> str:
@@ -576,12 +592,6 @@ class LabelStore:
 # -- the Python API behind `mert teacher fit` / `mert teacher label` ---------------------
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def fit_teacher(
     name: str,
     data_paths: Iterable[str | Path],
@@ -620,7 +630,7 @@ def fit_teacher(
         fittable = [n for n in registry.names("teacher") if registry.get("teacher", n).obj.fit is not Teacher.fit]
         raise ValueError(f"teacher {name!r} has nothing to fit with these options (e.g. cqt fits only with normalize=per-bin); "
                          f"teachers that can fit: {', '.join(fittable) or 'none'}")
-    device = _resolve_device(device)
+    device = torch.device(resolve_device(device))
     teacher.to(device)
     return teacher.fit([Path(p) for p in data_paths], Path(out_file), seed=seed, device=device, progress=progress)
 
@@ -656,7 +666,7 @@ def label_data(
     teacher = registry.build("teacher", name, options, geometry=FrameGeometry(sample_rate=sample_rate))
     if teacher.needs_fit():
         raise MissingTeacherFile(f"teacher {name!r} must be fitted first: pass --teacher-file FILE (made by `mert teacher fit {name} --data AUDIO --out FILE`)")
-    teacher.to(_resolve_device(device)).eval()
+    teacher.to(torch.device(resolve_device(device))).eval()
     return write_label_store(
         teacher, list(data_paths), out_dir, window_samples=window_samples, sample_rate=sample_rate, batch_size=batch_size,
         min_samples=min_samples, progress=progress, overwrite=overwrite, num_workers=num_workers,

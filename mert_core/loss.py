@@ -14,8 +14,8 @@ class MultiTargetLoss:
 
     Args:
         specs: teacher name -> target declaration.
-        weights: teacher name -> loss weight (SPEC: acoustic alpha = 1, musical 1).
-        feature_penalty: weight of the conv-feature penalty (SPEC: 10).
+        weights: teacher name -> loss weight (MERT: acoustic alpha = 1, musical 1).
+        feature_penalty: weight of the conv-feature penalty (MERT: 10).
     """
 
     def __init__(self, specs: dict[str, TargetSpec], weights: dict[str, float], feature_penalty: float = 10.0):

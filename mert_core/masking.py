@@ -15,7 +15,7 @@ def compute_span_mask(
     length: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Choose spans of frames to mask, as HuBERT does (SPEC: prob 0.8, length 5).
+    """Choose spans of frames to mask, as HuBERT does (MERT: prob 0.8, length 5).
 
     Per item with ``n`` valid frames: ``round(prob * n / length)`` distinct
     span starts are drawn uniformly from ``0 .. n - length`` (every start

@@ -6,6 +6,9 @@ over one builder, ``mert_student(**args)``. ``build_student`` is the only
 function that reads the run config. A student remembers its builder
 arguments (``student.args``), so a checkpoint can rebuild it with
 ``MertStudent.from_args(args)``.
+
+"MERT" in the docstrings cites the MERT paper (Li et al. 2023, arXiv
+2306.00107), whose student is HuBERT's (Hsu et al. 2021) architecture.
 """
 
 from __future__ import annotations
@@ -379,14 +382,14 @@ BASE_95M_ARGS: dict[str, Any] = dict(
     dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, input_dropout=0.1, layerdrop=0.05,
     attention_relax=0.0, feature_grad_mult=0.1,
 )
-"""MERT-95M, the paper's base: post-LN, 12 x 768, dropouts 0.1, layerdrop 0.05, feature_grad_mult 0.1 (94.37 M parameters)."""
+"""MERT-95M (Li et al. 2023, arXiv 2306.00107): post-LN, 12 x 768, dropouts 0.1, layerdrop 0.05, feature_grad_mult 0.1 (94.37 M parameters)."""
 
 LARGE_330M_ARGS: dict[str, Any] = dict(
     conv_channels=512, embed_dim=1024, num_layers=24, num_heads=16, ffn_dim=4096, layer_norm_first=True,
     dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, input_dropout=0.0, layerdrop=0.0,
     attention_relax=32.0, feature_grad_mult=1.0,
 )
-"""MERT-330M, the paper's large: pre-LN with a final LayerNorm, 24 x 1024, no dropout, attention relax 32, feature_grad_mult 1.0."""
+"""MERT-330M (Li et al. 2023, arXiv 2306.00107): pre-LN with a final LayerNorm, 24 x 1024, no dropout, attention relax 32, feature_grad_mult 1.0."""
 
 PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY_ARGS, "95m": BASE_95M_ARGS, "330m": LARGE_330M_ARGS}
 

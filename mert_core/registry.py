@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from mert_core import plugins as plugin_loading
+from mert_core import plugin_loader
 from mert_core.augment import Augmentation
 from mert_core.recipes import Recipe
 from mert_core.tasks import Task
@@ -129,12 +129,12 @@ def load_registry(extra_plugins: list[object] = (), entry_points: bool = True) -
             registered as if installed by the distribution ``"<local>"``.
         entry_points: load the ``mert`` entry-point group.
     """
-    pm = plugin_loading.new_manager()
-    loaded = plugin_loading.load_entry_points(pm) if entry_points else []
+    pm = plugin_loader.new_manager()
+    loaded = plugin_loader.load_entry_points(pm) if entry_points else []
     for i, extra in enumerate(extra_plugins):
         name = getattr(extra, "__name__", f"extra{i}")
         pm.register(extra, name=f"<local>:{name}")
-        loaded.append(plugin_loading.LoadedPlugin(name, extra, "<local>", "0"))
+        loaded.append(plugin_loader.LoadedPlugin(name, extra, "<local>", "0"))
     registry = Registry()
     for lp in loaded:
         if lp.error is not None:

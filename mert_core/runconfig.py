@@ -51,6 +51,19 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def parse_assignment(item: str, flag: str = "--set", example: str = "optim.lr=1e-4") -> tuple[str, Any]:
+    """``"optim.lr=1e-4"`` -> ``("optim.lr", 1e-4)``: the one ``KEY=VALUE`` parser
+    of every command (values as in :func:`parse_value`).
+
+    Raises:
+        ConfigError: no ``=`` or no key; the message names ``flag`` and shows ``example``.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{flag} {item!r}: expected key=value, e.g. {example}")
+    return key.strip(), parse_value(raw)
+
+
 def apply_overrides(data: dict[str, Any], assignments: Iterable[str]) -> dict[str, Any]:
     """Apply ``key=value`` overrides to plain config data.
 
@@ -62,11 +75,8 @@ def apply_overrides(data: dict[str, Any], assignments: Iterable[str]) -> dict[st
     """
     data = copy.deepcopy(data)
     for item in assignments:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=1e-4")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        value = parse_value(raw)
+        key, value = parse_assignment(item)
+        parts = key.split(".")
         if parts[0] in ("teacher", "augment") and len(parts) == 3:
             section = "teachers" if parts[0] == "teacher" else "augment"
             entries = data.setdefault(section, [])
@@ -170,4 +180,17 @@ def make_train_config(
     if config.model.init_from is not None and not config.model.init_from.exists():
         raise ConfigError(f"config field 'model.init_from': {config.model.init_from} does not exist; give a Hugging Face "
                           f"HuBERT/MERT folder, a mert run folder, a .pt or a student.safetensors")
+    return config
+
+
+def with_data_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with its data paths resolved: no paths means the built-in demo
+    pieces (generated once into the cache), written into the config so that the
+    saved config records the audio the run really read."""
+    if config.data.paths:
+        return config
+    from mert_core.demo import ensure_demo_data
+
+    # the demo's single notes (1.5 s) are for downstream tasks, not pretraining
+    config.data.paths = [ensure_demo_data() / "pieces"]
     return config

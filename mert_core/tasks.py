@@ -34,6 +34,8 @@ from typing import Any, ClassVar, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mert_core.scoring import score_beats, score_clips
+
 Level = Literal["clip", "frame"]
 Problem = Literal["multiclass", "multilabel", "regression", "beat"]
 SPLITS = ("train", "valid", "test")
@@ -226,28 +228,12 @@ class Task:
         Returns:
             ``{metric name: value}`` holding at least every name in ``metrics``.
         """
-        from mert_core.evaluation import metrics as M
-
-        if self.problem == "multiclass":
-            pred = np.asarray(outputs).argmax(axis=1)
-            return {"accuracy": M.accuracy(self.targets(examples), pred)}
-        if self.problem == "multilabel":
-            y = self.targets(examples)
-            scores = np.asarray(outputs, dtype=np.float64)
-            return {"roc_auc": M.roc_auc_macro(y, scores), "average_precision": M.average_precision_macro(y, scores)}
-        if self.problem == "regression":
-            y = self.targets(examples)
-            per_output = M.r2_per_output(y, np.asarray(outputs, dtype=np.float64))
-            out = {"r2": float(np.mean(per_output))}
-            out.update({f"r2_{name}": float(v) for name, v in zip(self.labels(), per_output)})
-            return out
+        if self.problem in ("multiclass", "multilabel", "regression"):
+            names = self.labels() if self.problem == "regression" else ()  # r2 per named output
+            return score_clips(self.problem, self.targets(examples), outputs, names)
         if self.problem == "beat":
-            from mert_core.evaluation.beats import track_beats
-
             options: BeatTaskOptions = self.options  # type: ignore[assignment]  # declared by __init_subclass__
-            refs = [np.asarray(ex.label, dtype=np.float64) for ex in examples]
-            ests = [track_beats(np.asarray(a), frame_rate_hz, method=options.postprocess) for a in outputs]
-            return {"beat_f_measure": M.beat_f_measure(refs, ests, tolerance_seconds=options.tolerance_seconds)}
+            return score_beats(outputs, [ex.label for ex in examples], frame_rate_hz, options.tolerance_seconds, options.postprocess)
         raise ValueError(f"task {self.name!r}: unknown problem type {self.problem!r}")
 
     def describe(self) -> dict[str, Any]:

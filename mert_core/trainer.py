@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from mert_core import distributed
 from mert_core.checkpoint import (
-    LAST, STUDENT_FILE, load_checkpoint, lock_run_folder, remove_stale_temp_files, save_checkpoint, save_student,
+    LAST, STUDENT_FILE, load_checkpoint, lock_run_folder, point_last, remove_stale_temp_files, resume_config,
+    roll_back_to_checkpoint_before, save_checkpoint, save_student,
 )
 from mert_core.config import TrainConfig
 from mert_core.geometry import FrameGeometry
@@ -32,6 +31,7 @@ from mert_core.components import valid_mask
 from mert_core.masking import compute_span_mask
 from mert_core.model import build_student
 from mert_core.registry import Registry, default_registry
+from mert_core.runconfig import with_data_paths
 from mert_core.signals import CollapseWatch, feature_signals, target_signals
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher
 
@@ -115,15 +115,6 @@ class TrainResult:
 
 # -- building the parts from the config (the only code that reads it) ----------
 
-def resolve_data_paths(config: TrainConfig) -> list[Path]:
-    if config.data.paths:
-        return [Path(p) for p in config.data.paths]
-    from mert_core.demo import ensure_demo_data
-
-    # the demo's single notes (1.5 s) are for downstream tasks, not pretraining
-    return [ensure_demo_data() / "pieces"]
-
-
 def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], geometry: FrameGeometry, dist_info, log,
                    device=None) -> dict[str, Teacher]:
     """Instantiate every teacher for the student's ``geometry``; fit the ones that need it (rank 0) first."""
@@ -165,104 +156,82 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
-# -- the loop -------------------------------------------------------------------
+# -- building the run -----------------------------------------------------------
 
-def train(
-    config: TrainConfig,
-    registry: Registry | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> TrainResult:
-    """Pretrain a student. See :class:`mert_core.config.TrainConfig`.
+@dataclass
+class Run:
+    """Everything the loop needs, built from the config by :func:`build_run`.
 
-    Args:
-        config: the run configuration (saved in every checkpoint).
-        registry: plugins to use; default: every installed plugin.
-        resume: continue from ``config.out_dir/last.pt`` if it exists.
-        progress: show a progress bar (rank 0).
-        log: where messages go (rank 0); default ``tqdm.write``.
-
-    Raises:
-        RunFolderBusy: another run writes into ``config.out_dir``.
-        TrainingError: too many non-finite steps in a row.
+    ``step``, ``counters`` and ``history`` are where the run starts (0 and empty,
+    or what a resumed checkpoint held); the loop advances its own copies.
     """
-    with contextlib.ExitStack() as run_scope:  # the run folder's lock, released however the run ends
-        return _train(config, registry, resume, progress, log, run_scope)
+
+    config: TrainConfig
+    registry: Registry
+    dist_info: distributed.DistInfo
+    device: torch.device
+    say: Callable[[str], None]
+    out_dir: Path
+    manifest: Any  # data.Manifest
+    usable: list  # the manifest's files long enough to crop
+    teachers: dict[str, Teacher]
+    specs: dict[str, TargetSpec]
+    label_stores: dict[str, Any]  # teacher name -> labels.LabelStore
+    augments: list[nn.Module]
+    student: nn.Module
+    model: Pretrainer
+    train_model: nn.Module  # ``model``, maybe wrapped in DDP and compiled
+    loss_fn: MultiTargetLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    warmup_steps: int
+    batches: Iterator[dict[str, Any]]
+    step: int = 0
+    counters: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist_info.is_main
 
 
-def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitStack) -> TrainResult:
-    """:func:`train`'s body; ``run_scope`` holds what must be released when it ends (the lock)."""
+def build_run(config: TrainConfig, registry: Registry | None, resume: bool, progress: bool,
+              log: Callable[[str], None] | None, run_scope: contextlib.ExitStack) -> Run:
+    """Data, teachers, label stores, model, heads, optimiser and loader from
+    ``config``, restored from ``last.pt`` (weights, optimiser, counters, RNG) on
+    resume. ``run_scope`` holds the run folder's lock until the run ends."""
     from tqdm import tqdm
 
-    from mert_core.data import CropBatches, DataError, make_loader, scan_audio
-
     registry = registry or default_registry()
-    config = config.model_copy(deep=True)
+    config = with_data_paths(config.model_copy(deep=True))
     dist_info, device = distributed.setup(config.device)
-    is_main = dist_info.is_main
-    say = (log or tqdm.write) if is_main else (lambda msg: None)
+    say = (log or tqdm.write) if dist_info.is_main else (lambda msg: None)
     out_dir = Path(config.out_dir)
     # one writer per run folder: an existing folder is claimed before its last.pt is read,
     # a new one only once the data is known to be usable (bad input leaves no empty folder)
-    claimed = is_main and out_dir.is_dir() and _claim_run_folder(out_dir, run_scope, say)
+    claimed = dist_info.is_main and out_dir.is_dir() and _claim_run_folder(out_dir, run_scope, say)
     state, history = None, []
     if resume and (out_dir / LAST).exists():
         state = load_checkpoint(out_dir / LAST)
-        config, changed = _resume_config(config, state, out_dir)
+        config, changed = resume_config(config, state, out_dir)
         history = list(state.get("history", [])) + ([{"resumed_at_step": state["step"], "changed": changed}] if changed else [])
         say(f"resuming from {out_dir / LAST} at step {state['step']}"
             + "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
     elif resume:
         say(f"--resume: no {LAST} in {out_dir}; starting a new run")
-    sr = config.data.sample_rate
-    crop_samples = int(round(config.data.crop_seconds * sr))
 
-    # data: one scan, cached; bad files are listed, never fatal
-    data_paths = resolve_data_paths(config)
-    if is_main:
-        manifest = scan_audio(data_paths, progress=progress)
-    distributed.barrier(dist_info)
-    if not is_main:
-        manifest = scan_audio(data_paths, progress=False)  # reads rank 0's cache
-    usable, _ = manifest.split_by_duration(config.data.min_seconds)
-    if not usable:
-        raise DataError(
-            f"data: no usable audio in {', '.join(map(str, data_paths))} "
-            f"({len(manifest.files)} readable files, none of at least {config.data.min_seconds:g} s; "
-            f"{len(manifest.skipped)} unreadable); give folders or manifests of wav/flac/ogg/mp3 files"
-        )
-    say(f"data: {len(usable)} files, {sum(f.duration_seconds for f in usable) / 3600:.2f} h "
-        f"({len(manifest.files) - len(usable)} shorter than {config.data.min_seconds:g} s, {len(manifest.skipped)} unreadable)")
-    if is_main and not claimed:  # only now: bad input leaves no empty run folder behind
+    manifest, usable = _scan_data(config, dist_info, progress, say)
+    if dist_info.is_main and not claimed:  # only now: bad input leaves no empty run folder behind
         _claim_run_folder(out_dir, run_scope, say)
-
     # the student first: teachers frame their targets by the student that was built
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    student = build_student(config.model, sample_rate=sr)
-
-    # teachers: fitted if needed, on the training device, never trained;
-    # forked RNG: fitting must not shift the stream that initialises the heads
+    student = build_student(config.model, sample_rate=config.data.sample_rate)
+    # forked RNG: fitting a teacher must not shift the stream that initialises the heads
     with torch.random.fork_rng(devices=[]):
-        teachers = build_teachers(config, registry, [f.path for f in usable], student.geometry, dist_info, say, device)
-    for t in teachers.values():
-        t.attach(student)
-    specs = {name: t.target_spec() for name, t in teachers.items()}
-    for name, spec in specs.items():
-        if abs(spec.frame_rate_hz - student.geometry.frame_rate_hz) > 1e-6:
-            raise ValueError(f"teacher {name!r} delivers targets at {spec.frame_rate_hz:g} Hz; the student runs at {student.geometry.frame_rate_hz:g} Hz")
-    for t in teachers.values():
-        t.to(device).eval()
-    label_stores = {}
-    for tc in config.teachers:
-        if tc.label_store is not None:
-            from mert_core.labels import LabelStore
-
-            store = LabelStore.open(tc.label_store)
-            # every training file must be in the store and unchanged: refused now, not at hour 3
-            store.check(teachers[tc.name], window_samples=crop_samples, files=[f.path for f in usable])
-            label_stores[tc.name] = store
-    augments = [registry.build("augment", a.name, a.options, sample_rate=sr).to(device) for a in config.augment]
+        teachers, specs, label_stores = _build_targets(config, registry, usable, student, dist_info, device, say)
+    augments = [registry.build("augment", a.name, a.options, sample_rate=config.data.sample_rate).to(device) for a in config.augment]
 
     # heads, loss, optimizer
     final_dim = config.loss.final_dim or (128 if config.model.preset == "330m" else 64)
@@ -281,7 +250,6 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
     opt = config.optim
     # fairseq's Adam applies weight decay decoupled from the gradient, i.e. AdamW
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
-    warmup = opt.warmup_steps if opt.warmup_steps is not None else int(0.08 * opt.max_steps)
     amp_dtype = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -305,18 +273,7 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
     if config.compile:
         train_model = torch.compile(train_model)  # compiled on the first step; graph breaks at host syncs are fine
 
-    dataset = CropBatches(
-        manifest,
-        config.data.batch_size,
-        sample_rate=sr,
-        crop_seconds=config.data.crop_seconds,
-        min_seconds=config.data.min_seconds,
-        seed=config.seed,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        align_crops=bool(label_stores),
-    )
-    batches = iter(make_loader(dataset, start_index=step * opt.grad_accum, num_workers=config.data.num_workers))
+    batches = _batches(config, manifest, dist_info, step, aligned=bool(label_stores))
     # Seeded only now: starting a DataLoader iterator draws from the global RNG,
     # which would shift a resumed run's dropout stream by one draw.
     torch.manual_seed(config.seed + 1 + dist_info.rank)  # dropout/layerdrop stream, distinct per rank
@@ -324,98 +281,147 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
         torch.set_rng_state(state["rng"]["torch"][dist_info.rank % len(state["rng"]["torch"])])
         if device.type == "cuda" and state["rng"].get("cuda"):
             torch.cuda.set_rng_state(state["rng"]["cuda"][dist_info.rank % len(state["rng"]["cuda"])])
+    return Run(
+        config=config, registry=registry, dist_info=dist_info, device=device, say=say, out_dir=out_dir,
+        manifest=manifest, usable=usable, teachers=teachers, specs=specs, label_stores=label_stores, augments=augments,
+        student=student, model=model, train_model=train_model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
+        amp_dtype=amp_dtype, warmup_steps=opt.warmup_steps if opt.warmup_steps is not None else int(0.08 * opt.max_steps),
+        batches=batches, step=step, counters=counters, history=history, resumed=state is not None,
+    )
 
-    writer = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
-        (out_dir / "config.json").write_text(config.model_dump_json(indent=2))
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None
-    bar = tqdm(total=opt.max_steps, initial=step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
-    say(f"training a {config.model.preset} student ({sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters) "
-        f"with teachers {', '.join(teachers)} on {device} ({dist_info.world_size} process(es)), "
-        f"{'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}")
+def _scan_data(config: TrainConfig, dist_info, progress: bool, say) -> tuple[Any, list]:
+    """The manifest of ``config.data.paths`` (one scan, cached; bad files are
+    listed, never fatal) and its files long enough to use."""
+    from mert_core.data import DataError, scan_audio
 
-    watch = CollapseWatch(warmup, say)
-    window_terms: dict[str, torch.Tensor] = {}
-    window_steps, window_audio, window_start = 0, 0.0, time.perf_counter()
+    data_paths = [Path(p) for p in config.data.paths]
+    if dist_info.is_main:
+        manifest = scan_audio(data_paths, progress=progress)
+    distributed.barrier(dist_info)
+    if not dist_info.is_main:
+        manifest = scan_audio(data_paths, progress=False)  # reads rank 0's cache
+    usable, _ = manifest.split_by_duration(config.data.min_seconds)
+    if not usable:
+        raise DataError(
+            f"data: no usable audio in {', '.join(map(str, data_paths))} "
+            f"({len(manifest.files)} readable files, none of at least {config.data.min_seconds:g} s; "
+            f"{len(manifest.skipped)} unreadable); give folders or manifests of wav/flac/ogg/mp3 files"
+        )
+    say(f"data: {len(usable)} files, {sum(f.duration_seconds for f in usable) / 3600:.2f} h "
+        f"({len(manifest.files) - len(usable)} shorter than {config.data.min_seconds:g} s, {len(manifest.skipped)} unreadable)")
+    return manifest, usable
+
+
+def _build_targets(config: TrainConfig, registry: Registry, usable: list, student, dist_info, device, say):
+    """The teachers for ``student`` (fitted if needed, attached to it, on the
+    training device, never trained), their target specs, and the label stores
+    of the teachers that read one."""
+    sr = config.data.sample_rate
+    teachers = build_teachers(config, registry, [f.path for f in usable], student.geometry, dist_info, say, device)
+    for t in teachers.values():
+        t.attach(student)
+    specs = {name: t.target_spec() for name, t in teachers.items()}
+    for name, spec in specs.items():
+        if abs(spec.frame_rate_hz - student.geometry.frame_rate_hz) > 1e-6:
+            raise ValueError(f"teacher {name!r} delivers targets at {spec.frame_rate_hz:g} Hz; the student runs at {student.geometry.frame_rate_hz:g} Hz")
+    for t in teachers.values():
+        t.to(device).eval()
+    label_stores = {}
+    for tc in config.teachers:
+        if tc.label_store is not None:
+            from mert_core.labels import LabelStore
+
+            store = LabelStore.open(tc.label_store)
+            # every training file must be in the store and unchanged: refused now, not at hour 3
+            store.check(teachers[tc.name], window_samples=int(round(config.data.crop_seconds * sr)), files=[f.path for f in usable])
+            label_stores[tc.name] = store
+    return teachers, specs, label_stores
+
+
+def _batches(config: TrainConfig, manifest, dist_info, step: int, aligned: bool) -> Iterator[dict[str, Any]]:
+    """The crop batches from ``step`` on: a pure function of (seed, index, rank)."""
+    from mert_core.data import CropBatches, make_loader
+
+    dataset = CropBatches(
+        manifest,
+        config.data.batch_size,
+        sample_rate=config.data.sample_rate,
+        crop_seconds=config.data.crop_seconds,
+        min_seconds=config.data.min_seconds,
+        seed=config.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        align_crops=aligned,
+    )
+    return iter(make_loader(dataset, start_index=step * config.optim.grad_accum, num_workers=config.data.num_workers))
+
+
+# -- the loop -------------------------------------------------------------------
+
+def train(
+    config: TrainConfig,
+    registry: Registry | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Pretrain a student. See :class:`mert_core.config.TrainConfig`.
+
+    Args:
+        config: the run configuration (saved in every checkpoint).
+        registry: plugins to use; default: every installed plugin.
+        resume: continue from ``config.out_dir/last.pt`` if it exists.
+        progress: show a progress bar (rank 0).
+        log: where messages go (rank 0); default ``tqdm.write``.
+
+    Raises:
+        RunFolderBusy: another run writes into ``config.out_dir``.
+        TrainingError: too many non-finite steps in a row.
+    """
+    with contextlib.ExitStack() as run_scope:  # the run folder's lock, released however the run ends
+        run = build_run(config, registry, resume, progress, log, run_scope)
+        return run_loop(run, progress)
+
+
+def run_loop(run: Run, progress: bool = True) -> TrainResult:
+    """Train ``run`` from ``run.step`` to ``optim.max_steps``: data, teachers,
+    augment, mask, forward, loss, backward, step, log, checkpoint."""
+    config, opt, say = run.config, run.config.optim, run.say
+    step, counters = run.step, run.counters
+    out = _RunOutput(run, progress)
+    window = _Window()
     run_start = time.perf_counter() - counters["elapsed_seconds"]
     consecutive_bad = 0
     weights_ok = True  # the current weights gave finite outputs on every step since the last update
-    last_saved = step if state is not None else -1
-    for teacher in teachers.values():
-        teacher.on_step(student, step)
+    last_saved = step if run.resumed else -1
+    for teacher in run.teachers.values():  # once before the first batch (the EMA teacher copies the student)
+        teacher.on_step(run.student, step)
     try:
         while step < opt.max_steps:
-            lr = lr_at(step, opt.lr, warmup, opt.max_steps)
-            for group in optimizer.param_groups:
+            lr = lr_at(step, opt.lr, run.warmup_steps, opt.max_steps)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
             step_loss_ok = True
             for micro in range(opt.grad_accum):
-                # data
-                batch = next(batches)
+                batch = next(run.batches)
                 for path, reason in batch.get("skipped", []):
                     if path not in counters["skipped_files"]:
                         counters["skipped_files"][path] = reason
                         say(f"skipped {path}: {reason}")
-                wave = batch["wave"].to(device, non_blocking=True)  # B, S
-                lengths = batch["lengths"].to(device)
-                generator = torch.Generator(device=device).manual_seed(step_seed(config.seed, step, micro, dist_info.rank))
-                num_frames = student.num_frames(wave.shape[1])
-                frame_lengths = student.num_frames(lengths)
-
-                # teachers: targets from the clean audio, before any augmentation
-                targets, valid_frames = {}, num_frames
-                with torch.no_grad():
-                    for name, teacher in teachers.items():
-                        if name in label_stores:
-                            stored = label_stores[name].targets(batch["paths"], batch["offsets"], num_frames).to(device)
-                            t = teacher.targets_from_store(stored, generator=generator)
-                        else:
-                            t = teacher.targets(wave, generator=generator)
-                        targets[name], have = align_targets(name, t, num_frames, specs[name], batch["paths"])
-                        valid_frames = min(valid_frames, have)
-
-                # augment: only the student's input changes
-                for augment in augments:
-                    wave = augment(wave, lengths, generator)
-
-                # mask, forward, loss
-                frame_lengths = frame_lengths.clamp(max=valid_frames)
-                mask = compute_span_mask((wave.shape[0], num_frames), frame_lengths, config.mask.prob, config.mask.length, generator)
-                sync = micro == opt.grad_accum - 1 or not dist_info.enabled
-                ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
-                # HuBERT's pred_nomask_weight: optionally also score the valid unmasked frames
-                unmasked = (~mask & valid_mask(frame_lengths, num_frames)) if config.loss.unmasked_weight > 0 else None
-                with ctx:
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        predictions, at_unmasked, features_penalty, signals = train_model(wave, lengths, mask, unmasked)
-                    scored_targets = {name: t[mask] for name, t in targets.items()}
-                    loss, terms = loss_fn(predictions, scored_targets, features_penalty)
-                    if at_unmasked is not None:
-                        loss_u, terms_u = loss_fn(at_unmasked, {name: t[unmasked] for name, t in targets.items()})
-                        loss = loss + config.loss.unmasked_weight * loss_u
-                        terms.update({f"unmasked_{k}": v for k, v in terms_u.items()})
-                    scaler.scale(loss / opt.grad_accum).backward()
-                terms.update(signals)
-                terms.update(target_signals(predictions, scored_targets, specs))
-                for k, v in terms.items():
-                    window_terms[k] = window_terms.get(k, 0.0) + v.float() / opt.grad_accum
-                window_terms["loss"] = window_terms.get("loss", 0.0) + loss.detach().float() / opt.grad_accum
-                window_audio += float(batch["lengths"].sum()) / sr  # the CPU copy: no device sync
+                loss, outputs_finite = _micro_step(run, batch, step, micro, window)
                 step_loss_ok = step_loss_ok and bool(torch.isfinite(loss.detach()))  # host sync, once per micro-batch
                 if not step_loss_ok and weights_ok:  # bad steps only: are the weights or the targets to blame?
-                    weights_ok = _all_finite([*predictions.values(), features_penalty])
+                    weights_ok = outputs_finite()
 
             # step: clip, skip non-finite, update
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+            run.scaler.unscale_(run.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), opt.grad_clip)
             finite = bool(torch.isfinite(grad_norm)) and step_loss_ok  # grads are all-reduced: every rank agrees
             if finite:  # never a non-finite update, with or without a loss scaler
-                scaler.step(optimizer)
-            scaler.update()  # fp16: lowers the loss scale after an overflow (no-op otherwise)
-            optimizer.zero_grad(set_to_none=True)
+                run.scaler.step(run.optimizer)
+            run.scaler.update()  # fp16: lowers the loss scale after an overflow (no-op otherwise)
+            run.optimizer.zero_grad(set_to_none=True)
             if finite:
                 consecutive_bad, weights_ok = 0, True
             else:
@@ -423,94 +429,207 @@ def _train(config, registry, resume, progress, log, run_scope: contextlib.ExitSt
                 counters["bad_steps"] += 1
                 say(f"step {step}: non-finite loss or gradient, update skipped ({consecutive_bad} in a row)")
                 if consecutive_bad >= config.max_bad_steps:
-                    rng = _gather_rng(device, dist_info)
-                    audio = counters["audio_seconds"] + _unlogged_audio(window_audio, dist_info)
-                    weights_ok = distributed.all_reduce_sum(torch.tensor(float(not weights_ok)), dist_info).item() == 0  # on every rank
-                    if not is_main:
-                        raise TrainingError(f"rank {dist_info.rank}: stopped with rank 0 after non-finite steps")
-                    if weights_ok:  # the targets or the loss were at fault, not the weights: keep them
-                        if last_saved != step:
-                            _save(out_dir, config, model, optimizer, scaler, step, {**counters, "audio_seconds": audio},
-                                  run_start, registry, teachers, rng, history)
-                        good = step
-                    else:
-                        good = _roll_back_to_checkpoint_before(out_dir, step - consecutive_bad + 1)
-                    advice = (f"The last good weights (step {good}) are in {out_dir / LAST}; lower optim.lr "
-                              f"(e.g. --set optim.lr={config.optim.lr / 10:.3g}), use fp32 or bf16, or check the data, then resume with --resume"
-                              if good is not None else
-                              f"No checkpoint holds weights that gave finite outputs; start again with a lower optim.lr, fp32 or bf16")
-                    raise TrainingError(f"{consecutive_bad} non-finite steps in a row at step {step}: the run stopped. {advice}")
+                    _stop_after_bad_steps(run, step, consecutive_bad, weights_ok, last_saved, counters, window, run_start)
             step += 1
-            window_steps += 1
-            bar.update(1)
+            window.steps += 1
+            out.bar.update(1)
             if finite:  # teachers that follow the student (EMA) see the new weights
-                for teacher in teachers.values():
-                    teacher.on_step(student, step)
+                for teacher in run.teachers.values():
+                    teacher.on_step(run.student, step)
 
-            # log
             if step % config.log_every == 0 or step == opt.max_steps:
-                elapsed = time.perf_counter() - window_start
-                audio = distributed.all_reduce_sum(torch.tensor(window_audio, dtype=torch.float64), dist_info).item()
-                counters["audio_seconds"] += audio
-                record = {"step": step, "lr": lr, "grad_norm": float(grad_norm)}
-                record.update({k: float(v) / window_steps for k, v in window_terms.items()})
-                record["audio_seconds_per_second"] = audio / max(elapsed, 1e-9)
-                record["audio_hours_seen"] = counters["audio_seconds"] / 3600
-                if is_main:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    for k, v in record.items():
-                        if k != "step":
-                            writer.add_scalar(k, v, step)
-                    bar.set_postfix_str(_progress_text(record))
-                    watch.check(record)
-                window_terms, window_steps, window_audio, window_start = {}, 0, 0.0, time.perf_counter()
+                out.log(step, lr, grad_norm, window, counters)
+                window = _Window()
 
             # checkpoint (every rank takes part: the RNG states of all ranks are saved)
             # (not after a non-finite step: the weights did not change, and an older checkpoint is worth keeping)
             if (step % config.checkpoint_every == 0 and finite) or step == opt.max_steps:
-                rng = _gather_rng(device, dist_info)
-                audio = counters["audio_seconds"] + _unlogged_audio(window_audio, dist_info)
-                if is_main:
-                    _save(out_dir, config, model, optimizer, scaler, step, {**counters, "audio_seconds": audio},
-                          run_start, registry, teachers, rng, history)
+                rng = _gather_rng(run.device, run.dist_info)
+                audio = counters["audio_seconds"] + _unlogged_audio(window.audio_seconds, run.dist_info)
+                if run.is_main:
+                    _save(run, step, {**counters, "audio_seconds": audio}, run_start, rng)
                 last_saved = step
-                distributed.barrier(dist_info)
+                distributed.barrier(run.dist_info)
     finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        if writer is not None:
-            writer.close()
+        out.close()
+    summary = _finish(run, step, counters, run_start) if run.is_main else {}
+    distributed.barrier(run.dist_info)
+    distributed.teardown(run.dist_info)
+    return TrainResult(student=run.student, heads=run.model.heads, out_dir=run.out_dir, summary=summary)
 
-    summary = {}
-    if is_main:
-        counters["elapsed_seconds"] = time.perf_counter() - run_start
-        summary = {
-            "steps": step,
-            "audio_hours_seen": counters["audio_seconds"] / 3600,
-            "files_used": len(usable),
-            "files_skipped": len(manifest.skipped) + len(counters["skipped_files"]),
-            "skipped_files": {**manifest.skipped, **counters["skipped_files"]},  # path -> why
-            "files_too_short": len(manifest.files) - len(usable),
-            "bad_steps": counters["bad_steps"],
-            "elapsed_seconds": counters["elapsed_seconds"],
-            "checkpoint": str(out_dir / LAST),
-            "student": str(out_dir / STUDENT_FILE),
-            "history": history,
-        }
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        from mert_core.plots import plot_loss_curves
 
-        plot_loss_curves(out_dir / "metrics.jsonl", out_dir / "loss.png")
-        say(
-            f"done: {step} steps, {summary['audio_hours_seen']:.3f} audio hours seen, "
-            f"{summary['files_skipped']} files skipped, {summary['bad_steps']} steps skipped, "
-            f"{summary['elapsed_seconds']:.0f} s; weights in {out_dir / STUDENT_FILE}, loss curve in {out_dir / 'loss.png'}"
-        )
-    distributed.barrier(dist_info)
-    distributed.teardown(dist_info)
-    return TrainResult(student=student, heads=heads, out_dir=out_dir, summary=summary)
+@dataclass
+class _Window:
+    """What the micro-batches since the last metrics line added up to."""
+
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    audio_seconds: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def _micro_step(run: Run, batch: dict[str, Any], step: int, micro: int, window: _Window):
+    """One micro-batch: targets, augment, mask, forward, loss, backward.
+
+    Adds its loss terms and audio to ``window``. Returns the loss and a
+    function telling whether the model's outputs were all finite (called on
+    bad steps only: it syncs with the device).
+    """
+    config, device, specs, loss_fn = run.config, run.device, run.specs, run.loss_fn
+    grad_accum = config.optim.grad_accum
+    wave = batch["wave"].to(device, non_blocking=True)  # B, S
+    lengths = batch["lengths"].to(device)
+    generator = torch.Generator(device=device).manual_seed(step_seed(config.seed, step, micro, run.dist_info.rank))
+    num_frames = run.student.num_frames(wave.shape[1])
+    frame_lengths = run.student.num_frames(lengths)
+
+    # teachers: targets from the clean audio, before any augmentation
+    targets, valid_frames = _targets(run, batch, wave, num_frames, generator)
+
+    # augment: only the student's input changes
+    for augment in run.augments:
+        wave = augment(wave, lengths, generator)
+
+    # mask, forward, loss
+    frame_lengths = frame_lengths.clamp(max=valid_frames)
+    mask = compute_span_mask((wave.shape[0], num_frames), frame_lengths, config.mask.prob, config.mask.length, generator)
+    sync = micro == grad_accum - 1 or not run.dist_info.enabled
+    ctx = run.train_model.no_sync() if not sync else contextlib.nullcontext()
+    # HuBERT's pred_nomask_weight: optionally also score the valid unmasked frames
+    unmasked = (~mask & valid_mask(frame_lengths, num_frames)) if config.loss.unmasked_weight > 0 else None
+    amp_dtype = run.amp_dtype
+    with ctx:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            predictions, at_unmasked, features_penalty, signals = run.train_model(wave, lengths, mask, unmasked)
+        scored_targets = {name: t[mask] for name, t in targets.items()}
+        loss, terms = loss_fn(predictions, scored_targets, features_penalty)
+        if at_unmasked is not None:
+            loss_u, terms_u = loss_fn(at_unmasked, {name: t[unmasked] for name, t in targets.items()})
+            loss = loss + config.loss.unmasked_weight * loss_u
+            terms.update({f"unmasked_{k}": v for k, v in terms_u.items()})
+        run.scaler.scale(loss / grad_accum).backward()
+    terms.update(signals)
+    terms.update(target_signals(predictions, scored_targets, specs))
+    for k, v in terms.items():
+        window.terms[k] = window.terms.get(k, 0.0) + v.float() / grad_accum
+    window.terms["loss"] = window.terms.get("loss", 0.0) + loss.detach().float() / grad_accum
+    window.audio_seconds += float(batch["lengths"].sum()) / config.data.sample_rate  # the CPU copy: no device sync
+    return loss, lambda: _all_finite([*predictions.values(), features_penalty])
+
+
+def _targets(run: Run, batch: dict[str, Any], wave: torch.Tensor, num_frames: int, generator: torch.Generator):
+    """Every teacher's targets for ``wave`` (``B, S``), aligned to ``num_frames``,
+    and the number of frames that hold a target for all of them."""
+    targets, valid_frames = {}, num_frames
+    with torch.no_grad():
+        for name, teacher in run.teachers.items():
+            if name in run.label_stores:
+                stored = run.label_stores[name].targets(batch["paths"], batch["offsets"], num_frames).to(run.device)
+                t = teacher.targets_from_store(stored, generator=generator)
+            else:
+                t = teacher.targets(wave, generator=generator)
+            targets[name], have = align_targets(name, t, num_frames, run.specs[name], batch["paths"])
+            valid_frames = min(valid_frames, have)
+    return targets, valid_frames
+
+
+def _stop_after_bad_steps(run: Run, step: int, consecutive_bad: int, weights_ok: bool, last_saved: int,
+                          counters: dict, window: _Window, run_start: float) -> None:
+    """Stop the run after ``max_bad_steps`` non-finite steps in a row, keeping
+    the last weights that gave finite outputs (a collective: every rank calls it)."""
+    dist_info, out_dir = run.dist_info, run.out_dir
+    rng = _gather_rng(run.device, dist_info)
+    audio = counters["audio_seconds"] + _unlogged_audio(window.audio_seconds, dist_info)
+    weights_ok = distributed.all_reduce_sum(torch.tensor(float(not weights_ok)), dist_info).item() == 0  # on every rank
+    if not dist_info.is_main:
+        raise TrainingError(f"rank {dist_info.rank}: stopped with rank 0 after non-finite steps")
+    if weights_ok:  # the targets or the loss were at fault, not the weights: keep them
+        if last_saved != step:
+            _save(run, step, {**counters, "audio_seconds": audio}, run_start, rng)
+        good = step
+    else:
+        good = roll_back_to_checkpoint_before(out_dir, step - consecutive_bad + 1)
+    advice = (f"The last good weights (step {good}) are in {out_dir / LAST}; lower optim.lr "
+              f"(e.g. --set optim.lr={run.config.optim.lr / 10:.3g}), use fp32 or bf16, or check the data, then resume with --resume"
+              if good is not None else
+              f"No checkpoint holds weights that gave finite outputs; start again with a lower optim.lr, fp32 or bf16")
+    raise TrainingError(f"{consecutive_bad} non-finite steps in a row at step {step}: the run stopped. {advice}")
+
+
+class _RunOutput:
+    """Where the run reports (rank 0): ``config.json``, ``metrics.jsonl``,
+    TensorBoard, the progress bar and the collapse watch."""
+
+    def __init__(self, run: Run, progress: bool):
+        from tqdm import tqdm
+
+        self.run, self.writer, self.metrics_file = run, None, None
+        config, is_main = run.config, run.is_main
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run.out_dir / "tensorboard"))
+            (run.out_dir / "config.json").write_text(config.model_dump_json(indent=2))
+        self.metrics_file = open(run.out_dir / "metrics.jsonl", "a") if is_main else None
+        self.bar = tqdm(total=config.optim.max_steps, initial=run.step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
+        run.say(f"training a {config.model.preset} student ({sum(p.numel() for p in run.student.parameters()) / 1e6:.2f} M parameters) "
+                f"with teachers {', '.join(run.teachers)} on {run.device} ({run.dist_info.world_size} process(es)), "
+                f"{'fp32' if run.amp_dtype is None else str(run.amp_dtype).removeprefix('torch.')}")
+        self.watch = CollapseWatch(run.warmup_steps, run.say)
+
+    def log(self, step: int, lr: float, grad_norm: torch.Tensor, window: _Window, counters: dict) -> None:
+        """One metrics line: the window's averages, throughput, audio seen (a collective)."""
+        elapsed = time.perf_counter() - window.start
+        audio = distributed.all_reduce_sum(torch.tensor(window.audio_seconds, dtype=torch.float64), self.run.dist_info).item()
+        counters["audio_seconds"] += audio
+        record = {"step": step, "lr": lr, "grad_norm": float(grad_norm)}
+        record.update({k: float(v) / window.steps for k, v in window.terms.items()})
+        record["audio_seconds_per_second"] = audio / max(elapsed, 1e-9)
+        record["audio_hours_seen"] = counters["audio_seconds"] / 3600
+        if self.run.is_main:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+            for k, v in record.items():
+                if k != "step":
+                    self.writer.add_scalar(k, v, step)
+            self.bar.set_postfix_str(_progress_text(record))
+            self.watch.check(record)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, Any]:
+    """Write ``summary.json`` and the loss curve, say what the run did (rank 0)."""
+    out_dir, manifest = run.out_dir, run.manifest
+    counters["elapsed_seconds"] = time.perf_counter() - run_start
+    summary = {
+        "steps": step,
+        "audio_hours_seen": counters["audio_seconds"] / 3600,
+        "files_used": len(run.usable),
+        "files_skipped": len(manifest.skipped) + len(counters["skipped_files"]),
+        "skipped_files": {**manifest.skipped, **counters["skipped_files"]},  # path -> why
+        "files_too_short": len(manifest.files) - len(run.usable),
+        "bad_steps": counters["bad_steps"],
+        "elapsed_seconds": counters["elapsed_seconds"],
+        "checkpoint": str(out_dir / LAST),
+        "student": str(out_dir / STUDENT_FILE),
+        "history": run.history,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    from mert_core.plots import plot_loss_curves
+
+    plot_loss_curves(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    run.say(
+        f"done: {step} steps, {summary['audio_hours_seen']:.3f} audio hours seen, "
+        f"{summary['files_skipped']} files skipped, {summary['bad_steps']} steps skipped, "
+        f"{summary['elapsed_seconds']:.0f} s; weights in {out_dir / STUDENT_FILE}, loss curve in {out_dir / 'loss.png'}"
+    )
+    return summary
 
 
 def _claim_run_folder(out_dir: Path, run_scope: contextlib.ExitStack, say) -> bool:
@@ -561,42 +680,9 @@ def _unlogged_audio(window_audio: float, dist_info) -> float:
     return distributed.all_reduce_sum(torch.tensor(window_audio, dtype=torch.float64), dist_info).item()
 
 
-def _roll_back_to_checkpoint_before(out_dir: Path, first_bad_step: int) -> int | None:
-    """Point ``last.pt`` and the student export at the newest checkpoint older
-    than ``first_bad_step`` (weights that gave finite outputs), delete the newer
-    ones (weights that did not), and return its step (None if there is none)."""
-    ckpt_dir = out_dir / "checkpoints"
-    numbered = sorted(ckpt_dir.glob("step_*.pt"))
-    good = [p for p in numbered if int(p.stem.removeprefix("step_")) < first_bad_step]
-    for p in numbered[len(good):]:
-        p.unlink()
-    if not good:
-        (out_dir / LAST).unlink(missing_ok=True)
-        return None
-    state = load_checkpoint(good[-1])
-    _point_last(out_dir, good[-1], state)
-    from mert_core.model import MertStudent
-
-    student = MertStudent.from_args(state["model_args"])
-    student.load_state_dict(state["student"])
-    save_student(student, out_dir / STUDENT_FILE, state["config"])
-    return state["step"]
-
-
-def _point_last(out_dir: Path, numbered: Path, state: dict) -> None:
-    """Make ``last.pt`` a hard link to ``numbered``, swapped in atomically."""
-    tmp = out_dir / f".{LAST}.link"
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(numbered, tmp)
-        os.replace(tmp, out_dir / LAST)
-    except OSError:  # filesystems without hard links
-        save_checkpoint(state, out_dir / LAST)
-
-
-def _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, registry, teachers, rng, history):
+def _save(run: Run, step: int, counters: dict, run_start: float, rng: dict) -> None:
     """Write ``step_N.pt``, point ``last.pt`` at it, export the student (rank 0)."""
+    config, model, out_dir = run.config, run.model, run.out_dir
     counters = {**counters, "elapsed_seconds": time.perf_counter() - run_start}
     state = {
         "step": step,
@@ -604,74 +690,23 @@ def _save(out_dir, config, model, optimizer, scaler, step, counters, run_start, 
         "model_args": model.student.args,
         "student": model.student.state_dict(),
         "heads": model.heads.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
         "rng": rng,
         "counters": counters,
-        "plugin_versions": registry.versions(),
-        "teacher_hashes": {name: t.config_hash() for name, t in teachers.items()},
-        "teacher_states": {name: t.training_state() for name, t in teachers.items() if t.follows_student},
+        "plugin_versions": run.registry.versions(),
+        "teacher_hashes": {name: t.config_hash() for name, t in run.teachers.items()},
+        "teacher_states": {name: t.training_state() for name, t in run.teachers.items() if t.follows_student},
         "world_size": len(rng["torch"]),
-        "history": history,  # changes made on resume, e.g. a lowered optim.lr
+        "history": run.history,  # changes made on resume, e.g. a lowered optim.lr
     }
     ckpt_dir = out_dir / "checkpoints"
     numbered = ckpt_dir / f"step_{step:08d}.pt"
     save_checkpoint(state, numbered)
-    _point_last(out_dir, numbered, state)
+    point_last(out_dir, numbered, state)
     for old in sorted(ckpt_dir.glob("step_*.pt"))[: -config.keep_checkpoints]:
         old.unlink()
     save_student(model.student, out_dir / STUDENT_FILE, config.model_dump(mode="json"))
-
-
-# init_from only starts a run: a resume takes the weights from the checkpoint and keeps the recorded source;
-# activation checkpointing and compile change how a step runs, not what it computes; the peak lr may
-# change (the non-finite stop advises lowering it), recorded in the run's history
-_RESUMABLE_CHANGES = {
-    "model.init_from", "model.init_from_hash", "model.activation_checkpointing", "compile", "optim.lr",
-    "optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "device",
-}
-
-
-def _resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[TrainConfig, dict[str, list]]:
-    """The saved config, except for fields that may change on resume (the
-    peak lr among them, as the non-finite stop advises), and those changes as
-    ``{field: [saved, new]}``."""
-    saved = TrainConfig.model_validate(state["config"])
-    new, old = _flatten(config.model_dump(mode="json")), _flatten(saved.model_dump(mode="json"))
-    # a teacher fitted by the first run has its artifact recorded in the saved config only
-    for flat, given in ((old, new), (new, old)):
-        for saved_t, given_t in zip(flat.get("teachers", []), given.get("teachers", [])):
-            if "teacher_file" not in given_t["options"]:
-                saved_t["options"] = {k: v for k, v in saved_t["options"].items() if k != "teacher_file"}
-    changed = {}
-    for key in sorted(set(new) | set(old)):
-        if new.get(key) != old.get(key) and key in _RESUMABLE_CHANGES:
-            changed[key] = [old.get(key), new.get(key)]
-        elif new.get(key) != old.get(key):
-            raise ValueError(
-                f"--resume: config field {key!r} is {new.get(key)!r} but the run in {out_dir} used {old.get(key)!r}; "
-                f"resume with the same settings or use a new --out"
-            )
-    return saved.model_copy(update={
-        "model": saved.model.model_copy(update={"activation_checkpointing": config.model.activation_checkpointing}),
-        "compile": config.compile,
-        "optim": saved.optim.model_copy(update={"max_steps": config.optim.max_steps, "lr": config.optim.lr}),
-        "log_every": config.log_every, "checkpoint_every": config.checkpoint_every,
-        "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps,
-        "data": saved.data.model_copy(update={"num_workers": config.data.num_workers}),
-        "device": config.device,
-    }), changed
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and k != "options":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _prefixed(prefix: str, sd: dict) -> dict:

@@ -10,31 +10,11 @@ import torch
 from nnAudio.features import CQT as NnAudioCQT
 
 from mert_core.geometry import FrameGeometry
+from mert_core.demo import synthetic_music
 from mert_core.registry import PluginError, load_registry
 from mert_plugins.teachers import cqt as cqt_module
 
 SR, HOP = 24000, 320
-
-
-def synthetic_music(seconds: float, sample_rate: int = SR, seed: int = 0) -> np.ndarray:
-    """Chords of harmonic tones with vibrato and decay, a bass line, percussive noise bursts."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sample_rate)
-    out = np.zeros(n)
-    for start in np.arange(0, seconds, 0.5):
-        seg = slice(int(start * sample_rate), min(n, int((start + 0.5) * sample_rate)))
-        ts = np.arange(seg.stop - seg.start) / sample_rate
-        env = np.exp(-2.5 * ts)
-        root = 110 * 2 ** (rng.integers(0, 12) / 12)
-        for interval in (0, 4, 7) if rng.random() < 0.5 else (0, 3, 7, 10):
-            f0 = root * 2 ** (interval / 12) * 2 ** rng.integers(0, 3)
-            phase = 2 * np.pi * f0 * np.cumsum(1 + 0.006 * np.sin(2 * np.pi * rng.uniform(4, 7) * ts)) / sample_rate
-            for h in range(1, 7):
-                out[seg] += 0.05 / h * env * np.sin(h * phase + rng.uniform(0, 2 * np.pi))
-        out[seg] += 0.15 * env * np.sin(2 * np.pi * root / 2 * ts)
-        out[seg] += 0.2 * rng.standard_normal(len(ts)) * np.exp(-40 * ts) * (rng.random() < 0.7)
-    out += 0.003 * rng.standard_normal(n)
-    return (0.8 * out / np.abs(out).max()).astype(np.float32)
 
 
 def student_frames(samples: int) -> int:

@@ -12,7 +12,7 @@ import torch
 
 from mert_core.audio import AudioError, audio_info, load_audio, read_crop, resampled_length
 from mert_core.config import DataConfig
-from mert_core.data import AudioFile, CropBatches, DataError, Manifest, build_dataset, make_loader, scan_audio
+from mert_core.data import AudioFile, CropBatches, DataError, Manifest, make_loader, scan_audio
 
 SR = 24000
 
@@ -133,8 +133,8 @@ def test_bad_files_skipped_and_counted(messy, cache):
     assert "truncated" in skipped["truncated.wav"]
     names = sorted(Path(f.path).name for f in m.files)
     assert names == ["good1.wav", "good2.flac", "good3.ogg", "nan.wav", "short.wav"]  # NaN: header is fine
-    s = m.summary(min_seconds=3.0)
-    assert (s["n_files"], s["n_skipped"], s["n_too_short"]) == (5, 4, 1)
+    _, too_short = m.split_by_duration(3.0)
+    assert (len(m.files), len(m.skipped), len(too_short)) == (5, 4, 1)
 
     ds = CropBatches(m, batch_size=4, seed=0)
     assert [Path(p).name for p in ds.too_short] == ["short.wav"]
@@ -350,11 +350,15 @@ def test_loader_with_worker_processes(library):
     assert all(torch.equal(g["wave"], ds[3 + k]["wave"]) for k, g in enumerate(got))
 
 
-def test_build_dataset_from_config(library, tmp_path, cache):
+def test_dataset_from_config(library, tmp_path, cache):
+    # what the trainer does with config.data: scan, then crop batches
     folder = Path(library.files[0].path).parent
-    ds = build_dataset(DataConfig(paths=[folder], batch_size=2, crop_seconds=1.0), seed=1, cache_dir=cache, progress=False)
+    data = DataConfig(paths=[folder], batch_size=2, crop_seconds=1.0)
+    manifest = scan_audio(data.paths, cache_dir=cache, progress=False)
+    ds = CropBatches(manifest, data.batch_size, sample_rate=data.sample_rate, crop_seconds=data.crop_seconds,
+                     min_seconds=data.min_seconds, seed=1)
     assert ds[0]["wave"].shape == (2, SR)
-    assert ds.summary()["n_files_usable"] == 10
+    assert ds.num_usable_files == 10
 
 
 def test_manifest_trusted_duration_without_rate(tmp_path):

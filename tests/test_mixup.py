@@ -1,4 +1,4 @@
-"""The inbatch-mixup augmentation: every rule of SPEC "In-batch noise mixup".
+"""The inbatch-mixup augmentation: every rule of the in-batch noise mixup of the MERT paper (Li et al. 2023, arXiv 2306.00107).
 
 Statistical rules are checked on the plan of random draws over many clips;
 the vectorised mixing is checked against a plain loop over clips and segments,

@@ -106,9 +106,9 @@ def test_parameter_counts_equal_hubert():
         count = sum(p.numel() for p in ours.parameters())
         assert count == sum(p.numel() for p in theirs.parameters()), preset
         if preset == "95m":
-            assert round(count / 1e6, 2) == 94.37  # SPEC
+            assert round(count / 1e6, 2) == 94.37  # MERT-95M's parameter count
         else:
-            assert 314e6 < count < 316e6  # SPEC: about 315 M
+            assert 314e6 < count < 316e6  # MERT-330M: about 315 M
 
 
 # -- loading Hugging Face folders ------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_zero_length_and_too_short_input_give_empty_outputs():
         assert out.padding_mask.shape == (2, 0) and float(out.features_penalty) == 0.0
     assert student(torch.zeros(1, student.receptive_field)).last_hidden.shape == (1, 1, student.embed_dim)
     assert student.num_frames(0) == 0 and student.num_frames(399) == 0 and student.num_frames(400) == 1
-    assert student.num_frames(120000) == 374  # SPEC: 5 s at 75 Hz
+    assert student.num_frames(120000) == 374  # MERT: 5 s at 75 Hz
     # 5.12 s = 122880 samples is 384 hops but 383 frames: frame n needs 400 + 320 (n - 1) samples
     assert student.num_frames(torch.tensor([0, 400, 720, 122880, 122960])).tolist() == [0, 1, 2, 383, 384]
 

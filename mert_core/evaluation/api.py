@@ -20,20 +20,12 @@ from mert_core.evaluation.probe import ProbeOptions, ProbeResult, probe
 from mert_core.evaluation.report import format_table, plot_comparison, plot_layers, result_rows, write_results
 from mert_core.evaluation.upstreams import (HandcraftedUpstream, StudentUpstream, Upstream, checkpoint_upstream,
                                             hf_upstream, random_upstream)
+from mert_core.paths import resolve_device
 from mert_core.registry import Registry, default_registry
 from mert_core.tasks import SPLITS, Task
 
 log = logging.getLogger("mert.evaluation")
 BASELINES = ("random", "handcrafted")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _options(model, value):

@@ -42,19 +42,13 @@ from tqdm.auto import tqdm
 
 from mert_core.audio import AudioError, load_audio
 from mert_core.checkpoint import file_digest
+from mert_core.files import publish_folder
+from mert_core.paths import cache_root
 from mert_core.tasks import Task, TaskDataError
 
 log = logging.getLogger("mert.evaluation")
 FORMAT = "mert-features-v2"  # v2: meta.json holds the data files' sizes, shapes and hashes
 DATA_FILES = ("features.npy", "index.npy", "offsets.npy")
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$MERT_CACHE``, else ``~/.cache/mert``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("MERT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mert"
 
 
 class ExtractOptions(BaseModel):
@@ -205,9 +199,7 @@ def extract(upstream, task: Task, split: str, options: ExtractOptions | None = N
         meta = _extract_into(tmp, upstream, task, split, examples, settings, options, progress)
         meta["files"] = _describe_files(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: its presence means the rest is complete
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished the same extraction first: use theirs
+        if not publish_folder(tmp, final, replace=False):  # another process finished the same extraction first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

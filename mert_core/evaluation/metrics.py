@@ -14,6 +14,7 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 
 # -- keys ------------------------------------------------------------------------
 
@@ -86,19 +87,6 @@ def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of ``x`` with ties given their mean rank (scipy's 'average')."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    # Boundaries of runs of equal values: every member of a run gets the run's mean rank.
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
-    ends = np.r_[starts[1:], len(x)]
-    mean_rank = (starts + ends + 1) / 2.0  # ranks are 1-based: mean of start+1 .. end
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(mean_rank, ends - starts)
-    return ranks
-
-
 def roc_auc_per_class(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Area under the ROC curve of each column (Mann-Whitney U statistic).
 
@@ -117,7 +105,7 @@ def roc_auc_per_class(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
         n_neg = len(pos) - n_pos
         if n_pos == 0 or n_neg == 0:
             continue
-        ranks = _average_ranks(scores[:, c])
+        ranks = rankdata(scores[:, c])  # ties get their mean rank
         out[c] = (ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
     return out
 

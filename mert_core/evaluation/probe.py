@@ -99,6 +99,10 @@ class ProbeGrid(torch.nn.Module):
         self.b2 = torch.nn.Parameter(uniform((g, 1, num_outputs), fan_hidden))
         self.dropout = dropout
 
+    @property
+    def num_members(self) -> int:
+        return self.fixed.shape[0]
+
     def layer_weights(self) -> torch.Tensor:
         """``(G, L)``: one-hot rows for single-layer members, softmax for the others."""
         return torch.where(self.weighted[:, None], torch.softmax(self.layer_logits, dim=1), self.fixed)
@@ -256,6 +260,157 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -math.inf
 
 
+class _ProbeData:
+    """A task's feature rows and targets for the three splits, on the probe's
+    device, and how to score a grid's outputs on them."""
+
+    def __init__(self, task: Task, train: FeatureSet, valid: FeatureSet, test: FeatureSet, options: ProbeOptions, device: torch.device):
+        self.task, self.device = task, device
+        self.frame_level = task.level == "frame"
+        self.fsets = {"train": train, "valid": valid, "test": test}
+        self.rate = train.frame_rate_hz
+        ex_train, ex_valid, ex_test = (task.examples(s) for s in ("train", "valid", "test"))
+        self.items = {"train": [ex_train[i] for i in train.index], "valid": [ex_valid[i] for i in valid.index], "test": [ex_test[i] for i in test.index]}
+        mean, std = _standardisation(train)
+        max_bytes = options.max_memory_gb * 2**30
+        self.rows = {s: _Rows(fs, mean, std, max_bytes, device) for s, fs in self.fsets.items()}
+        self.y_mean = self.y_std = None
+        if self.frame_level:
+            self.y_train = torch.from_numpy(self._frame_y("train", True)).to(device)
+            self.y_valid_loss = torch.from_numpy(self._frame_y("valid", False)).to(device)
+        else:
+            y_train_np = task.targets(self.items["train"])
+            if task.problem == "regression":  # standardise targets so that every lr sees the same scale
+                self.y_mean, self.y_std = y_train_np.mean(axis=0), y_train_np.std(axis=0) + 1e-8
+                y_train_np = (y_train_np - self.y_mean) / self.y_std
+            self.y_train = torch.from_numpy(y_train_np).to(device)
+            y_valid_np = task.targets(self.items["valid"])
+            if self.y_mean is not None:
+                y_valid_np = (y_valid_np - self.y_mean) / self.y_std
+            self.y_valid_loss = torch.from_numpy(y_valid_np).to(device)
+
+    def _frame_y(self, split: str, is_train: bool) -> np.ndarray:
+        """``(frames, 1)`` frame targets of every clip of ``split``, concatenated."""
+        fs = self.fsets[split]
+        return np.concatenate([self.task.frame_targets(ex, int(fs.offsets[i + 1] - fs.offsets[i]), self.rate, train=is_train)
+                               for i, ex in enumerate(self.items[split])])[:, None]
+
+    def loss_per_member(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``(G,)`` mean loss of each member; out ``(G, B, C)``."""
+        problem = self.task.problem
+        g, b, c = out.shape
+        if problem == "multiclass":
+            return F.cross_entropy(out.reshape(g * b, c), y.repeat(g), reduction="none").view(g, b).mean(1)
+        if problem in ("multilabel", "beat"):
+            return F.binary_cross_entropy_with_logits(out, y.expand(g, -1, -1), reduction="none").mean((1, 2))
+        return ((out - y) ** 2).mean((1, 2))  # regression
+
+    @torch.no_grad()
+    def predict(self, grid: ProbeGrid, split: str) -> np.ndarray:
+        """``(G, rows, C)`` outputs (sigmoid for beats, de-standardised for regression)."""
+        rows = self.rows[split]
+        grid.eval()
+        outs = []
+        for s in range(0, rows.num_rows, 8192):
+            idx = np.arange(s, min(s + 8192, rows.num_rows))
+            outs.append(grid(rows.get(idx)).float().cpu())
+        grid.train()
+        out = torch.cat(outs, dim=1) if outs else torch.zeros(grid.num_members, 0, self.task.num_outputs)
+        if self.task.problem == "beat":
+            out = torch.sigmoid(out)
+        out = out.numpy()
+        if self.y_mean is not None:
+            out = out * self.y_std + self.y_mean
+        return out
+
+    def valid_loss(self, out: np.ndarray) -> torch.Tensor:
+        """``(G,)`` validation loss of :meth:`predict`'s ``out``."""
+        with torch.no_grad():
+            logits = torch.from_numpy(out).to(self.device)
+            if self.task.problem == "beat":  # predict() applied the sigmoid; undo it for the loss
+                logits = torch.logit(logits.clamp(1e-6, 1 - 1e-6))
+            if self.y_mean is not None:
+                logits = (logits - torch.from_numpy(self.y_mean).to(self.device)) / torch.from_numpy(self.y_std).to(self.device)
+            return self.loss_per_member(logits, self.y_valid_loss).cpu()
+
+    def scores(self, split: str, out: np.ndarray, member: int) -> dict[str, float]:
+        """The task's metrics of one grid ``member``'s outputs on ``split``."""
+        if self.frame_level:
+            off = self.fsets[split].offsets
+            return _score(self.task, [out[member, off[i]:off[i + 1], 0] for i in range(len(off) - 1)], self.items[split], self.rate)
+        return _score(self.task, out[member], self.items[split], self.rate)
+
+    def all_scores(self, split: str, out: np.ndarray) -> list[dict[str, float]]:
+        return [self.scores(split, out, g) for g in range(out.shape[0])]
+
+
+def _grid_members(options: ProbeOptions, train: FeatureSet) -> tuple[list[int | None], list[float], bool]:
+    """Every (layer, lr) member of the grid: layer index (None: the weighted
+    sum), learning rate, and whether the weighted sum is in the grid."""
+    layers = _resolve_layers(options, train)
+    dims = train.layer_dims
+    member_layers: list[int | None] = [l for l in layers for _ in options.lrs]
+    member_lrs = [lr for _ in layers for lr in options.lrs]
+    use_weighted = options.weighted_sum and len(set(dims)) == 1 and len(dims) > 1
+    if use_weighted:
+        member_layers += [None] * len(options.lrs)
+        member_lrs += list(options.lrs)
+    return member_layers, member_lrs, use_weighted
+
+
+def _train_grid(grid: ProbeGrid, adam: GridAdam, data: _ProbeData, options: ProbeOptions, monitor: str,
+                gen: torch.Generator, desc: str, progress: bool) -> tuple[torch.Tensor, int]:
+    """Train every member with early stopping on the validation split and
+    leave ``grid`` at each member's best weights.
+
+    Returns:
+        ``(G,)`` each member's best epoch, and the number of epochs run.
+    """
+    num_members, device = grid.num_members, data.device
+    best_state = {k: v.detach().clone() for k, v in grid.state_dict().items()}
+    best_valid = torch.full((num_members,), -math.inf)
+    best_epoch = torch.zeros(num_members, dtype=torch.long)
+    active = torch.ones(num_members, dtype=torch.bool)
+    stale = torch.zeros(num_members, dtype=torch.long)
+    batch = options.frame_batch_frames if data.frame_level else options.batch_size
+    n_train = data.rows["train"].num_rows
+
+    bar = tqdm(total=options.max_epochs, desc=desc, unit="epoch", disable=not progress, leave=False)
+    epoch = 0
+    for epoch in range(1, options.max_epochs + 1):
+        grid.train()
+        perm = torch.randperm(n_train, generator=gen).numpy()
+        for s in range(0, n_train, batch):
+            idx = perm[s:s + batch]
+            loss = data.loss_per_member(grid(data.rows["train"].get(idx)), data.y_train[torch.from_numpy(idx).to(device)]).sum()
+            adam.zero_grad()
+            loss.backward()
+            adam.step(active.to(device))
+        # Validation: a higher value is better (the loss enters negated).
+        out = data.predict(grid, "valid")
+        if monitor == "metric":
+            current = torch.tensor([_finite(s[data.task.primary_metric]) for s in data.all_scores("valid", out)])
+        else:
+            current = -data.valid_loss(out)
+        improved = active & (current > best_valid)
+        best_valid = torch.where(improved, current, best_valid)
+        best_epoch[improved] = epoch
+        stale = torch.where(improved, torch.zeros_like(stale), stale + active.long())
+        if improved.any():
+            sel = improved.to(device)
+            for k, v in grid.state_dict().items():
+                if v.dim() and v.shape[0] == num_members:
+                    best_state[k][sel] = v[sel].detach()
+        active &= stale < options.patience
+        bar.update(1)
+        bar.set_postfix(active=int(active.sum()), best=f"{best_valid.max().item():.4g}")
+        if not active.any():
+            break
+    bar.close()
+    grid.load_state_dict(best_state)
+    return best_epoch, epoch
+
+
 def probe(task: Task, train: FeatureSet, valid: FeatureSet, test: FeatureSet, options: ProbeOptions | None = None,
           progress: bool = True, upstream_name: str = "", upstream_id: str = "") -> ProbeResult:
     """Run the MARBLE probe search on extracted features.
@@ -274,14 +429,7 @@ def probe(task: Task, train: FeatureSet, valid: FeatureSet, test: FeatureSet, op
     frame_level = task.level == "frame"
     if frame_level and task.problem != "beat":
         raise ValueError(f"task {task.name!r}: frame-level probing supports problem 'beat' only, got {task.problem!r}")
-    layers = _resolve_layers(options, train)
-    dims = train.layer_dims
-    member_layers: list[int | None] = [l for l in layers for _ in options.lrs]
-    member_lrs = [lr for _ in layers for lr in options.lrs]
-    use_weighted = options.weighted_sum and len(set(dims)) == 1 and len(dims) > 1
-    if use_weighted:
-        member_layers += [None] * len(options.lrs)
-        member_lrs += list(options.lrs)
+    member_layers, member_lrs, use_weighted = _grid_members(options, train)
     names = [WEIGHTED if l is None else train.layer_names[l] for l in member_layers]
     num_members = len(member_layers)
     monitor = options.monitor if options.monitor != "auto" else ("loss" if frame_level else "metric")
@@ -289,124 +437,15 @@ def probe(task: Task, train: FeatureSet, valid: FeatureSet, test: FeatureSet, op
     gen = torch.Generator().manual_seed(options.seed)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(options.seed)  # dropout masks; restored at the end
-
-    # Targets and feature rows.
-    ex_train, ex_valid, ex_test = (task.examples(s) for s in ("train", "valid", "test"))
-    items = {"train": [ex_train[i] for i in train.index], "valid": [ex_valid[i] for i in valid.index], "test": [ex_test[i] for i in test.index]}
-    mean, std = _standardisation(train)
-    max_bytes = options.max_memory_gb * 2**30
-    rows = {s: _Rows(fs, mean, std, max_bytes, device) for s, fs in (("train", train), ("valid", valid), ("test", test))}
-    fsets = {"train": train, "valid": valid, "test": test}
-    rate = train.frame_rate_hz
-    if frame_level:
-        def frame_y(split, is_train):
-            fs = fsets[split]
-            return np.concatenate([task.frame_targets(ex, int(fs.offsets[i + 1] - fs.offsets[i]), rate, train=is_train)
-                                   for i, ex in enumerate(items[split])])[:, None]
-        y_train = torch.from_numpy(frame_y("train", True)).to(device)
-        y_valid_loss = torch.from_numpy(frame_y("valid", False)).to(device)
-        y_mean = y_std = None
-    else:
-        y_train_np = task.targets(items["train"])
-        y_mean = y_std = None
-        if task.problem == "regression":  # standardise targets so that every lr sees the same scale
-            y_mean, y_std = y_train_np.mean(axis=0), y_train_np.std(axis=0) + 1e-8
-            y_train_np = (y_train_np - y_mean) / y_std
-        y_train = torch.from_numpy(y_train_np).to(device)
-        y_valid_np = task.targets(items["valid"])
-        if y_mean is not None:
-            y_valid_np = (y_valid_np - y_mean) / y_std
-        y_valid_loss = torch.from_numpy(y_valid_np).to(device)
-
-    def loss_per_member(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``(G,)`` mean loss of each member; out ``(G, B, C)``."""
-        g, b, c = out.shape
-        if task.problem == "multiclass":
-            return F.cross_entropy(out.reshape(g * b, c), y.repeat(g), reduction="none").view(g, b).mean(1)
-        if task.problem in ("multilabel", "beat"):
-            return F.binary_cross_entropy_with_logits(out, y.expand(g, -1, -1), reduction="none").mean((1, 2))
-        return ((out - y) ** 2).mean((1, 2))  # regression
-
-    @torch.no_grad()
-    def predict(split: str) -> np.ndarray:
-        """``(G, rows, C)`` outputs (sigmoid for beats, de-standardised for regression)."""
-        grid.eval()
-        outs = []
-        for s in range(0, rows[split].num_rows, 8192):
-            idx = np.arange(s, min(s + 8192, rows[split].num_rows))
-            outs.append(grid(rows[split].get(idx)).float().cpu())
-        grid.train()
-        out = torch.cat(outs, dim=1) if outs else torch.zeros(num_members, 0, task.num_outputs)
-        if task.problem == "beat":
-            out = torch.sigmoid(out)
-        out = out.numpy()
-        if y_mean is not None:
-            out = out * y_std + y_mean
-        return out
-
-    def member_scores(split: str, out: np.ndarray, only: int | None = None):
-        """Scores of every member (a list), or of member ``only`` (a dict)."""
-        def one(g):
-            if frame_level:
-                off = fsets[split].offsets
-                return _score(task, [out[g, off[i]:off[i + 1], 0] for i in range(len(off) - 1)], items[split], rate)
-            return _score(task, out[g], items[split], rate)
-        return one(only) if only is not None else [one(g) for g in range(num_members)]
-
-    grid = ProbeGrid(member_layers, dims, options.hidden_units, task.num_outputs, options.dropout, gen).to(device)
+    data = _ProbeData(task, train, valid, test, options, device)
+    grid = ProbeGrid(member_layers, train.layer_dims, options.hidden_units, task.num_outputs, options.dropout, gen).to(device)
     adam = GridAdam(grid.parameters(), torch.tensor(member_lrs, dtype=torch.float32, device=device), weight_decay=options.weight_decay)
-    best_state = {k: v.detach().clone() for k, v in grid.state_dict().items()}
-    best_valid = torch.full((num_members,), -math.inf)
-    best_epoch = torch.zeros(num_members, dtype=torch.long)
-    active = torch.ones(num_members, dtype=torch.bool)
-    stale = torch.zeros(num_members, dtype=torch.long)
-    batch = options.frame_batch_frames if frame_level else options.batch_size
-    n_train = rows["train"].num_rows
-
-    bar = tqdm(total=options.max_epochs, desc=f"probe {upstream_name or '?'} {task.name} ({num_members} probes)", unit="epoch",
-               disable=not progress, leave=False)
-    epoch = 0
-    for epoch in range(1, options.max_epochs + 1):
-        grid.train()
-        perm = torch.randperm(n_train, generator=gen).numpy()
-        for s in range(0, n_train, batch):
-            idx = perm[s:s + batch]
-            loss = loss_per_member(grid(rows["train"].get(idx)), y_train[torch.from_numpy(idx).to(device)]).sum()
-            adam.zero_grad()
-            loss.backward()
-            adam.step(active.to(device))
-        # Validation: a higher value is better (the loss enters negated).
-        out = predict("valid")
-        if monitor == "metric":
-            current = torch.tensor([_finite(s[task.primary_metric]) for s in member_scores("valid", out)])
-        else:
-            with torch.no_grad():
-                logits = torch.from_numpy(out).to(device)
-                if task.problem == "beat":  # predict() applied the sigmoid; undo it for the loss
-                    logits = torch.logit(logits.clamp(1e-6, 1 - 1e-6))
-                if y_mean is not None:
-                    logits = (logits - torch.from_numpy(y_mean).to(device)) / torch.from_numpy(y_std).to(device)
-                current = -loss_per_member(logits, y_valid_loss).cpu()
-        improved = active & (current > best_valid)
-        best_valid = torch.where(improved, current, best_valid)
-        best_epoch[improved] = epoch
-        stale = torch.where(improved, torch.zeros_like(stale), stale + active.long())
-        if improved.any():
-            sel = improved.to(device)
-            for k, v in grid.state_dict().items():
-                if v.dim() and v.shape[0] == num_members:
-                    best_state[k][sel] = v[sel].detach()
-        active &= stale < options.patience
-        bar.update(1)
-        bar.set_postfix(active=int(active.sum()), best=f"{best_valid.max().item():.4g}")
-        if not active.any():
-            break
-    bar.close()
-    grid.load_state_dict(best_state)
+    best_epoch, epochs = _train_grid(grid, adam, data, options, monitor, gen,
+                                     f"probe {upstream_name or '?'} {task.name} ({num_members} probes)", progress)
 
     # Select on validation; the test split is scored only for the members a
     # result reports (the best lr of each layer), never used to choose.
-    valid_scores = member_scores("valid", predict("valid"))
+    valid_scores = data.all_scores("valid", data.predict(grid, "valid"))
     primary = task.primary_metric
     members = [{"layer": names[g], "layer_index": member_layers[g], "lr": member_lrs[g], "best_epoch": int(best_epoch[g]),
                 "valid": valid_scores[g], "test": None} for g in range(num_members)]
@@ -414,9 +453,9 @@ def probe(task: Task, train: FeatureSet, valid: FeatureSet, test: FeatureSet, op
     for name in dict.fromkeys(names):
         group = [g for g in range(num_members) if names[g] == name]
         chosen.append(max(group, key=lambda g: _finite(valid_scores[g][primary])))
-    test_out = predict("test")
+    test_out = data.predict(grid, "test")
     for g in chosen:
-        members[g]["test"] = member_scores("test", test_out, only=g)
+        members[g]["test"] = data.scores("test", test_out, g)
     per_layer = [members[g] for g in chosen]
     best = max(per_layer, key=lambda m: _finite(m["valid"][primary]))
     weights = None
@@ -426,7 +465,7 @@ def probe(task: Task, train: FeatureSet, valid: FeatureSet, test: FeatureSet, op
     torch.random.set_rng_state(torch_state)
     result = ProbeResult(task=task.name, upstream=upstream_name, upstream_id=upstream_id, metric=primary, members=members,
                          per_layer=per_layer, best=best, layer_weights=weights, seconds=round(time.time() - started, 2),
-                         features_reused={s: fs.reused for s, fs in fsets.items()})
+                         features_reused={s: fs.reused for s, fs in data.fsets.items()})
     log.info("%s on %s: best %s lr=%g valid %s=%.4f test %s=%.4f (%d probes, %d epochs, %.1fs)", upstream_name, task.name,
-             best["layer"], best["lr"], primary, best["valid"][primary], primary, best["test"][primary], num_members, epoch, result.seconds)
+             best["layer"], best["lr"], primary, best["valid"][primary], primary, best["test"][primary], num_members, epochs, result.seconds)
     return result

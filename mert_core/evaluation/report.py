@@ -40,6 +40,17 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def format_layer_table(result: ProbeResult) -> str:
+    """One probe search as plain text: each layer's best lr with its valid and
+    test score, the selected one marked."""
+    r = result
+    out = [f"{r.upstream} on {r.task} ({r.metric}):", f"  {'layer':<14}{'lr':>9}  {'valid':>8}  {'test':>8}"]
+    for m in r.per_layer:
+        mark = "  <- selected" if m is r.best else ""
+        out.append(f"  {m['layer']:<14}{m['lr']:>9.0e}  {m['valid'][r.metric]:>8.4f}  {m['test'][r.metric]:>8.4f}{mark}")
+    return "\n".join(out)
+
+
 def write_results(out_dir: Path, results: Sequence[ProbeResult], extra: dict[str, Any] | None = None) -> list[Path]:
     """Write ``results.json`` (everything, every grid member) and ``results.csv`` (one row per upstream and task)."""
     out_dir.mkdir(parents=True, exist_ok=True)

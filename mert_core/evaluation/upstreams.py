@@ -56,11 +56,6 @@ class Upstream:
     def dim(self) -> int:
         return max(self.layer_dims)
 
-    @property
-    def same_dims(self) -> bool:
-        """Whether a weighted sum of layers makes sense (all layers the same size)."""
-        return len(set(self.layer_dims)) == 1
-
     def layer_dims_for(self, level: str) -> list[int]:
         """Layer sizes of ``"clip"`` or ``"frame"`` features."""
         return list(self.layer_dims)

@@ -1,0 +1,51 @@
+"""Scoring probe outputs against labels, per problem type: the leaf module the
+task contract (:meth:`mert_core.tasks.Task.score`) uses.
+
+It reads only numpy and the metric functions (:mod:`mert_core.evaluation.metrics`,
+:mod:`mert_core.evaluation.beats`, both leaves), never the evaluation engine
+(extraction, probing, reports).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from mert_core.evaluation import metrics as M
+from mert_core.evaluation.beats import track_beats
+
+
+def score_clips(problem: str, targets: np.ndarray, outputs: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:
+    """Clip-level scores.
+
+    Args:
+        problem: ``multiclass``, ``multilabel`` or ``regression``.
+        targets: ``(N,)`` class indices, or ``(N, C)`` labels or values.
+        outputs: ``(N, C)`` raw probe outputs (logits, scores or values).
+        label_names: ``C`` output names (regression: ``r2_<name>`` per output).
+
+    Returns:
+        ``{metric name: value}``.
+    """
+    if problem == "multiclass":
+        pred = np.asarray(outputs).argmax(axis=1)
+        return {"accuracy": M.accuracy(targets, pred)}
+    if problem == "multilabel":
+        scores = np.asarray(outputs, dtype=np.float64)
+        return {"roc_auc": M.roc_auc_macro(targets, scores), "average_precision": M.average_precision_macro(targets, scores)}
+    if problem == "regression":
+        per_output = M.r2_per_output(targets, np.asarray(outputs, dtype=np.float64))
+        out = {"r2": float(np.mean(per_output))}
+        out.update({f"r2_{name}": float(v) for name, v in zip(label_names, per_output)})
+        return out
+    raise ValueError(f"unknown clip-level problem type {problem!r}; expected multiclass, multilabel or regression")
+
+
+def score_beats(activations: Sequence[np.ndarray], reference_beats: Sequence[np.ndarray], frame_rate_hz: float,
+                tolerance_seconds: float = 0.07, postprocess: str = "dp") -> dict[str, float]:
+    """Beat F-measure of ``(T_i,)`` beat activations in [0, 1] against
+    reference beat times (seconds), after beat tracking with ``postprocess``."""
+    refs = [np.asarray(r, dtype=np.float64) for r in reference_beats]
+    ests = [track_beats(np.asarray(a), frame_rate_hz, method=postprocess) for a in activations]
+    return {"beat_f_measure": M.beat_f_measure(refs, ests, tolerance_seconds=tolerance_seconds)}
