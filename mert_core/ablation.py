@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 from mert_core.geometry import FrameGeometry
 from mert_core.paths import resolve_device
 from mert_core.runconfig import ConfigError, make_train_config
+from mert_core.registry import Registry
 
 BASELINE_NAMES = ("random", "handcrafted")
 
@@ -124,7 +125,7 @@ def ablate(
     device: str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
-    registry=None,
+    registry: Registry | None = None,
 ) -> AblationReport:
     """Pretrain every arm with every seed, probe them all, tabulate.
 
