@@ -132,8 +132,11 @@ class CollapseWatch:
     CONV_SHRINK = 100.0
     """``std/conv`` this many times below its first logged value counts as a collapse."""
 
-    def __init__(self, warmup_steps: int, warn: Callable[[str], None], grace_steps: int = 100):
+    def __init__(self, warmup_steps: int, warn: Callable[[str], None], grace_steps: int = 100,
+                 advice: dict[str, list[str]] | None = None, feature_penalty: float = 0.0):
         self.warmup_steps, self.warn = warmup_steps + grace_steps, warn
+        self.advice = advice or {}  # teacher name -> its own suggestions (Teacher.advice())
+        self.feature_penalty = feature_penalty
         self.first_conv_std: float | None = None
         self.warned: set[str] = set()
 
@@ -154,15 +157,21 @@ class CollapseWatch:
                 if key.startswith("r2/") and value <= 0.0:
                     issued.append(self._once(
                         key, f"step {step}: teacher {name!r} explains {value:.3f} of its target variance ({key} <= 0): "
-                        f"the student predicts no more than the mean target; try teacher.{name}.compression=log with "
-                        f"teacher.{name}.normalize=per-bin (cqt), a lower optim.lr, loss.feature_penalty=0, or the 'cpu' recipe"))
+                        f"the student predicts no more than the mean target; try {self._tips(name)}"))
                 if key.startswith("ppl_pred/"):
                     target_ppl = record.get(f"ppl_target/{name}", math.inf)
                     if value < 1.5 and target_ppl > 3.0:
                         issued.append(self._once(
                             key, f"step {step}: teacher {name!r}'s head predicts almost one class ({key} {value:.2f}, "
-                            f"targets {target_ppl:.1f}): the head has collapsed; try a lower optim.lr or a longer warmup"))
+                            f"targets {target_ppl:.1f}): the head has collapsed; try {self._tips(name, 'a longer warmup')}"))
         return [w for w in issued if w]
+
+    def _tips(self, name: str, *extra: str) -> str:
+        """What to try for teacher ``name``: its own advice, then what applies to every run."""
+        tips = [*(f"--set {a}" for a in self.advice.get(name, [])), "a lower optim.lr", *extra]
+        if self.feature_penalty > 0:
+            tips.append("loss.feature_penalty=0")
+        return ", ".join(tips) + " (docs/learning.md)"
 
     def _once(self, kind: str, message: str) -> str | None:
         if kind in self.warned:

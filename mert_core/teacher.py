@@ -233,6 +233,14 @@ class Teacher(torch.nn.Module):
                 call (0, or where a resumed run continues), then 1, 2, ...
         """
 
+    def advice(self) -> list[str]:
+        """Settings to try when the student does not learn this teacher's targets
+        (explained variance <= 0, a collapsed head), as ``--set`` values, e.g.
+        ``["teacher.cqt.compression=log"]``; the trainer's collapse warning
+        shows them. Read your own options: suggest only what is not already set
+        (default: none)."""
+        return []
+
     def config_hash(self) -> str:
         """A short hash identifying everything that determines the targets
         (options, fitted state). Offline label stores are keyed by it."""

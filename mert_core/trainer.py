@@ -575,7 +575,8 @@ class _RunOutput:
         run.say(f"training a {config.model.preset} student ({sum(p.numel() for p in run.student.parameters()) / 1e6:.2f} M parameters) "
                 f"with teachers {', '.join(run.teachers)} on {run.device} ({run.dist_info.world_size} process(es)), "
                 f"{'fp32' if run.amp_dtype is None else str(run.amp_dtype).removeprefix('torch.')}")
-        self.watch = CollapseWatch(run.warmup_steps, run.say)
+        self.watch = CollapseWatch(run.warmup_steps, run.say, advice={n: t.advice() for n, t in run.teachers.items()},
+                                   feature_penalty=config.loss.feature_penalty)
 
     def log(self, step: int, lr: float, grad_norm: torch.Tensor, window: _Window, counters: dict) -> None:
         """One metrics line: the window's averages, throughput, audio seen (a collective)."""

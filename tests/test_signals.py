@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mert_core import api
+from mert_core.registry import load_registry
 from mert_core.signals import CollapseWatch, class_perplexity, explained_variance, feature_signals, target_signals
 from mert_core.teacher import IGNORE_LABEL, TargetSpec
 
@@ -89,6 +90,22 @@ def test_collapse_watch_warns_once_per_kind_and_not_during_warmup():
     assert any("ppl_pred/codes" in s for s in said)
     watch.check({"step": 40, "r2/cqt": -0.02, "std/conv": 0.001, "ppl_pred/codes": 1.0, "ppl_target/codes": 60.0})
     assert len(said) == 3  # once per kind
+
+
+def test_collapse_advice_comes_from_the_teacher_and_skips_what_is_set():
+    registry = load_registry()
+    raw = registry.build("teacher", "cqt", {})
+    tuned = registry.build("teacher", "cqt", {"compression": "log", "normalize": "per-bin", "teacher_file": None})
+    assert raw.advice() == ["teacher.cqt.compression=log", "teacher.cqt.normalize=per-bin"]
+    assert tuned.advice() == []
+    said = []
+    watch = CollapseWatch(warmup_steps=0, warn=said.append, grace_steps=0, advice={"cqt": raw.advice()}, feature_penalty=10.0)
+    watch.check({"step": 1, "r2/cqt": -0.1})
+    assert "--set teacher.cqt.compression=log" in said[0] and "loss.feature_penalty=0" in said[0]
+    said.clear()
+    watch = CollapseWatch(warmup_steps=0, warn=said.append, grace_steps=0, advice={"cqt": tuned.advice()}, feature_penalty=0.0)
+    watch.check({"step": 1, "r2/cqt": -0.1})
+    assert "compression" not in said[0] and "feature_penalty" not in said[0] and "optim.lr" in said[0]
 
 
 TINY = ["data.batch_size=2", "data.num_workers=0", "data.crop_seconds=2.0", "data.min_seconds=1.0", "log_every=1"]

@@ -410,6 +410,15 @@ class CQTTeacher(Teacher):
         payload = f"{self.name}|{self.sample_rate}|{self.hop_samples}|{options}"
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    def advice(self) -> list[str]:
+        """The two target settings that made the CQT learnable at CPU scale (docs/learning.md), when not yet set."""
+        tips = []
+        if self.options.compression != "log":
+            tips.append("teacher.cqt.compression=log")
+        if self.options.normalize != "per-bin":
+            tips.append("teacher.cqt.normalize=per-bin")
+        return tips
+
     def target_spec(self) -> TargetSpec:
         return TargetSpec(kind="continuous", dim=self.options.n_bins, frame_rate_hz=self.frame_rate_hz, default_weight=1.0)
 

@@ -64,6 +64,10 @@ class EMATeacher(Teacher):
                              "(no `mert teacher label`, no label store)")
         return TargetSpec(kind="continuous", dim=self.student.embed_dim, frame_rate_hz=self.frame_rate_hz, default_weight=1.0)
 
+    def advice(self) -> list[str]:
+        """data2vec-style targets collapse early while the copy is still the random initial network."""
+        return [] if self.options.decay_end >= 0.9999 else ["teacher.ema.decay_end=0.9999"]
+
     def decay_at(self, updates: int) -> float:
         """The decay of the update that brings the copy to ``updates`` steps."""
         o = self.options
