@@ -138,7 +138,7 @@ def ablate(
         seeds: pretraining seeds 0..seeds-1 per arm (also the random baselines' seeds).
         max_steps: the same training budget for every arm.
         base_recipe: recipe the teacher arms start from (default ``cpu``).
-        preset: student size (default: the recipe's).
+        preset: student size of every arm (default: the base recipe's, also for ``recipe:`` arms).
         train_overrides: ``--set`` style overrides applied to every arm.
         task_options: ``{task: options}``, e.g. data folders of dataset tasks.
         probe_options, extract_options: as for ``mert eval``.
@@ -162,6 +162,9 @@ def ablate(
     for b in baselines:
         if b not in BASELINE_NAMES:
             raise ConfigError(f"ablation: baseline {b!r}: expected one of {', '.join(BASELINE_NAMES)}")
+    # one student size for every arm: a recipe arm would otherwise take its recipe's default (95m for the
+    # paper recipes) beside teacher arms on the base recipe's (tiny for `cpu`), an unequal comparison
+    preset = preset or registry.get("recipe", base_recipe).obj.default_preset
     configs = {(arm.name, seed): _arm_config(arm, seed, data, out, max_steps, base_recipe, preset, train_overrides, device, registry)
                for arm in arms for seed in range(seeds)}
     tasks_objs = [eval_api.build_task(t, (task_options or {}).get(t), registry) for t in tasks]  # bad task options fail now, not after training

@@ -54,7 +54,7 @@ def test_tiny_ablation_end_to_end_shares_fits_and_resumes(tmp_path, music_dir):
     args = [
         "ablate", "--data", str(music_dir), "--seeds", "2", "--max-steps", "2", "--out", str(out), "--quiet",
         "--arm", "cqt=cqt", "--arm", "mfcc=kmeans-mfcc;teacher.kmeans-mfcc.n_clusters=8",
-        "--arm", "mfcc+cqt=kmeans-mfcc+cqt;teacher.kmeans-mfcc.n_clusters=8",
+        "--arm", "mfcc+cqt=kmeans-mfcc+cqt;teacher.kmeans-mfcc.n_clusters=8", "--arm", "m2v=recipe:music2vec",
         "--task", "demo-pitch", "--task-set", f"demo-pitch.data_dir={demo}",
         "--train-set", "data.batch_size=2", "--train-set", "data.num_workers=0", "--train-set", "data.crop_seconds=2.0",
         "--train-set", "data.min_seconds=1.0", "--train-set", "teacher.cqt.stats_hours=0.01",
@@ -63,7 +63,10 @@ def test_tiny_ablation_end_to_end_shares_fits_and_resumes(tmp_path, music_dir):
     first = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert first.exit_code == 0, first.output
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == ["cqt-s0", "cqt-s1", "mfcc+cqt-s0", "mfcc+cqt-s1", "mfcc-s0", "mfcc-s1"]
+    assert runs == ["cqt-s0", "cqt-s1", "m2v-s0", "m2v-s1", "mfcc+cqt-s0", "mfcc+cqt-s1", "mfcc-s0", "mfcc-s1"]
+    # a recipe arm trains the same student size as the teacher arms (the base recipe's), not its recipe's 95m
+    m2v = json.loads((out / "runs" / "m2v-s0" / "config.json").read_text())
+    assert m2v["model"]["preset"] == "tiny" and [t["name"] for t in m2v["teachers"]] == ["ema"]
     # one k-means fit for the four runs that use it, one CQT statistics file for the four with cqt
     fitted = sorted(p.name.split("-")[0] for p in (out / "teachers").glob("*.safetensors"))
     assert fitted == ["cqt", "kmeans"]
@@ -72,7 +75,7 @@ def test_tiny_ablation_end_to_end_shares_fits_and_resumes(tmp_path, music_dir):
     assert {json.loads((out / "runs" / r / "config.json").read_text())["seed"] for r in runs} == {0, 1}
     rows = json.loads((out / "ablation.json").read_text())["rows"]
     arms = {r["arm"]: r for r in rows}
-    assert set(arms) == {"cqt", "mfcc", "mfcc+cqt", "random", "handcrafted"}
+    assert set(arms) == {"cqt", "mfcc", "mfcc+cqt", "m2v", "random", "handcrafted"}
     assert all(len(arms[a]["scores"]) == 2 for a in ("cqt", "mfcc", "mfcc+cqt", "random"))
     assert all(0.0 <= s <= 1.0 for r in rows for s in r["scores"])
     for name in ("ablation.txt", "ablation.csv", "ablation.png"):
@@ -84,7 +87,7 @@ def test_tiny_ablation_end_to_end_shares_fits_and_resumes(tmp_path, music_dir):
     before = {r: (out / "runs" / r / "student.safetensors").stat().st_mtime_ns for r in runs}
     second = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert second.exit_code == 0, second.output
-    assert second.output.count("reusing the finished run") == 6
+    assert second.output.count("reusing the finished run") == 8  # every arm x seed
     assert before == {r: (out / "runs" / r / "student.safetensors").stat().st_mtime_ns for r in runs}
     assert json.loads((out / "ablation.json").read_text())["rows"] == rows
 
