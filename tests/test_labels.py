@@ -358,7 +358,7 @@ def mixed_data(audio_dir, tmp_path):
     return data
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, 3, 8])  # 8: more ranks than files, some parts empty
 def test_merged_parts_equal_the_single_process_store(registry, mixed_data, tmp_path, world_size):
     """What each rank of a torchrun launch does, one after another in this process."""
     from mert_core.labels import STUDENT_WINDOW_SAMPLES, _label_part, _plan_windows, _publish_store
