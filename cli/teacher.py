@@ -78,8 +78,12 @@ def label_cmd(name, teacher_file, data, out_dir, sets, window_seconds, sample_ra
     Labels are made per window of --window-seconds on a grid from the start of
     each file, exactly as the trainer's aligned crops; pass the folder as
     `label_store` of the teacher in the training config.
+
+    Under `torchrun --nproc_per_node N -m mert_cli.main teacher label ...` the
+    files are split across the N processes (one GPU each) and rank 0 writes the
+    one store, equal to what a single process writes.
     """
-    from mert_core import api
+    from mert_core import api, distributed
     from mert_core.labels import MissingTeacherFile
 
     setup_logging(quiet)
@@ -92,6 +96,8 @@ def label_cmd(name, teacher_file, data, out_dir, sets, window_seconds, sample_ra
         )
     except MissingTeacherFile as exc:
         raise click.UsageError(str(exc)) from None
+    if not distributed.info_from_env().is_main:
+        return  # rank 0 reports for every rank
     click.echo(
         f"labelled {s.num_files} files ({s.num_windows} windows, {s.num_frames} frames x {s.num_codebooks} codebooks, "
         f"{s.dtype}, {s.labels_bytes / 1e6:.2f} MB) -> {s.out_dir}"

@@ -15,7 +15,8 @@ returns ``teacher.targets(crop)``, frame for frame.
 Layout of a store folder::
 
     labels.bin   uint16 (uint32 if a codebook has > 65536 classes), shape
-                 (total_frames, num_codebooks), row-major, memory-mapped
+                 (total_frames, num_codebooks), row-major, memory-mapped;
+                 files in index order, each file's windows in order
     index.json   teacher name, options and config hash, window/sample/hop
                  sizes, and per file: absolute path, size, mtime_ns,
                  num_samples and per window [frame_offset, num_frames];
@@ -27,7 +28,10 @@ streamed read of ``labels.bin``), and that every label is a class of the
 teacher. An edited, truncated or swapped file is refused naming the store.
 
 The Python API behind ``mert teacher fit`` and ``mert teacher label`` lives here
-too: :func:`fit_teacher` and :func:`label_data`.
+too: :func:`fit_teacher` and :func:`label_data`. Under torchrun, labelling is
+sharded: each rank labels a consecutive run of the files (:func:`shard_ranges`)
+and rank 0 concatenates the parts (:func:`merge_label_parts`) into the store one
+process would write.
 """
 
 from __future__ import annotations
@@ -38,19 +42,21 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mert_core import library_versions
+from mert_core import distributed, library_versions
 from mert_core.audio import AudioError, read_crop
 from mert_core.checkpoint import file_digest
+from mert_core.distributed import DistInfo
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry, frames_for
-from mert_core.files import publish_folder
+from mert_core.files import atomic_write, publish_folder
 from mert_core.paths import resolve_device
 from mert_core.teacher import IGNORE_LABEL, Teacher
 from mert_core.registry import Registry
@@ -63,6 +69,7 @@ LABELS_FILE = "labels.bin"
 INDEX_FILE = "index.json"
 STUDENT_WINDOW_SAMPLES = STUDENT_GEOMETRY.receptive_field  # one student frame: the least a window can hold
 DEFAULT_WINDOW_SAMPLES = 120000  # the MERT paper's 5 s crops at 24 kHz
+LABEL_WAIT_TIMEOUT = timedelta(hours=6)  # longest a rank waits for the others under torchrun
 
 
 class LabelStoreError(ValueError):
@@ -158,6 +165,7 @@ def write_label_store(
     progress: bool = True,
     overwrite: bool = False,
     num_workers: int = 0,
+    dist_info: DistInfo | None = None,
 ) -> LabelStoreSummary:
     """Label every window of every file with ``teacher`` into one store folder.
 
@@ -175,19 +183,38 @@ def write_label_store(
         progress: show a progress bar.
         overwrite: replace an existing store at ``out_dir``.
         num_workers: processes decoding audio (0: decode in this process).
+        dist_info: under torchrun (an initialised process group, ``world_size > 1``),
+            every rank calls this with its own :class:`~mert_core.distributed.DistInfo`:
+            each labels its share of the files (:func:`shard_ranges`) and rank 0
+            merges the shares into the store a single process writes. ``out_dir``
+            must be on a filesystem every rank sees.
 
     Returns:
-        a :class:`LabelStoreSummary`; unreadable files are skipped and listed.
+        a :class:`LabelStoreSummary` (on every rank); unreadable files are skipped and listed.
 
     Raises:
         LabelStoreError: the teacher is continuous or not fitted, the folder
-            exists, or the teacher gives a frame count that does not match the
-            audio (naming the file and both counts).
+            exists, the teacher gives a frame count that does not match the
+            audio (naming the file and both counts), or another rank failed.
     """
-    from mert_core.data import scan_audio
-
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
+    min_samples = _check_request(teacher, out_dir, window_samples, min_samples, overwrite)
+    labelling = dict(sample_rate=sample_rate, window_samples=window_samples, batch_size=batch_size, num_workers=num_workers)
+    if dist_info is not None and dist_info.enabled:
+        return _write_sharded(teacher, list(files), out_dir, dist_info, min_samples, labelling, progress, started)
+    plan, skipped = _plan_windows(list(files), sample_rate, window_samples, min_samples, progress)
+    tmp_dir = _fresh_tmp_dir(out_dir)
+    try:
+        part = _label_part(teacher, plan, tmp_dir, progress=progress, **labelling)
+        return _publish_store(teacher, part, {**skipped, **part.skipped}, tmp_dir, out_dir, min_samples, sample_rate, window_samples, started)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+
+
+def _check_request(teacher: Teacher, out_dir: Path, window_samples: int, min_samples: int, overwrite: bool) -> int:
+    """Refuse what cannot make a store (before any work); returns the effective ``min_samples``."""
     spec = teacher.target_spec()
     if spec.kind != "discrete":
         raise LabelStoreError(f"teacher {teacher.name!r} makes continuous targets; a label store holds discrete labels only (compute {teacher.name!r} online)")
@@ -197,14 +224,17 @@ def write_label_store(
         raise LabelStoreError(f"{out_dir}: already exists; pass overwrite=True (--overwrite) to replace it, or choose another folder")
     if window_samples < STUDENT_WINDOW_SAMPLES:
         raise LabelStoreError(f"window_samples must be >= {STUDENT_WINDOW_SAMPLES} (one student frame), got {window_samples}")
-    min_samples = max(min_samples, STUDENT_WINDOW_SAMPLES)
-    hop = teacher.hop_samples
-    dtype = label_dtype(spec.num_classes)
-    C = spec.num_codebooks
-    device = next((t.device for t in itertools.chain(teacher.buffers(), teacher.parameters())), torch.device("cpu"))
-    config_hash = teacher.config_hash()
+    return max(min_samples, STUDENT_WINDOW_SAMPLES)
 
-    manifest = scan_audio(list(files), progress=progress)
+
+Plan = list[tuple[str, list[tuple[int, int]]]]  # per file: path, (offset, length) of each window
+
+
+def _plan_windows(files: list, sample_rate: int, window_samples: int, min_samples: int, progress: bool) -> tuple[Plan, dict[str, str]]:
+    """Scan the audio: the windows of every usable file, in scan order, and the files skipped (with why)."""
+    from mert_core.data import scan_audio
+
+    manifest = scan_audio(files, progress=progress)
     skipped: dict[str, str] = dict(manifest.skipped)
     plan = []
     for f in manifest.files:
@@ -213,81 +243,257 @@ def write_label_store(
             plan.append((f.path, windows))
         else:
             skipped[f.path] = f"shorter than {min_samples} samples at {sample_rate} Hz: nothing to label"
+    return plan, skipped
 
+
+def _fresh_tmp_dir(out_dir: Path) -> Path:
+    """An empty folder beside ``out_dir`` to write the store in before it is published."""
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
-    try:
-        with open(tmp_dir / LABELS_FILE, "wb") as labels_out:
-            writer = _LabelWriter(teacher, plan, labels_out, device)
-            _label_windows(writer, plan, sample_rate, window_samples, batch_size, num_workers, skipped, progress)
-            labels_out.flush()
-            os.fsync(labels_out.fileno())
-        entries, total_frames, total_windows = writer.entries, writer.total_frames, writer.total_windows
-        index = {
-            "labels_sha256": file_digest(tmp_dir / LABELS_FILE),
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "teacher": teacher.name,
-            "options": teacher.options.model_dump(mode="json"),
-            "config_hash": config_hash,
-            "window_samples": window_samples,
-            "min_samples": min_samples,
-            "sample_rate": sample_rate,
-            "hop_samples": hop,
-            "frame_rate_hz": sample_rate / hop,
-            "num_codebooks": C,
-            "num_classes": spec.num_classes,
-            "dtype": dtype.name,
-            "total_frames": total_frames,
-            "files": [entries[i] for i in sorted(entries)],
-            "skipped": skipped,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": library_versions("torch", "torchaudio", "numpy"),
-        }
-        index["index_sha256"] = _index_digest(index)
-        with open(tmp_dir / INDEX_FILE, "w") as f:
-            json.dump(index, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if not publish_folder(tmp_dir, out_dir):
-            raise LabelStoreError(f"{out_dir}: another process wrote a store there meanwhile; label again into another folder")
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
+    return tmp_dir
+
+
+@dataclass
+class _Part:
+    """The labels of a run of planned files, in ``folder/labels.bin`` in plan order.
+
+    ``entries`` are index.json entries whose frame offsets count from the part's
+    first frame; ``skipped``: files found unreadable while labelling.
+    """
+
+    entries: list[dict[str, Any]]
+    total_frames: int
+    total_windows: int
+    skipped: dict[str, str]
+
+    FILE: ClassVar[str] = "part.json"
+
+    def save(self, folder: Path) -> None:
+        atomic_write(folder / self.FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self))))
+
+    @classmethod
+    def load(cls, folder: Path) -> "_Part":
+        return cls(**json.loads((folder / cls.FILE).read_text()))
+
+
+def _label_part(teacher: Teacher, plan: Plan, folder: Path, sample_rate: int, window_samples: int, batch_size: int,
+                num_workers: int, progress: bool) -> _Part:
+    """Label the windows of ``plan`` into ``folder/labels.bin`` (``folder`` is created if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    device = next((t.device for t in itertools.chain(teacher.buffers(), teacher.parameters())), torch.device("cpu"))
+    skipped: dict[str, str] = {}
+    with open(folder / LABELS_FILE, "wb") as labels_out:
+        writer = _LabelWriter(teacher, plan, labels_out, device)
+        _label_windows(writer, plan, sample_rate, window_samples, batch_size, num_workers, skipped, progress)
+        labels_out.flush()
+        os.fsync(labels_out.fileno())
+    return _Part(writer.entries, writer.total_frames, writer.total_windows, skipped)
+
+
+def merge_label_parts(part_dirs: list[Path], out_dir: Path) -> _Part:
+    """Concatenate parts labelled from consecutive runs of one plan into ``out_dir/labels.bin``.
+
+    The result is what :func:`_label_part` writes for the whole plan: the same
+    bytes, entries and skipped files, in the same order. The part folders are
+    removed once the merged file is on disk.
+    """
+    entries: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    total_frames = total_windows = 0
+    with open(out_dir / LABELS_FILE, "wb") as labels_out:
+        for folder in part_dirs:
+            part = _Part.load(folder)
+            with open(folder / LABELS_FILE, "rb") as labels_in:
+                shutil.copyfileobj(labels_in, labels_out, 1 << 24)
+            entries += [{**e, "windows": [[total_frames + first, n] for first, n in e["windows"]]} for e in part.entries]
+            total_frames += part.total_frames
+            total_windows += part.total_windows
+            skipped.update(part.skipped)
+        labels_out.flush()
+        os.fsync(labels_out.fileno())
+    for folder in part_dirs:
+        shutil.rmtree(folder)
+    return _Part(entries, total_frames, total_windows, skipped)
+
+
+def shard_ranges(window_counts: list[int], world_size: int) -> list[range]:
+    """Split files into ``world_size`` consecutive runs holding about equal numbers of windows.
+
+    Consecutive runs let rank 0 merge the parts by concatenation. Each run's
+    window count is within the largest file's count of an equal share.
+
+    Args:
+        window_counts: windows of each file, in plan order.
+        world_size: ranks.
+
+    Returns:
+        one ``range`` of file indices per rank; together they cover every file once, in order.
+    """
+    ends = np.cumsum([0, *window_counts])  # ends[i]: windows of files before i
+    targets = ends[-1] * np.arange(world_size + 1) / world_size
+    after = np.searchsorted(ends, targets, side="left").clip(1, len(ends) - 1)
+    # the file boundary nearest to each equal share
+    cuts = np.where(targets - ends[after - 1] <= ends[after] - targets, after - 1, after)
+    cuts[0], cuts[-1] = 0, len(window_counts)
+    cuts = np.maximum.accumulate(cuts)
+    return [range(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _publish_store(teacher: Teacher, part: _Part, skipped: dict[str, str], tmp_dir: Path, out_dir: Path, min_samples: int,
+                   sample_rate: int, window_samples: int, started: float) -> LabelStoreSummary:
+    """Write index.json beside ``tmp_dir/labels.bin`` and rename ``tmp_dir`` to ``out_dir``."""
+    spec = teacher.target_spec()
+    dtype, C, hop = label_dtype(spec.num_classes), spec.num_codebooks, teacher.hop_samples
+    index = {
+        "labels_sha256": file_digest(tmp_dir / LABELS_FILE),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "teacher": teacher.name,
+        "options": teacher.options.model_dump(mode="json"),
+        "config_hash": teacher.config_hash(),
+        "window_samples": window_samples,
+        "min_samples": min_samples,
+        "sample_rate": sample_rate,
+        "hop_samples": hop,
+        "frame_rate_hz": sample_rate / hop,
+        "num_codebooks": C,
+        "num_classes": spec.num_classes,
+        "dtype": dtype.name,
+        "total_frames": part.total_frames,
+        "files": part.entries,
+        "skipped": skipped,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": library_versions("torch", "torchaudio", "numpy"),
+    }
+    index["index_sha256"] = _index_digest(index)
+    with open(tmp_dir / INDEX_FILE, "w") as f:
+        json.dump(index, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if not publish_folder(tmp_dir, out_dir):
+        raise LabelStoreError(f"{out_dir}: another process wrote a store there meanwhile; label again into another folder")
     summary = LabelStoreSummary(
         out_dir=out_dir,
-        num_files=len(entries),
-        num_windows=total_windows,
-        num_frames=total_frames,
+        num_files=len(part.entries),
+        num_windows=part.total_windows,
+        num_frames=part.total_frames,
         num_codebooks=C,
         dtype=dtype.name,
-        labels_bytes=total_frames * C * dtype.itemsize,
+        labels_bytes=part.total_frames * C * dtype.itemsize,
         seconds=time.perf_counter() - started,
         skipped=skipped,
     )
     log.info(
         "label store %s: %d files, %d windows, %d frames x %d codebooks (%s), %d files skipped, %.1f s",
-        out_dir, summary.num_files, total_windows, total_frames, C, dtype.name, len(skipped), summary.seconds,
+        out_dir, summary.num_files, summary.num_windows, summary.num_frames, C, dtype.name, len(skipped), summary.seconds,
     )
     return summary
 
 
+# -- sharded labelling under torchrun -------------------------------------------------
+
+
+def _write_sharded(teacher: Teacher, files: list, out_dir: Path, info: DistInfo, min_samples: int, labelling: dict[str, int],
+                   progress: bool, started: float) -> LabelStoreSummary:
+    """:func:`write_label_store` on every rank of a torchrun launch.
+
+    Rank 0 scans the audio once and hands every rank the plan; each rank labels
+    its consecutive run of files into ``part-RANK`` of one temporary folder;
+    once all are done, rank 0 merges the parts and publishes the store. If any
+    rank fails, every rank raises naming it and nothing is published.
+    """
+    progress = progress and info.is_main
+    sample_rate, window_samples = labelling["sample_rate"], labelling["window_samples"]
+
+    def plan_on_rank0():
+        plan, skipped = _plan_windows(files, sample_rate, window_samples, min_samples, progress)
+        return plan, skipped, _fresh_tmp_dir(out_dir)
+
+    plan, skipped, tmp_dir = _from_rank0(plan_on_rank0, info, "scanning the audio")
+    try:
+        share = shard_ranges([len(windows) for _, windows in plan], info.world_size)[info.rank]
+        failure = None
+        try:
+            part_dir = tmp_dir / f"part-{info.rank:05d}"
+            _label_part(teacher, plan[share.start : share.stop], part_dir, progress=progress, **labelling).save(part_dir)
+        except Exception as exc:  # every rank must reach the gather below, or the others wait forever
+            failure = exc
+        failures = _gather(None if failure is None else f"{type(failure).__name__}: {failure}", info)
+        failed = [(rank, why) for rank, why in enumerate(failures) if why is not None]
+        if failed:
+            # clean up before any rank exits: torchrun ends the others (SIGTERM, no `finally`) when one exits with an error
+            if info.is_main:
+                shutil.rmtree(tmp_dir)
+            distributed.barrier(info)
+            rank, why = failed[0]
+            raise LabelStoreError(
+                f"sharded labelling into {out_dir} failed on {len(failed)} of {info.world_size} ranks, "
+                f"first rank {rank}: {why}; no store was written"
+            ) from failure
+
+        def merge_on_rank0():
+            try:
+                part = merge_label_parts([tmp_dir / f"part-{r:05d}" for r in range(info.world_size)], tmp_dir)
+                return _publish_store(teacher, part, {**skipped, **part.skipped}, tmp_dir, out_dir, min_samples, sample_rate, window_samples, started)
+            finally:  # before the other ranks hear the outcome (see above)
+                if tmp_dir.exists():
+                    shutil.rmtree(tmp_dir)
+
+        return _from_rank0(merge_on_rank0, info, "merging the parts")
+    finally:
+        if info.is_main and tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+
+
+def _from_rank0(make, info: DistInfo, what: str):
+    """``make()`` run on rank 0, its result on every rank. If it raises, rank 0
+    raises that error and the other ranks a :class:`LabelStoreError` naming it."""
+    import torch.distributed as dist
+
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = make()
+        except Exception as exc:
+            error = exc
+    box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    result, why = box[0]
+    if why is not None:
+        raise LabelStoreError(f"rank 0 failed {what}: {why}; no store was written")
+    return result
+
+
+def _gather(value, info: DistInfo) -> list:
+    """``value`` of every rank, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    out = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 class _LabelWriter:
     """Labels windows with the teacher and appends each file's labels to
-    ``labels_out`` once all its windows are done, in the order files finish.
+    ``labels_out`` in plan order, as soon as it and every file before it are done.
 
-    State: ``entries`` (file index -> its index.json entry), ``total_frames``,
-    ``total_windows``; labelled windows of unfinished files wait in ``results``.
+    State: ``entries`` (index.json entries, in plan order), ``total_frames``,
+    ``total_windows``; labelled windows of files not yet written wait in
+    ``results`` (a bounded number: fewer than a batch of windows is pending).
     """
 
-    def __init__(self, teacher: Teacher, plan: list[tuple[str, list[tuple[int, int]]]], labels_out, device: torch.device):
+    def __init__(self, teacher: Teacher, plan: Plan, labels_out, device: torch.device):
         self.teacher, self.plan, self.labels_out, self.device = teacher, plan, labels_out, device
         self.spec = teacher.target_spec()
         self.dtype = label_dtype(self.spec.num_classes)
         self.results: dict[int, dict[int, np.ndarray]] = {}
-        self.entries: dict[int, dict[str, Any]] = {}
+        self.skipped: set[int] = set()
+        self.entries: list[dict[str, Any]] = []
+        self.next_file = 0  # the first file not written yet
         self.total_frames, self.total_windows = 0, 0
 
     def label(self, items: list[tuple[int, int, np.ndarray]]) -> None:
@@ -312,21 +518,30 @@ class _LabelWriter:
                 )
             self.results.setdefault(fi, {})[k] = lab.cpu().numpy().astype(self.dtype)
 
+    def skip(self, fi: int) -> None:
+        """File ``fi`` could not be read: write the files after it without it."""
+        self.skipped.add(fi)
+
     def write_finished(self) -> None:
-        """Append the labels of every file whose windows are all labelled."""
-        for fi in [fi for fi, got in self.results.items() if len(got) == len(self.plan[fi][1])]:
+        """Append, in plan order, the labels of every file whose windows are all labelled."""
+        while self.next_file < len(self.plan):
+            fi = self.next_file
             path, windows = self.plan[fi]
-            got = self.results.pop(fi)
-            rows = []
-            for k in range(len(windows)):
-                lab = np.ascontiguousarray(got[k])
-                self.labels_out.write(lab.tobytes())
-                rows.append([self.total_frames, int(lab.shape[0])])
-                self.total_frames += int(lab.shape[0])
-            self.total_windows += len(windows)
-            st = os.stat(path)
-            num_samples = windows[-1][0] + windows[-1][1]
-            self.entries[fi] = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "num_samples": num_samples, "windows": rows}
+            if fi not in self.skipped:
+                if len(self.results.get(fi, ())) < len(windows):
+                    return
+                got = self.results.pop(fi)
+                rows = []
+                for k in range(len(windows)):
+                    lab = np.ascontiguousarray(got[k])
+                    self.labels_out.write(lab.tobytes())
+                    rows.append([self.total_frames, int(lab.shape[0])])
+                    self.total_frames += int(lab.shape[0])
+                self.total_windows += len(windows)
+                st = os.stat(path)
+                num_samples = windows[-1][0] + windows[-1][1]
+                self.entries.append({"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "num_samples": num_samples, "windows": rows})
+            self.next_file += 1
 
 
 def _label_windows(writer: _LabelWriter, plan, sample_rate: int, window_samples: int, batch_size: int,
@@ -343,6 +558,7 @@ def _label_windows(writer: _LabelWriter, plan, sample_rate: int, window_samples:
     for fi, waves, error in reader:
         if error is not None:
             skipped[plan[fi][0]] = error
+            writer.skip(fi)
             log.warning("skipping %s", error)
             bar.update(len(plan[fi][1]))
             continue
@@ -362,6 +578,7 @@ def _label_windows(writer: _LabelWriter, plan, sample_rate: int, window_samples:
         bar.update(len(pending))
     writer.write_finished()
     bar.close()
+    assert writer.next_file == len(plan), f"{len(plan) - writer.next_file} files labelled but never written"
 
 
 def _index_digest(index: dict[str, Any]) -> str:
@@ -655,8 +872,11 @@ def label_data(
     """Label audio under ``data_paths`` with teacher ``name`` into the store ``out_dir``.
 
     ``teacher_file`` (the fitted artifact) is required for teachers that need
-    fitting; other discrete teachers (EnCodec) take only ``options``. See
-    :func:`write_label_store` for the other arguments.
+    fitting; other discrete teachers (EnCodec) take only ``options``. Under
+    torchrun (``WORLD_SIZE > 1``) every rank calls this: the files are split
+    across the ranks and rank 0 writes the one store (see
+    :func:`write_label_store`); ``device`` ``auto`` or ``cuda`` gives each rank
+    its own GPU. See :func:`write_label_store` for the other arguments.
     """
     from mert_core.registry import default_registry
 
@@ -667,8 +887,17 @@ def label_data(
     teacher = registry.build("teacher", name, options, geometry=FrameGeometry(sample_rate=sample_rate))
     if teacher.needs_fit():
         raise MissingTeacherFile(f"teacher {name!r} must be fitted first: pass --teacher-file FILE (made by `mert teacher fit {name} --data AUDIO --out FILE`)")
+    info = distributed.info_from_env()
+    started_group = info.enabled and not torch.distributed.is_initialized()
+    if info.enabled:
+        # rank 0 scans the audio (a million files: many minutes) and merges the parts while the others wait
+        info, device = distributed.setup(device, timeout=LABEL_WAIT_TIMEOUT)
     teacher.to(torch.device(resolve_device(device))).eval()
-    return write_label_store(
-        teacher, list(data_paths), out_dir, window_samples=window_samples, sample_rate=sample_rate, batch_size=batch_size,
-        min_samples=min_samples, progress=progress, overwrite=overwrite, num_workers=num_workers,
-    )
+    try:
+        return write_label_store(
+            teacher, list(data_paths), out_dir, window_samples=window_samples, sample_rate=sample_rate, batch_size=batch_size,
+            min_samples=min_samples, progress=progress, overwrite=overwrite, num_workers=num_workers, dist_info=info,
+        )
+    finally:
+        if started_group:
+            distributed.teardown(info)

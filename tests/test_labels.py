@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from typing import ClassVar
 
 import numpy as np
@@ -24,6 +26,8 @@ from mert_core.labels import (
     LabelStoreMismatch,
     fit_teacher,
     label_data,
+    merge_label_parts,
+    shard_ranges,
     student_frames,
     write_label_store,
 )
@@ -40,6 +44,7 @@ W = 36000  # 1.5 s windows keep the tests small; the rule is the same for 120000
 class LoudnessOptions(TeacherOptions):
     num_classes: int = Field(16, ge=2, description="Classes (energy bins).")
     continuous: bool = Field(False, description="Declare continuous targets instead.")
+    fail_on_rank: int = Field(-1, description="Raise when labelling on this torchrun rank (-1: never).")
 
 
 class LoudnessTeacher(Teacher):
@@ -53,6 +58,8 @@ class LoudnessTeacher(Teacher):
         return TargetSpec(kind="discrete", frame_rate_hz=self.frame_rate_hz, num_codebooks=2, num_classes=self.options.num_classes)
 
     def targets(self, wave, generator=None):
+        if self.options.fail_on_rank >= 0 and int(os.environ.get("RANK", -1)) == self.options.fail_on_rank:
+            raise RuntimeError(f"test-loudness fails on rank {self.options.fail_on_rank}")
         T = student_frames(wave.shape[1])
         frames = wave[:, : (T - 1) * 320 + 400].unfold(1, 400, 320) if T else wave.new_zeros(wave.shape[0], 0, 400)
         energy = frames.pow(2).mean(-1)  # B, T
@@ -66,6 +73,9 @@ class _TestPlugins:
     @hookimpl
     def register_teachers(self, register):
         register(LoudnessTeacher)
+
+
+TEST_PLUGINS = _TestPlugins()  # the entry point of the test teacher in torchrun subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +309,115 @@ def test_bad_files_are_skipped_and_counted(registry, audio_dir, mfcc_file, tmp_p
     s = write_label_store(t, [data], tmp_path / "store", window_samples=W, progress=False)
     assert s.num_files == 1 and set(s.skipped) == {str(data / "broken.wav"), str(data / "tiny.wav")}
     assert json.loads((tmp_path / "store" / "index.json").read_text())["skipped"].keys() == s.skipped.keys()
+
+
+# -- sharded labelling (torchrun) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_shards_are_balanced_deterministic_and_cover_every_file_once(world_size):
+    rng = np.random.default_rng(world_size)
+    for counts in ([], [5], [1] * 7, list(rng.integers(1, 40, size=101)), [100, 1, 1, 1, 1, 1]):
+        shares = shard_ranges(counts, world_size)
+        assert shares == shard_ranges(list(counts), world_size)  # a function of the plan only: every rank agrees
+        assert len(shares) == world_size
+        assert [i for s in shares for i in s] == list(range(len(counts)))  # consecutive, in order, each file once
+        if counts:
+            fair, biggest = sum(counts) / world_size, max(counts)
+            assert all(abs(sum(counts[i] for i in s) - fair) <= biggest for s in shares), (counts, shares)
+    assert [len(s) for s in shard_ranges([3] * 10, 2)] == [5, 5]
+    assert [len(s) for s in shard_ranges([3] * 10, 3)] == [3, 4, 3]
+
+
+def assert_same_store(a, b):
+    """Two store folders hold the same labels, files, windows and skipped files.
+
+    Only ``created`` (when it was written) and ``index_sha256`` (which hashes it) may differ.
+    """
+    assert (a / "labels.bin").read_bytes() == (b / "labels.bin").read_bytes()
+    ia, ib = (json.loads((d / "index.json").read_text()) for d in (a, b))
+    for volatile in ("created", "index_sha256"):
+        ia.pop(volatile), ib.pop(volatile)
+    assert list(ia["skipped"].items()) == list(ib["skipped"].items())
+    assert ia == ib
+
+
+@pytest.fixture
+def mixed_data(audio_dir, tmp_path):
+    """The test audio and three files to skip: undecodable, too short, NaN samples."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(audio_dir.iterdir()):
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "b-broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio")
+    sf.write(data / "e-tiny.wav", music(0.01, SR), SR)
+    sf.write(data / "f.wav", music(2.0, SR, seed=6), SR)
+    damaged = music(2.0, SR, seed=7).astype(np.float32)
+    damaged[40000:40010] = np.nan  # in the second window: the scan accepts it, labelling finds it
+    sf.write(data / "c-nan.wav", damaged, SR, subtype="FLOAT")
+    return data
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 8])  # 8: more ranks than files, some parts empty
+def test_merged_parts_equal_the_single_process_store(registry, mixed_data, tmp_path, world_size):
+    """What each rank of a torchrun launch does, one after another in this process."""
+    from mert_core.labels import STUDENT_WINDOW_SAMPLES, _label_part, _plan_windows, _publish_store
+
+    t = teacher(registry, "test-loudness")
+    labelling = dict(sample_rate=SR, window_samples=W, batch_size=3, num_workers=0)
+    single = write_label_store(t, [mixed_data], tmp_path / "single", progress=False, **labelling)
+
+    plan, skipped = _plan_windows([mixed_data], SR, W, STUDENT_WINDOW_SAMPLES, progress=False)
+    tmp = tmp_path / "merged"
+    tmp.mkdir()
+    parts = []
+    for rank, share in enumerate(shard_ranges([len(w) for _, w in plan], world_size)):
+        parts.append(tmp / f"part-{rank}")
+        _label_part(t, plan[share.start : share.stop], parts[-1], progress=False, **labelling).save(parts[-1])
+    part = merge_label_parts(parts, tmp)
+    merged = _publish_store(t, part, {**skipped, **part.skipped}, tmp, tmp_path / "store", STUDENT_WINDOW_SAMPLES, SR, W, started=0.0)
+
+    assert not any(p.exists() for p in parts)
+    assert_same_store(tmp_path / "single", tmp_path / "store")
+    assert (merged.num_files, merged.num_windows) == (single.num_files, single.num_windows) == (5, 11)
+    assert merged.num_frames == single.num_frames
+    assert set(merged.skipped) == {str(mixed_data / n) for n in ("b-broken.wav", "e-tiny.wav", "c-nan.wav")}
+    assert part.skipped.keys() == {str(mixed_data / "c-nan.wav")}  # found unreadable by the rank that labelled it
+    LabelStore.open(tmp_path / "store").check(t, W)
+
+
+def _torchrun_label(out, data, env, *extra, nproc=2, port=29531):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)] if nproc > 1 else [sys.executable]
+    cmd += ["-m", "mert_cli.main", "teacher", "label", "test-loudness", "--data", str(data), "--out", str(out),
+            "--window-seconds", str(W / SR), "--batch-size", "3", "--device", "cpu", "--quiet", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture
+def loudness_plugin_env(make_dist):
+    """Environment of a subprocess that sees the test teacher as an installed plugin."""
+    site = make_dist("mert-test-loudness", "0.0.1", {"loudness": "test_labels:TEST_PLUGINS"}, {})
+    tests = os.path.dirname(__file__)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(site), tests, os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_store_equals_the_one_process_store(mixed_data, tmp_path, loudness_plugin_env):
+    stores = tmp_path / "stores"
+    one = _torchrun_label(stores / "one", mixed_data, loudness_plugin_env, nproc=1)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    two = _torchrun_label(stores / "two", mixed_data, loudness_plugin_env)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert_same_store(stores / "one", stores / "two")
+    assert two.stdout.count("labelled 5 files") == 1 and "skipped 3 files" in two.stdout  # rank 0 reports, for every rank
+    assert sorted(p.name for p in stores.iterdir()) == ["one", "two"]  # no part or temporary folder left
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_launch_and_writes_no_store(mixed_data, tmp_path, loudness_plugin_env):
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    run = _torchrun_label(stores / "store", mixed_data, loudness_plugin_env, "--set", "fail_on_rank=1", port=29532)
+    assert run.returncode != 0
+    assert "failed on 1 of 2 ranks, first rank 1: RuntimeError: test-loudness fails on rank 1" in run.stdout + run.stderr
+    assert list(stores.iterdir()) == []  # no store, no part or temporary folder
