@@ -60,7 +60,7 @@ def parse_assignment(item: str, flag: str = "--set", example: str = "optim.lr=1e
     """
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE (one key=value pair per flag), e.g. {example}")
+        raise ConfigError(f"{flag} {item!r}: not a key=value pair; expected KEY=VALUE, e.g. {example}")
     return key.strip(), parse_value(raw)
 
 

@@ -79,4 +79,4 @@ def test_one_parser_one_error_for_every_command(argv, tmp_path):
         argv = [*argv[:3], "--data", str(tmp_path), *argv[3:]]
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 2, result.output
-    assert "--set 'bad': expected KEY=VALUE" in result.output and "Traceback" not in result.output
+    assert "--set 'bad': not a key=value pair; expected KEY=VALUE" in result.output and "Traceback" not in result.output
