@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mert_core.paths import resolve_device
+from mert_core.registry import Registry
 from mert_core.runconfig import ConfigError, make_train_config
 
 BASELINE_NAMES = ("random", "handcrafted")
@@ -123,7 +124,7 @@ def ablate(
     device: str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
-    registry=None,
+    registry: Registry | None = None,
 ) -> AblationReport:
     """Pretrain every arm with every seed, probe them all, tabulate.
 

@@ -52,6 +52,7 @@ from mert_core.audio import AudioError, read_crop
 from mert_core.checkpoint import file_digest
 from mert_core.files import publish_folder
 from mert_core.paths import resolve_device
+from mert_core.registry import Registry
 from mert_core.teacher import IGNORE_LABEL, Teacher
 
 log = logging.getLogger("mert.labels")
@@ -598,7 +599,7 @@ def fit_teacher(
     data_paths: Iterable[str | Path],
     out_file: str | Path,
     options: dict[str, Any] | None = None,
-    registry=None,
+    registry: Registry | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
     sample_rate: int = 24000,
@@ -645,7 +646,7 @@ def label_data(
     out_dir: str | Path,
     options: dict[str, Any] | None = None,
     teacher_file: str | Path | None = None,
-    registry=None,
+    registry: Registry | None = None,
     window_samples: int = DEFAULT_WINDOW_SAMPLES,
     sample_rate: int = 24000,
     batch_size: int = 16,
