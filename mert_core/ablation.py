@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from mert_core.geometry import FrameGeometry
 from mert_core.paths import resolve_device
+from mert_core.registry import Registry
 from mert_core.runconfig import ConfigError, make_train_config
 from mert_core.registry import Registry
 

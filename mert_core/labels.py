@@ -58,6 +58,7 @@ from mert_core.distributed import DistInfo
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry, frames_for
 from mert_core.files import atomic_write, publish_folder
 from mert_core.paths import resolve_device
+from mert_core.registry import Registry
 from mert_core.teacher import IGNORE_LABEL, Teacher
 from mert_core.registry import Registry
 
