@@ -27,7 +27,6 @@ from mert_core.geometry import FrameGeometry
 from mert_core.paths import resolve_device
 from mert_core.registry import Registry
 from mert_core.runconfig import ConfigError, make_train_config
-from mert_core.registry import Registry
 
 BASELINE_NAMES = ("random", "handcrafted")
 

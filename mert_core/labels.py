@@ -60,7 +60,6 @@ from mert_core.files import atomic_write, publish_folder
 from mert_core.paths import resolve_device
 from mert_core.registry import Registry
 from mert_core.teacher import IGNORE_LABEL, Teacher
-from mert_core.registry import Registry
 
 log = logging.getLogger("mert.labels")
 
