@@ -257,7 +257,10 @@ def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[Trai
     """The saved config, except for fields that may change on resume (the
     peak lr among them, as the non-finite stop advises), and those changes as
     ``{field: [saved, new]}``."""
-    saved = TrainConfig.model_validate(state["config"])
+    from mert_core.runconfig import with_data_paths
+
+    # runs saved before the demo default was resolved in the config recorded no data paths: the demo's
+    saved = with_data_paths(TrainConfig.model_validate(state["config"]))
     new, old = _flatten(config.model_dump(mode="json")), _flatten(saved.model_dump(mode="json"))
     # a teacher fitted by the first run has its artifact recorded in the saved config only
     for flat, given in ((old, new), (new, old)):

@@ -220,3 +220,17 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path, music_dir):
     assert summary["steps"] == 3
     # both ranks read their own 5 s crop per step: 2 x 3 x 2 s of audio in all
     assert summary["audio_hours_seen"] * 3600 == pytest.approx(12.0, rel=0.01)
+
+
+def test_resume_accepts_a_run_saved_before_the_demo_paths_were_recorded(tmp_path):
+    """Runs of the demo saved by earlier versions hold `data.paths: []`; the resumed config names the demo folder."""
+    from mert_core.checkpoint import resume_config
+    from mert_core.demo import DemoSize, ensure_demo_data
+    from mert_core.runconfig import with_data_paths
+
+    ensure_demo_data(size=DemoSize(pieces_per_key=1, piece_seconds=2.0, keys=("C major",), note_pitches=(60,),
+                                   timbres=("flute",), note_seconds=0.5), progress=False)
+    old = api.make_train_config(teachers=["cqt"], preset="tiny", out_dir=tmp_path / "run", max_steps=4)
+    assert old.data.paths == []  # what an earlier version saved
+    config, changed = resume_config(with_data_paths(old.model_copy(deep=True)), {"config": old.model_dump(mode="json")}, tmp_path / "run")
+    assert changed == {} and [str(p) for p in config.data.paths] == [str(p) for p in with_data_paths(old.model_copy(deep=True)).data.paths]
