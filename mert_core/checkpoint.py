@@ -215,14 +215,16 @@ def _student_for(path: Path, args: Any, shapes: dict[str, tuple[int, ...]]):
 def roll_back_to_checkpoint_before(out_dir: Path, first_bad_step: int) -> int | None:
     """Point ``last.pt`` and the student export at the newest checkpoint older
     than ``first_bad_step`` (weights that gave finite outputs), delete the newer
-    ones (weights that did not), and return its step (None if there is none)."""
+    ones (weights that did not), and return its step. With none older, remove
+    ``last.pt`` and the student export too, and return None."""
     ckpt_dir = out_dir / "checkpoints"
     numbered = sorted(ckpt_dir.glob("step_*.pt"))
     good = [p for p in numbered if int(p.stem.removeprefix("step_")) < first_bad_step]
     for p in numbered[len(good):]:
         p.unlink()
-    if not good:
+    if not good:  # no weights known to give finite outputs: leave none behind to be loaded later
         (out_dir / LAST).unlink(missing_ok=True)
+        (out_dir / STUDENT_FILE).unlink(missing_ok=True)
         return None
     state = load_checkpoint(good[-1])
     point_last(out_dir, good[-1], state)

@@ -302,6 +302,15 @@ def test_non_finite_stop_keeps_weights_with_finite_outputs_and_resume_takes_a_lo
     assert result.summary["history"] == state["history"]
 
 
+def test_non_finite_stop_with_no_good_checkpoint_leaves_no_weights_to_load(tmp_path, music_dir):
+    out = tmp_path / "fresh"
+    with pytest.raises(TrainingError, match="No checkpoint holds weights that gave finite outputs"):
+        api.train(_config(out, music_dir, 10, "checkpoint_every=1", "max_bad_steps=2", "optim.lr=1e30"), progress=False)
+    # step 1's export held the weights that broke; nothing is left that `mert extract` could load
+    assert not (out / STUDENT_FILE).exists() and not (out / LAST).exists()
+    assert not list((out / "checkpoints").glob("step_*.pt"))
+
+
 # -- killed checkpoint writes, audio hours after a resume -------------------------------------------
 
 KILLED_WRITE = textwrap.dedent("""
