@@ -1,5 +1,5 @@
 """The paper's recipes: teachers, augmentations and hyperparameters bundled
-by name (SPEC.md "Optimisation", "Teachers", "In-batch noise mixup").
+by name (MERT, Li et al. 2023, arXiv 2306.00107: optimisation, teachers, in-batch noise mixup).
 
 Every value here can be overridden with ``--set`` or a config file.
 """
@@ -11,7 +11,7 @@ from mert_core.recipes import Recipe
 
 
 def _optim(preset: str) -> dict:
-    """SPEC reference optimisation: Adam(0.9, 0.98, 1e-6), wd 0.01, 400k updates,
+    """MERT's optimisation: Adam(0.9, 0.98, 1e-6), wd 0.01, 400k updates,
     32k warmup; lr 5e-4 / clip 10 (base), lr 1.5e-3 / clip 1 (large)."""
     large = preset == "330m"
     return {
@@ -21,13 +21,13 @@ def _optim(preset: str) -> dict:
         "eps": 1e-6,
         "weight_decay": 0.01,
         "max_steps": 400_000,
-        # warmup_steps stays None = 8% of max_steps: SPEC's 32k of 400k, and still a
+        # warmup_steps stays None = 8% of max_steps: MERT's 32k of 400k, and still a
         # sensible warmup when a user shortens the run with --max-steps
     }
 
 
 def _data(preset: str) -> dict:
-    # the large model trains on 5.12 s crops = 384 frames (SPEC)
+    # the large model trains on 5.12 s crops = 384 frames (MERT)
     return {"crop_seconds": 5.12 if preset == "330m" else 5.0, "min_seconds": 3.0, "sample_rate": 24000}
 
 

@@ -1,4 +1,4 @@
-"""In-batch noise mixup (MERT, SPEC "In-batch noise mixup").
+"""In-batch noise mixup (MERT, Li et al. 2023, "in-batch noise mixup").
 
 With probability ``prob`` per clip, add 1 to 3 segments of 0.5 to 1.0 s cut
 from *other* clips of the same batch, at random positions, at volume 1.0. The
@@ -23,12 +23,12 @@ from mert_core.hookspecs import hookimpl
 
 
 class MixupOptions(AugmentOptions):
-    prob: float = Field(0.5, ge=0, le=1, description="Probability that a clip receives segments (SPEC 0.5).")
-    min_segments: int = Field(1, ge=1, description="Fewest segments added to a chosen clip (SPEC 1).")
-    max_segments: int = Field(3, ge=1, description="Most segments added to a chosen clip (SPEC 3).")
-    min_seconds: float = Field(0.5, gt=0, description="Shortest segment in seconds (SPEC 0.5).")
-    max_seconds: float = Field(1.0, gt=0, description="Longest segment in seconds (SPEC 1.0 base, 1.5 large).")
-    volume: float = Field(1.0, ge=0, description="Gain applied to each added segment (SPEC 1.0).")
+    prob: float = Field(0.5, ge=0, le=1, description="Probability that a clip receives segments (MERT: 0.5).")
+    min_segments: int = Field(1, ge=1, description="Fewest segments added to a chosen clip (MERT: 1).")
+    max_segments: int = Field(3, ge=1, description="Most segments added to a chosen clip (MERT: 3).")
+    min_seconds: float = Field(0.5, gt=0, description="Shortest segment in seconds (MERT: 0.5).")
+    max_seconds: float = Field(1.0, gt=0, description="Longest segment in seconds (MERT: 1.0 base, 1.5 large).")
+    volume: float = Field(1.0, ge=0, description="Gain applied to each added segment (MERT: 1.0).")
 
     @model_validator(mode="after")
     def _check_ranges(self):
