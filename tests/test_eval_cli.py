@@ -117,7 +117,7 @@ def test_bad_input_is_a_one_line_usage_error(argv, message, demo_root):
 # -- student upstreams against references --------------------------------------------------
 
 def test_student_windows_and_padding_match_single_forward_passes():
-    up = random_upstream("tiny", seed=3, window_seconds=1.0, batch_windows=4)
+    up = random_upstream("tiny", seed=3, window_seconds=1.0, batch_windows=4, pad_batches=True)  # the GPU's padded batches
     rng = np.random.default_rng(0)
     long, short = (0.1 * rng.standard_normal(n).astype(np.float32) for n in (24000 * 3 + 5000, 9000))
     frames = up.frame_features([long, short])
@@ -137,6 +137,19 @@ def test_student_windows_and_padding_match_single_forward_passes():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert again.id == up.id and random_upstream("tiny", seed=4).id != up.id
     assert all(torch.equal(a, b) for a, b in zip(again.student.state_dict().values(), student.state_dict().values()))
+
+
+def test_on_a_cpu_only_windows_of_equal_length_share_a_batch():
+    """Padding costs the masked paths and buys nothing on a CPU (benchmarks/bench_extract.py): 0.42x -> 1.09x."""
+    up = random_upstream("tiny", seed=3, window_seconds=1.0, batch_windows=2)
+    assert not up.pad_batches and random_upstream("tiny", seed=3, pad_batches=True).pad_batches
+    # length-sorted windows: three full ones, two of another length, one alone
+    assert up._batches([0, 1, 2, 3, 4, 5], [24080, 24080, 24080, 9000, 9000, 500]) == [[0, 1], [2], [3, 4], [5]]
+    rng = np.random.default_rng(1)
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (24000 * 2 + 7000, 9000, 12000)]
+    padded = random_upstream("tiny", seed=3, window_seconds=1.0, batch_windows=4, pad_batches=True)
+    for a, b in zip(up.clip_features(waves), padded.clip_features(waves)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)  # the same features either way
 
 
 def test_hugging_face_hubert_folder_gives_the_same_hidden_states_as_transformers(tmp_path):

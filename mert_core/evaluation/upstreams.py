@@ -100,10 +100,12 @@ class StudentUpstream(Upstream):
         device: where the student runs.
         window_seconds: window length for long audio.
         batch_windows: windows per forward pass.
+        pad_batches: let windows of different lengths share a padded batch;
+            None: on a GPU only (see :meth:`_batches`).
     """
 
     def __init__(self, student, id: str, name: str, kind: str = "checkpoint", device: str | torch.device = "cpu",
-                 window_seconds: float = 30.0, batch_windows: int = 8):
+                 window_seconds: float = 30.0, batch_windows: int = 8, pad_batches: bool | None = None):
         self.student = student.to(device).eval()
         self.device = torch.device(device)
         self.id, self.name, self.kind = id, name, kind
@@ -116,6 +118,7 @@ class StudentUpstream(Upstream):
         self.extra_samples = next(e for e in range(0, 64 * self.hop_samples) if student.num_frames(self.window_samples + e) >= self.window_frames)
         self.min_samples = next(s for s in range(1, 64 * self.hop_samples) if student.num_frames(s) >= 1)
         self.batch_windows = batch_windows
+        self.pad_batches = self.device.type != "cpu" if pad_batches is None else pad_batches
         with torch.no_grad():
             probe = self._forward([np.zeros(self.min_samples + 4 * self.hop_samples, dtype=np.float32)])[0]
         num_layers, dim = probe.shape[1], probe.shape[2]
@@ -162,6 +165,27 @@ class StudentUpstream(Upstream):
         hidden = torch.stack(list(out.hidden_states), dim=2).float().cpu()  # B, T, L, D
         return [hidden[i, : frames[i]].numpy() for i in range(len(segments))]
 
+    def _batches(self, order: list[int], lengths: list[int]) -> list[list[int]]:
+        """Split length-sorted windows into forward batches of at most ``batch_windows``.
+
+        On a GPU windows of different lengths share a padded batch: padding is
+        cheap beside the parallelism. On a CPU a batch brings no parallelism,
+        and padding costs the masked paths (GroupNorm over valid samples only,
+        attention with a mask): 8 padded clips of 10-20 s ran at 0.42x a plain
+        HubertModel loop, one at a time at 1.15x (benchmarks/bench_extract.py).
+        So on a CPU only windows of equal length (the full windows of long
+        files) are batched, unless ``pad_batches`` says otherwise.
+        """
+        if self.pad_batches:
+            return [order[i:i + self.batch_windows] for i in range(0, len(order), self.batch_windows)]
+        batches: list[list[int]] = []
+        for k, n in zip(order, lengths):
+            if batches and len(batches[-1]) < self.batch_windows and batches[-1][-1][1] == n:
+                batches[-1].append((k, n))
+            else:
+                batches.append([(k, n)])
+        return [[k for k, _ in b] for b in batches]
+
     def _frames_per_wave(self, waves: Sequence[np.ndarray], pooled: bool = False):
         """Yield ``(wave index, segment features)`` in order, batching windows across waves
         (``pooled``: the segment's ``(sum over frames, frame count)``, see :meth:`_forward`)."""
@@ -171,8 +195,7 @@ class StudentUpstream(Upstream):
         # Sort by length within the call so that padding is small; results are regrouped by wave.
         order = sorted(range(len(queue)), key=lambda k: len(queue[k][1]))
         results: dict[int, np.ndarray] = {}
-        for start in range(0, len(order), self.batch_windows):
-            chunk = order[start:start + self.batch_windows]
+        for chunk in self._batches(order, [len(queue[k][1]) for k in order]):
             for k, feats in zip(chunk, self._forward([queue[k][1] for k in chunk], pooled)):
                 results[k] = feats
         for k in range(len(queue)):
