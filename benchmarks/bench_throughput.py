@@ -98,7 +98,7 @@ class Setup:
 
     def forward_loss(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            predictions, penalty = self.step_model(self.wave, self.lengths, self.mask)
+            predictions, _, penalty, _ = self.step_model(self.wave, self.lengths, self.mask)  # no unmasked scoring; signals unused
         loss, _ = self.loss(predictions, {k: t[self.mask] for k, t in self.targets.items()}, penalty)
         return loss
 
