@@ -84,3 +84,16 @@ def test_compiled_tiny_student_gives_the_eager_loss():
     compiled = masked_loss(torch.compile(student), wave)
     # inductor fuses and reorders float operations: equal to rounding
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_the_throughput_benchmark_runs_a_training_step_on_cpu():
+    """The benchmark is meant for the day a GPU is at hand: it must keep working on a CPU with tiny
+    (it broke unseen once, when the pretrainer's outputs changed)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_throughput.py"
+    proc = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--batch", "1", "--seconds", "1",
+                           "--steps", "1", "--warmup", "0", "--variants", "eager", "--device", "cpu", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| eager |" in proc.stdout and "model FLOPs per step" in proc.stdout
