@@ -40,6 +40,7 @@ from mert_plugins.teachers.kmeans import (
     NotFittedError,
     TeacherFileError,
     adopt_settings,
+    artifact_header,
     centroid_digest,
     check_artifact_header,
     read_teacher_file,
@@ -155,13 +156,7 @@ class BestRQTeacher(Teacher):
         projection, codebook = random_quantizers(o.num_codebooks, self.features.dim, o.codebook_dim, o.codebook_size, seed)
         plan.unusable.update(failures)
         meta = {
-            "format": ARTIFACT_FORMAT,
-            "format_version": ARTIFACT_VERSION,
-            "teacher": self.name,
-            "sample_rate": self.sample_rate,
-            "hop_samples": self.hop_samples,
-            "frame_rate_hz": self.frame_rate_hz,
-            "features": self.feature_settings(),
+            **artifact_header(self, ARTIFACT_FORMAT, ARTIFACT_VERSION),
             "seed": seed,
             "shapes": {"projection": list(projection.shape), "codebook": list(codebook.shape)},
             "stats_frames": frames,

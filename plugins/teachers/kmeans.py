@@ -337,6 +337,19 @@ def read_teacher_file(
     return meta, tensors
 
 
+def artifact_header(teacher: Teacher, fmt: str, version: int) -> dict[str, Any]:
+    """The fields every fitted teacher file starts with (what :func:`check_artifact_header` reads back)."""
+    return {
+        "format": fmt,
+        "format_version": version,
+        "teacher": teacher.name,
+        "sample_rate": teacher.sample_rate,
+        "hop_samples": teacher.hop_samples,
+        "frame_rate_hz": teacher.frame_rate_hz,
+        "features": teacher.feature_settings(),
+    }
+
+
 def check_artifact_header(meta: dict[str, Any], path: str | Path | None, teacher: str, sample_rate: int, hop_samples: int) -> None:
     """Refuse a teacher file fitted for another teacher, sample rate or hop.
 
@@ -599,13 +612,7 @@ class KMeansTeacher(Teacher):
         plan.unusable.update(read_failures)
         tensors = {f"centroids.{name}": r.centroids.contiguous() for name, r in results.items()}
         meta = {
-            "format": ARTIFACT_FORMAT,
-            "format_version": ARTIFACT_VERSION,
-            "teacher": self.name,
-            "sample_rate": self.sample_rate,
-            "hop_samples": self.hop_samples,
-            "frame_rate_hz": self.frame_rate_hz,
-            "features": self.feature_settings(),
+            **artifact_header(self, ARTIFACT_FORMAT, ARTIFACT_VERSION),
             "identity": self._identity(),
             "streams": {
                 name: {

@@ -47,6 +47,7 @@ from mert_plugins.teachers.kmeans import (
     NotFittedError,
     TeacherFileError,
     adopt_settings,
+    artifact_header,
     centroid_digest,
     check_artifact_header,
     read_teacher_file,
@@ -283,13 +284,7 @@ class MelRVQTeacher(Teacher):
         plan.unusable.update(failures)
         tensors = {"bin_mean": mean, "bin_std": std, **{f"rvq.{k}": v for k, v in rvq.state_dict().items()}}
         meta = {
-            "format": ARTIFACT_FORMAT,
-            "format_version": ARTIFACT_VERSION,
-            "teacher": self.name,
-            "sample_rate": self.sample_rate,
-            "hop_samples": self.hop_samples,
-            "frame_rate_hz": self.frame_rate_hz,
-            "features": self.feature_settings(),
+            **artifact_header(self, ARTIFACT_FORMAT, ARTIFACT_VERSION),
             "seed": seed,
             "stats_frames": stats_frames,
             "train": {**{k: v for k, v in o.model_dump(mode="json").items() if k in TRAIN_FIELDS - {"teacher_file", "seed"}}, **report, "device": str(device)},
