@@ -121,12 +121,19 @@ def feature_signals(conv_features: torch.Tensor, hidden_states: list[torch.Tenso
 class CollapseWatch:
     """Warns once per kind when the logged signals show a collapse.
 
+    A head's verdict (``r2 <= 0``, ``ppl_pred`` near 1) is one of a stretch,
+    not of a reading: it warns when the signal has been bad at every logged
+    step of the last ``grace`` steps, ``grace = max(grace_steps, warmup_steps)``,
+    and no earlier than ``warmup_steps + grace``. ``r2`` of a batch of 4 crops is
+    noisy, and a healthy ``cpu`` recipe run crosses 0 between 1x and 2x its
+    warmup (first positive reading at steps 190 / 220 / 280 of 3 seeds with
+    warmup 160): one reading after warmup + 100 steps warned on it.
+
     Args:
-        warmup_steps: no verdict on the heads before the learning rate has
-            warmed up and ``grace_steps`` more have passed (a fresh head needs
-            a few steps to reach even the mean).
+        warmup_steps: the learning-rate warmup (a fresh head needs a while to
+            reach even the mean).
         warn: where the one-line warnings go.
-        grace_steps: see ``warmup_steps``.
+        grace_steps: the least grace (see above).
     """
 
     CONV_SHRINK = 100.0
@@ -134,7 +141,9 @@ class CollapseWatch:
 
     def __init__(self, warmup_steps: int, warn: Callable[[str], None], grace_steps: int = 100,
                  advice: dict[str, list[str]] | None = None, feature_penalty: float = 0.0):
-        self.warmup_steps, self.warn = warmup_steps + grace_steps, warn
+        self.grace = max(grace_steps, warmup_steps)
+        self.verdict_after, self.warn = warmup_steps + self.grace, warn
+        self.last_good: dict[str, int] = {}  # signal -> last step it was healthy
         self.advice = advice or {}  # teacher name -> its own suggestions (Teacher.advice())
         self.feature_penalty = feature_penalty
         self.first_conv_std: float | None = None
@@ -151,19 +160,26 @@ class CollapseWatch:
             issued.append(self._once(
                 "conv", f"step {step}: the conv features' std fell from {self.first_conv_std:.3g} to {conv:.3g} "
                 f"(std/conv): the conv front end is collapsing; try loss.feature_penalty=0 (or smaller) or the 'cpu' recipe"))
-        if step > self.warmup_steps:
-            for key, value in record.items():
-                name = key.split("/", 1)[-1]
-                if key.startswith("r2/") and value <= 0.0:
+        for key, value in record.items():
+            name = key.split("/", 1)[-1]
+            if key.startswith("r2/"):
+                bad = value <= 0.0
+            elif key.startswith("ppl_pred/"):
+                target_ppl = record.get(f"ppl_target/{name}", math.inf)
+                bad = value < 1.5 and target_ppl > 3.0
+            else:
+                continue
+            if not bad:
+                self.last_good[key] = step
+            elif step > self.verdict_after and step - self.last_good.get(key, -math.inf) >= self.grace:
+                if key.startswith("r2/"):
                     issued.append(self._once(
-                        key, f"step {step}: teacher {name!r} explains {value:.3f} of its target variance ({key} <= 0): "
-                        f"the student predicts no more than the mean target; try {self._tips(name)}"))
-                if key.startswith("ppl_pred/"):
-                    target_ppl = record.get(f"ppl_target/{name}", math.inf)
-                    if value < 1.5 and target_ppl > 3.0:
-                        issued.append(self._once(
-                            key, f"step {step}: teacher {name!r}'s head predicts almost one class ({key} {value:.2f}, "
-                            f"targets {target_ppl:.1f}): the head has collapsed; try {self._tips(name, 'a longer warmup')}"))
+                        key, f"step {step}: teacher {name!r} explains {value:.3f} of its target variance ({key} <= 0 "
+                        f"for {self.grace}+ steps): the student predicts no more than the mean target; try {self._tips(name)}"))
+                else:
+                    issued.append(self._once(
+                        key, f"step {step}: teacher {name!r}'s head predicts almost one class ({key} {value:.2f}, "
+                        f"targets {target_ppl:.1f}): the head has collapsed; try {self._tips(name, 'a longer warmup')}"))
         return [w for w in issued if w]
 
     def _tips(self, name: str, *extra: str) -> str:

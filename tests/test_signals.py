@@ -108,6 +108,24 @@ def test_collapse_advice_comes_from_the_teacher_and_skips_what_is_set():
     assert "compression" not in said[0] and "feature_penalty" not in said[0] and "optim.lr" in said[0]
 
 
+def test_a_noisy_r2_that_rises_through_zero_after_warmup_is_not_a_collapse():
+    """Shaped like the cpu recipe's real runs (warmup 160 steps, batch 4: r2 -0.6 at the start,
+    noisy, first above 0 near step 190-280): no warning. One reading after warmup + 100 steps
+    used to warn on it. The same run stuck at the mean warns once, after twice the warmup."""
+    def trace(slope):
+        return [{"step": s, "r2/cqt": -0.6 + slope * s + (0.05 if (s // 10) % 3 == 0 else -0.05)} for s in range(10, 2001, 10)]
+
+    said = []
+    watch = CollapseWatch(warmup_steps=160, warn=said.append)
+    for record in trace(0.002):
+        watch.check(record)
+    assert said == []
+    watch = CollapseWatch(warmup_steps=160, warn=said.append)
+    for record in trace(0.0):
+        watch.check(record)
+    assert len(said) == 1 and said[0].startswith("step 330: teacher 'cqt' explains")
+
+
 TINY = ["data.batch_size=2", "data.num_workers=0", "data.crop_seconds=2.0", "data.min_seconds=1.0", "log_every=1"]
 
 
