@@ -22,7 +22,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    preset: Literal["tiny", "95m", "330m"] = Field("tiny", description="Student size preset (MERT: 95m base, 330m large).")
+    preset: Literal["tiny", "cpu", "95m", "330m"] = Field("tiny", description="Student size preset (MERT: 95m base, 330m large).")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword overrides of the preset's builder arguments, e.g. {'num_layers': 4}.",

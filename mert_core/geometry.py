@@ -3,7 +3,9 @@
 One fact, one place. The student's conv stack (kernels 10,3,3,3,3,2,2,
 strides 5,2,2,2,2,2,2 in the MERT paper's configuration) reads 24 kHz audio
 with a hop of 320 samples (75 Hz) and a receptive field of 400 samples; frame
-``t`` sees samples ``[t * hop, t * hop + receptive_field)``. A student reports
+``t`` sees samples ``[t * hop, t * hop + receptive_field)``. (The ``cpu``
+preset's front end keeps the hop and sees 1840 samples; teachers' targets are
+shifted onto its frames by :attr:`FrameGeometry.lead_frames`.) A student reports
 its own :class:`FrameGeometry` (``student.geometry``); teachers, label stores
 and probes read it from there instead of restating the numbers.
 """
@@ -12,8 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 import torch
+
+PAPER_RECEPTIVE_FIELD = 400
+"""Samples one frame of the MERT paper's conv stack sees: the grid every teacher frames audio on."""
 
 
 def frames_for(num_samples, hop_samples: int, receptive_field: int):
@@ -55,6 +62,26 @@ class FrameGeometry:
     def frame_rate_hz(self) -> float:
         """Frames per second (75.0 at 24 kHz with hop 320)."""
         return self.sample_rate / self.hop_samples
+
+    @property
+    def lead_frames(self) -> int:
+        """Target frames to drop before this student's first frame.
+
+        Teachers frame audio on the paper student's grid: frame ``t`` reads the
+        400 samples from ``t * hop`` (the k-means features are centred there, the
+        CQT on ``t * hop``), so a receptive field longer than 400 samples puts the
+        student's frame ``t`` ``(receptive_field - 400) / 2`` samples later: 0 for
+        the paper's stack, 2 frames for the ``cpu`` preset's 1840 samples. The
+        trainer and the label store drop these frames (``teacher.follows_student``
+        teachers are exempt: they frame audio with the student itself).
+        """
+        return max(0, round((self.receptive_field - PAPER_RECEPTIVE_FIELD) / (2 * self.hop_samples)))
+
+    @property
+    def trailing_frames(self) -> int:
+        """Target frames past this student's last frame, beyond the one frame of
+        slack every teacher has (0 for the paper's stack, 3 for ``cpu``'s)."""
+        return max(0, math.ceil((self.receptive_field - PAPER_RECEPTIVE_FIELD) / self.hop_samples) - self.lead_frames)
 
     def num_frames(self, num_samples):
         """Frames for ``num_samples`` samples (an int, integer tensor or array); see :func:`frames_for`."""

@@ -86,7 +86,7 @@ class MissingTeacherFile(ValueError):
 
 
 def student_frames(num_samples: int) -> int:
-    """Frames a preset student makes from ``num_samples`` samples (:data:`~mert_core.geometry.STUDENT_GEOMETRY`)."""
+    """Frames the paper's conv stack makes from ``num_samples`` samples (:data:`~mert_core.geometry.STUDENT_GEOMETRY`): the grid of every stored label."""
     return STUDENT_GEOMETRY.num_frames(num_samples)
 
 
@@ -786,13 +786,15 @@ class LabelStore:
         start, count = windows[k]
         return self.labels[start : start + count]
 
-    def targets(self, paths: list[str], offsets_samples: list[int], num_frames: int) -> torch.Tensor:
+    def targets(self, paths: list[str], offsets_samples: list[int], num_frames: int, lead_frames: int = 0) -> torch.Tensor:
         """Labels of a batch of grid-aligned crops.
 
         Args:
             paths: ``B`` audio files.
             offsets_samples: ``B`` crop starts, multiples of ``window_samples``.
             num_frames: frames the student makes from the batch.
+            lead_frames: stored (hop-centred) frames of each window before the
+                student's first frame (``FrameGeometry.lead_frames``; 0 for the paper's student).
 
         Returns:
             ``(B, num_frames, C)`` int64; ``IGNORE_LABEL`` past the end of a window.
@@ -801,7 +803,7 @@ class LabelStore:
             raise ValueError(f"targets: {len(paths)} paths but {len(offsets_samples)} offsets; give one offset per path")
         out = np.full((len(paths), num_frames, self.num_codebooks), IGNORE_LABEL, dtype=np.int64)
         for b, (path, offset) in enumerate(zip(paths, offsets_samples)):
-            lab = self.window(path, int(offset))
+            lab = self.window(path, int(offset))[lead_frames:]
             n = min(num_frames, lab.shape[0])
             out[b, :n] = lab[:n]
         return torch.from_numpy(out)

@@ -377,6 +377,19 @@ TINY_ARGS: dict[str, Any] = dict(
 )
 """A CPU-sized student for tests and demos: the real 7-layer conv stack (hop 320) with 64 channels, 2 x 128-wide layers."""
 
+CPU_ARGS: dict[str, Any] = dict(
+    TINY_ARGS, conv_channels=128, conv_kernels=[1600, 4], conv_strides=[80, 4],
+)
+"""``tiny``'s transformer on a front end that can hear pitch (not the paper's conv stack; docs/learning.md).
+
+The paper's stack sees 400 samples (17 ms) per frame: too short to resolve a
+semitone below ~1 kHz, so a small student must assemble pitch across frames, which
+it does not learn in a CPU budget (it learns the loudness envelope and probes below
+its random twin). Here the first conv is a 1600-sample (67 ms) filter bank at a
+hop of 80, and a second conv pools 4 of them: hop 320 (75 Hz) as in the paper,
+receptive field 1840 samples; teachers' targets are aligned through
+``FrameGeometry.lead_frames``. Same cost per second of audio as ``tiny``."""
+
 BASE_95M_ARGS: dict[str, Any] = dict(
     conv_channels=512, embed_dim=768, num_layers=12, num_heads=12, ffn_dim=3072, layer_norm_first=False,
     dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, input_dropout=0.1, layerdrop=0.05,
@@ -391,7 +404,7 @@ LARGE_330M_ARGS: dict[str, Any] = dict(
 )
 """MERT-330M (Li et al. 2023, arXiv 2306.00107): pre-LN with a final LayerNorm, 24 x 1024, no dropout, attention relax 32, feature_grad_mult 1.0."""
 
-PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY_ARGS, "95m": BASE_95M_ARGS, "330m": LARGE_330M_ARGS}
+PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY_ARGS, "cpu": CPU_ARGS, "95m": BASE_95M_ARGS, "330m": LARGE_330M_ARGS}
 
 
 def student_args(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ class Recipe:
         name: what users type after ``--recipe``.
         description: one line.
         config: ``preset -> dict`` giving the partial ``TrainConfig`` (as plain
-            data) for a model preset ("tiny", "95m", "330m"). Values given on
+            data) for a model preset ("tiny", "cpu", "95m", "330m"). Values given on
             the command line or in a config file override it.
         default_preset: the preset used when none is given.
     """

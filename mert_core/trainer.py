@@ -60,18 +60,21 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 1009 + micro * 101 + rank * 7919) % (2**63 - 1)
 
 
-def align_targets(name: str, targets: torch.Tensor, num_frames: int, spec: TargetSpec, paths: list[str]) -> tuple[torch.Tensor, int]:
+def align_targets(name: str, targets: torch.Tensor, num_frames: int, spec: TargetSpec, paths: list[str],
+                  trailing: int = 0) -> tuple[torch.Tensor, int]:
     """Trim or pad one teacher's targets to the student's ``num_frames``.
 
     Lengths within one frame are reconciled (the extra frame is dropped, a
-    missing last frame becomes "no target"); anything else is an error naming
-    the teacher, the files and both lengths.
+    missing last frame becomes "no target"), and so are the ``trailing`` frames
+    past the end of a student with a long receptive field
+    (``FrameGeometry.trailing_frames``); anything else is an error naming the
+    teacher, the files and both lengths.
 
     Returns:
         ``(B, num_frames, ...)`` targets and the number of frames that hold a target.
     """
     have = targets.shape[1]
-    if abs(have - num_frames) > 1:
+    if not -1 <= have - num_frames <= 1 + trailing:
         shown = ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
         raise TargetLengthError(
             f"teacher {name!r} gave {have} frames where the student has {num_frames} "
@@ -517,18 +520,34 @@ def _micro_step(run: Run, batch: dict[str, Any], step: int, micro: int, window: 
     return loss, lambda: _all_finite([*predictions.values(), features_penalty])
 
 
+def student_targets(teacher: Teacher, wave: torch.Tensor, num_frames: int, geometry: FrameGeometry,
+                    store=None, paths: list[str] | None = None, offsets: list[int] | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """One teacher's targets for ``wave`` (``B, S``), frame ``t`` for the student's frame ``t``
+    (trimmed or padded to ``num_frames`` by :func:`align_targets`).
+
+    Teachers frame audio hop-centred (frame ``t`` centred on sample ``t * hop``); a
+    student with a receptive field longer than the paper's 400 samples has its first
+    frame ``geometry.lead_frames`` later, so that many leading targets are dropped.
+    A teacher that ``follows_student`` is already in the student's frames.
+    With ``store`` (a ``LabelStore``), the stored labels of ``paths`` at ``offsets``.
+    """
+    lead = 0 if teacher.follows_student else geometry.lead_frames
+    if store is not None:
+        stored = store.targets(paths, offsets, num_frames, lead).to(wave.device)
+        return teacher.targets_from_store(stored, generator=generator)
+    return teacher.targets(wave, generator=generator)[:, lead:]
+
+
 def _targets(run: Run, batch: dict[str, Any], wave: torch.Tensor, num_frames: int, generator: torch.Generator):
     """Every teacher's targets for ``wave`` (``B, S``), aligned to ``num_frames``,
     and the number of frames that hold a target for all of them."""
-    targets, valid_frames = {}, num_frames
+    targets, valid_frames, geometry = {}, num_frames, run.student.geometry
     with torch.no_grad():
         for name, teacher in run.teachers.items():
-            if name in run.label_stores:
-                stored = run.label_stores[name].targets(batch["paths"], batch["offsets"], num_frames).to(run.device)
-                t = teacher.targets_from_store(stored, generator=generator)
-            else:
-                t = teacher.targets(wave, generator=generator)
-            targets[name], have = align_targets(name, t, num_frames, run.specs[name], batch["paths"])
+            t = student_targets(teacher, wave, num_frames, geometry, run.label_stores.get(name), batch["paths"], batch["offsets"], generator)
+            trailing = 0 if teacher.follows_student else geometry.trailing_frames
+            targets[name], have = align_targets(name, t, num_frames, run.specs[name], batch["paths"], trailing)
             valid_frames = min(valid_frames, have)
     return targets, valid_frames
 

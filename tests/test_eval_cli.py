@@ -139,6 +139,25 @@ def test_student_windows_and_padding_match_single_forward_passes():
     assert all(torch.equal(a, b) for a, b in zip(again.student.state_dict().values(), student.state_dict().values()))
 
 
+def test_a_long_receptive_field_student_is_fed_so_that_frame_t_is_centred_near_t_hops():
+    """The cpu preset sees 1840 samples per frame: the file is led by lead_frames hops of
+    silence, so frame t of the features is the student's frame centred near t * hop + hop / 2
+    (frame-level tasks read frame t as time t / 75 s) and the windows still tile the file."""
+    up = random_upstream("cpu", seed=3, window_seconds=1.0, batch_windows=4)
+    student = up.student
+    lead = student.geometry.lead_frames * 320
+    assert lead == 640 and up.lead_samples == lead
+    wave = (0.1 * np.random.default_rng(2).standard_normal(24000 * 2 + 3000)).astype(np.float32)
+    frames = up.frame_features([wave])[0]
+    led = torch.from_numpy(np.concatenate([np.zeros(lead, np.float32), wave]))
+    assert frames.shape[0] == 2 * 75 + student.num_frames(len(led) - 2 * 24000)  # two full windows and the rest
+    with torch.no_grad():
+        ref = torch.stack(student(led[None, : 24000 + up.extra_samples], output_hidden_states=True).hidden_states, 2)[0]
+    torch.testing.assert_close(torch.from_numpy(frames[:75]), ref, atol=1e-5, rtol=1e-4)
+    centre = np.arange(75) * 320 - lead + student.geometry.receptive_field / 2  # in the file's samples
+    assert np.all(np.abs(centre - (np.arange(75) * 320 + 160)) <= 160)
+
+
 def test_on_a_cpu_only_windows_of_equal_length_share_a_batch():
     """Padding costs the masked paths and buys nothing on a CPU (benchmarks/bench_extract.py): 0.42x -> 1.09x."""
     up = random_upstream("tiny", seed=3, window_seconds=1.0, batch_windows=2)

@@ -41,3 +41,45 @@ def test_frames_for_and_bad_geometry():
     assert frames_for(399, 320, 400) == 0 and frames_for(400, 320, 400) == 1 and frames_for(720, 320, 400) == 2
     with pytest.raises(ValueError, match="positive"):
         FrameGeometry(24000, 0, 400)
+
+
+# -- a longer receptive field: targets shifted onto the student's frames ----------
+
+
+def test_lead_frames_put_each_target_within_a_hop_of_its_student_frame():
+    from mert_core.geometry import PAPER_RECEPTIVE_FIELD
+    cpu = student_args_geometry("cpu")
+    assert (cpu.receptive_field, cpu.lead_frames, cpu.trailing_frames) == (1840, 2, 3)
+    assert (STUDENT_GEOMETRY.lead_frames, STUDENT_GEOMETRY.trailing_frames) == (0, 0)
+    for rf in range(PAPER_RECEPTIVE_FIELD, 6000, 40):
+        g = FrameGeometry(24000, 320, rf)
+        # student frame t is centred on t*hop + rf/2, the teachers' frame t + lead on (t + lead)*hop + 200
+        assert abs(rf / 2 - (g.lead_frames * 320 + PAPER_RECEPTIVE_FIELD / 2)) <= 160, rf
+        for n in (24000, 120000 + 77):  # every student frame has a target, and no more than the slack is left over
+            teacher_frames = STUDENT_GEOMETRY.num_frames(n) - g.lead_frames
+            assert 0 <= teacher_frames - g.num_frames(n) <= 1 + g.trailing_frames, (rf, n)
+
+
+def student_args_geometry(preset):
+    from mert_core.model import mert_student, student_args
+    return mert_student(**student_args(preset)).geometry
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu"])
+def test_a_click_is_the_target_of_the_student_frame_that_is_centred_on_it(preset):
+    """The real CQT teacher through the trainer's alignment: a click at sample p peaks (top
+    octave) at the target of the student frame whose receptive field is centred nearest p."""
+    from mert_core.registry import default_registry
+    from mert_core.trainer import student_targets
+
+    g = student_args_geometry(preset)
+    cqt = default_registry().build("teacher", "cqt", {}, geometry=g)
+    num_samples = 48000
+    for p in (12000, 12160, 30000):
+        wave = torch.zeros(1, num_samples)
+        wave[0, p] = 1.0
+        num_frames = g.num_frames(num_samples)
+        t = student_targets(cqt, wave, num_frames, g)[0, :num_frames]  # T, bins
+        peak = int(t[:, -48:].sum(1).argmax())
+        nearest = round((p - g.receptive_field / 2) / g.hop_samples)
+        assert abs(peak - nearest) <= 1, (preset, p, peak, nearest)

@@ -169,21 +169,31 @@ def test_offline_labels_equal_online_labels(registry, audio_dir, request, tmp_pa
     assert summary.num_codebooks == t.target_spec().num_codebooks
 
 
-def test_store_serves_the_trainers_aligned_crops(registry, audio_dir, mfcc_file, tmp_path):
-    """End to end with the data pipeline: each full crop's stored labels == teacher.targets(crop)."""
-    t = teacher(registry, "kmeans-mfcc", teacher_file=str(mfcc_file))
+@pytest.mark.parametrize("preset", ["tiny", "cpu"])
+def test_store_serves_the_trainers_aligned_crops(registry, audio_dir, mfcc_file, tmp_path, preset):
+    """End to end with the data pipeline and the trainer's alignment (``student_targets``): each
+    full crop's stored labels == the live teacher's, for the paper's 400-sample frames and for
+    the ``cpu`` preset's 1840-sample ones (both drop the same 2 leading frames)."""
+    from mert_core.model import mert_student, student_args
+    from mert_core.trainer import student_targets
+
+    geometry = mert_student(**student_args(preset)).geometry
+    lead = geometry.lead_frames
+    assert lead == {"tiny": 0, "cpu": 2}[preset]
+    t = registry.build("teacher", "kmeans-mfcc", {"teacher_file": str(mfcc_file)}, geometry=geometry)
     label_data("kmeans-mfcc", [audio_dir], tmp_path / "store", teacher_file=mfcc_file, registry=registry, window_samples=W, device="cpu", progress=False)
     store = LabelStore.open(tmp_path / "store")
     batches = CropBatches(scan_audio([audio_dir], progress=False), 3, sample_rate=SR, crop_seconds=W / SR, min_seconds=0.0, align_crops=True)
     full = 0
     for i in range(6):
         batch = batches[i]
-        num_frames = student_frames(batch["wave"].shape[1])
-        offline = store.targets(batch["paths"], batch["offsets"], num_frames)
-        online = t.targets(batch["wave"])
+        num_frames = geometry.num_frames(batch["wave"].shape[1])
+        offline = student_targets(t, batch["wave"], num_frames, geometry, store, batch["paths"], batch["offsets"])
+        online = student_targets(t, batch["wave"], num_frames, geometry)[:, :num_frames]
+        assert offline.shape[1] == num_frames
         for b in range(3):
             if batch["lengths"][b] == W:
-                assert_same_labels(t, batch["wave"][b : b + 1], online[b : b + 1], offline[b : b + 1])
+                assert_same_labels(t, batch["wave"][b : b + 1, lead * 320 :], online[b : b + 1], offline[b : b + 1])
                 full += 1
     assert full >= 10
 

@@ -234,3 +234,22 @@ def test_resume_accepts_a_run_saved_before_the_demo_paths_were_recorded(tmp_path
     assert old.data.paths == []  # what an earlier version saved
     config, changed = resume_config(with_data_paths(old.model_copy(deep=True)), {"config": old.model_dump(mode="json")}, tmp_path / "run")
     assert changed == {} and [str(p) for p in config.data.paths] == [str(p) for p in with_data_paths(old.model_copy(deep=True)).data.paths]
+
+
+def test_the_cpu_preset_trains_with_a_live_teacher_and_one_that_follows_the_student(tmp_path, music_dir):
+    """The cpu student's 1840-sample frames: the CQT's targets are shifted onto them, the
+    ema teacher's (made from the student's own frames) are not, and both losses are scored."""
+    config = api.make_train_config(teachers=["cqt", "ema"], preset="cpu", data=[music_dir], out_dir=tmp_path / "run",
+                                   max_steps=2, overrides=TINY)
+    assert config.model.preset == "cpu"
+    result = api.train(config, progress=False)
+    assert result.student.geometry.receptive_field == 1840
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor([r["loss/cqt"], r["loss/ema"]])).all() for r in rows)
+
+
+def test_the_cpu_recipe_uses_the_cpu_student():
+    config = api.make_train_config(recipe="cpu")
+    assert config.model.preset == "cpu" and config.loss.feature_penalty == 0.0
+    assert [t.name for t in config.teachers] == ["kmeans-logmel-chroma", "cqt"]
+    assert config.teachers[0].options == {"combine": "separate"} and config.optim.max_steps == 2000

@@ -74,7 +74,7 @@ def build_upstreams(checkpoints: Iterable[str | Path] = (), baselines: Iterable[
             elif students:
                 like = students[0].student
             else:
-                raise ValueError("--baseline random: no checkpoint or HF model to copy the size from; add --preset tiny|95m|330m")
+                raise ValueError("--baseline random: no checkpoint or HF model to copy the size from; add --preset tiny|cpu|95m|330m")
             ups.append(random_upstream(like, seed=seed, device=device, **kw))
         else:
             ups.append(HandcraftedUpstream())

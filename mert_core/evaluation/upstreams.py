@@ -110,6 +110,8 @@ class StudentUpstream(Upstream):
         self.device = torch.device(device)
         self.id, self.name, self.kind = id, name, kind
         self.hop_samples = int(student.hop_samples)
+        geometry = getattr(student, "geometry", None)
+        self.lead_samples = geometry.lead_frames * self.hop_samples if geometry is not None else 0
         self.sample_rate = int(getattr(student, "sample_rate", 24000))
         self.frame_rate_hz = self.sample_rate / self.hop_samples
         self.window_frames = max(1, int(round(window_seconds * self.frame_rate_hz)))
@@ -131,6 +133,8 @@ class StudentUpstream(Upstream):
         return out
 
     def _segments(self, wave: np.ndarray) -> list[np.ndarray]:
+        if self.lead_samples:  # frame t centred near t * hop + hop / 2, whatever the receptive field
+            wave = np.pad(wave, (self.lead_samples, 0))
         segments = []
         for start in range(0, max(len(wave), 1), self.window_samples):
             seg = wave[start:start + self.window_samples + self.extra_samples]
@@ -263,7 +267,7 @@ def random_upstream(like: Any = "tiny", seed: int = 0, device: str = "cpu", name
 
     Args:
         like: a ``MertStudent`` (same size), its ``args`` dict, or a preset
-            name ("tiny", "95m", "330m").
+            name ("tiny", "cpu", "95m", "330m").
         seed: initialisation seed; with the architecture it makes the id, so
             the same random student is reused from the feature cache.
     """
