@@ -12,9 +12,8 @@ and probes read it from there instead of restating the numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch

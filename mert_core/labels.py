@@ -793,7 +793,7 @@ class LabelStore:
             paths: ``B`` audio files.
             offsets_samples: ``B`` crop starts, multiples of ``window_samples``.
             num_frames: frames the student makes from the batch.
-            lead_frames: stored (hop-centred) frames of each window before the
+            lead_frames: stored frames (the paper's grid) of each window before the
                 student's first frame (``FrameGeometry.lead_frames``; 0 for the paper's student).
 
         Returns:

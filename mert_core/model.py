@@ -388,7 +388,7 @@ it does not learn in a CPU budget (it learns the loudness envelope and probes be
 its random twin). Here the first conv is a 1600-sample (67 ms) filter bank at a
 hop of 80, and a second conv pools 4 of them: hop 320 (75 Hz) as in the paper,
 receptive field 1840 samples; teachers' targets are aligned through
-``FrameGeometry.lead_frames``. Same cost per second of audio as ``tiny``."""
+``FrameGeometry.lead_frames``."""
 
 BASE_95M_ARGS: dict[str, Any] = dict(
     conv_channels=512, embed_dim=768, num_layers=12, num_heads=12, ffn_dim=3072, layer_norm_first=False,

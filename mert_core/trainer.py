@@ -526,9 +526,9 @@ def student_targets(teacher: Teacher, wave: torch.Tensor, num_frames: int, geome
     """One teacher's targets for ``wave`` (``B, S``), frame ``t`` for the student's frame ``t``
     (trimmed or padded to ``num_frames`` by :func:`align_targets`).
 
-    Teachers frame audio hop-centred (frame ``t`` centred on sample ``t * hop``); a
-    student with a receptive field longer than the paper's 400 samples has its first
-    frame ``geometry.lead_frames`` later, so that many leading targets are dropped.
+    Teachers frame audio on the paper student's grid (400-sample frames at ``t * hop``);
+    a student with a longer receptive field has its first frame ``geometry.lead_frames``
+    later, so that many leading targets are dropped.
     A teacher that ``follows_student`` is already in the student's frames.
     With ``store`` (a ``LabelStore``), the stored labels of ``paths`` at ``offsets``.
     """
