@@ -26,7 +26,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+"""What libsndfile (through soundfile) decodes: Ogg holds Vorbis or Opus; AIFF as Apple writes it."""
 
 # soxr's HQ filter needs this much context on each side of a window for the
 # window's resampled samples to equal those of the whole file (measured: 10 ms

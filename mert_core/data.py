@@ -141,7 +141,7 @@ def scan_audio(paths: Iterable[str | Path], cache_dir: Path | None = None, progr
     """Build a manifest of every audio file under ``paths``.
 
     Args:
-        paths: folders (searched recursively for .wav/.flac/.ogg/.mp3), manifest
+        paths: folders (searched recursively for AUDIO_EXTENSIONS), manifest
             files (.tsv/.csv with a header holding a ``path`` column; relative
             paths are resolved against the manifest's folder; optional
             ``duration``/``duration_seconds``, or ``num_samples``/``frames``
