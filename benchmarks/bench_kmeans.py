@@ -17,6 +17,7 @@ that "equal or better inertia" compares clusterings, not feature scalings.
     python benchmarks/bench_kmeans.py                 # 30 min of audio, K=500
     python benchmarks/bench_kmeans.py --minutes 5 --clusters 100   # quick
     python benchmarks/bench_kmeans.py --audio /music  # fit strategies on real music (below)
+    python benchmarks/bench_kmeans.py --kernels       # nearest centroid: rows per score block
 
 With ``--audio``, the k-means fits alone are compared on our 39-d MFCC of
 every frame of real music, in one run: our default fit (the default bounded
@@ -121,19 +122,19 @@ def timed(fn):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def music_fits(audio: Path, K: int, seed: int) -> None:
+def music_fits(audio: Path, K: int, seed: int, references: bool = True) -> None:
     """Our default fit vs fairseq-style ``MiniBatchKMeans`` vs full-batch ``KMeans`` on real music."""
     import torch
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    from mert_core.audio import AudioError, read_crop
+    from mert_core.audio import AUDIO_EXTENSIONS, AudioError, read_crop
     from mert_core.registry import load_registry
     from mert_plugins.teachers._streaming_kmeans import FeatureCache, fit_kmeans, nearest
     from mert_plugins.teachers.kmeans import plan_sample
 
     teacher = load_registry().build("teacher", "kmeans-mfcc", {"n_clusters": K})
     o, ext = teacher.options, teacher.extractors["mfcc"]
-    files = sorted(p for p in audio.rglob("*") if p.suffix.lower() in (".ogg", ".wav", ".flac", ".mp3"))
+    files = sorted(p for p in audio.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
     plan = plan_sample(files, SR, o.chunk_seconds, 1.0, None, seed, progress=False)  # every chunk: all frames
 
     def features():
@@ -164,23 +165,51 @@ def music_fits(audio: Path, K: int, seed: int) -> None:
         cache.finish()
         ours, w_ours, c_ours = timed(lambda: fit_kmeans(cache, K, seed=seed, n_init=o.n_init, init_frames=o.init_frames, max_iter=o.max_iter,
                                                          max_passes=o.max_passes, tol=o.tol, inertia_tol=o.inertia_tol, progress=False))
-        exact, w_exact, c_exact = timed(lambda: fit_kmeans(cache, K, seed=seed, n_init=o.n_init, init_frames=o.init_frames, max_iter=o.max_iter,
-                                                           max_passes=1000, tol=0.0, progress=False))
+        if references:
+            exact, w_exact, c_exact = timed(lambda: fit_kmeans(cache, K, seed=seed, n_init=o.n_init, init_frames=o.init_frames, max_iter=o.max_iter,
+                                                               max_passes=1000, tol=0.0, progress=False))
         cache.close()
     sample = x[np.sort(rng.choice(N, N // 10, replace=False))]
     fairseq = MiniBatchKMeans(K, init="k-means++", max_iter=100, batch_size=10000, tol=0.0, max_no_improvement=100,
                               n_init=20, reassignment_ratio=0.0, compute_labels=False, random_state=seed)
     _, w_fs, c_fs = timed(lambda: fairseq.fit(sample))
-    full, w_full, c_full = timed(lambda: KMeans(K, n_init=1, random_state=seed).fit(x))
-    i_ours, i_exact, i_fs, i_full = (per_frame(c) for c in (ours.centroids, exact.centroids, fairseq.cluster_centers_, full.cluster_centers_))
+    i_ours, i_fs = per_frame(ours.centroids), per_frame(fairseq.cluster_centers_)
     print(f"\n== k-means fits on the same features (CPU s / wall s; inertia per frame over all {N} frames) ==")
     print(f"ours, default fit ({len(rows)} frames, {ours.passes} streamed passes): {c_ours:8.1f} / {w_ours:8.1f}  inertia {i_ours:.4f}")
-    print(f"ours, exact Lloyd to a fixed point ({exact.passes} passes):      {c_exact:8.1f} / {w_exact:8.1f}  inertia {i_exact:.4f}")
     print(f"MiniBatchKMeans, fairseq settings ({len(sample)} frames):       {c_fs:8.1f} / {w_fs:8.1f}  inertia {i_fs:.4f}")
-    print(f"KMeans, full batch ({full.n_iter_} it.):                             {c_full:8.1f} / {w_full:8.1f}  inertia {i_full:.4f}")
     print(f"  -> ours vs fairseq-style: {c_fs / c_ours:.2f}x faster (CPU), inertia ratio {i_ours / i_fs:.4f}  (aim: >= 5x at <= 1)")
+    if not references:
+        return
+    full, w_full, c_full = timed(lambda: KMeans(K, n_init=1, random_state=seed).fit(x))
+    i_exact, i_full = per_frame(exact.centroids), per_frame(full.cluster_centers_)
+    print(f"ours, exact Lloyd to a fixed point ({exact.passes} passes):      {c_exact:8.1f} / {w_exact:8.1f}  inertia {i_exact:.4f}")
+    print(f"KMeans, full batch ({full.n_iter_} it.):                             {c_full:8.1f} / {w_full:8.1f}  inertia {i_full:.4f}")
     print(f"  -> ours vs full-batch KMeans: {c_full / c_ours:.2f}x faster (CPU), inertia ratio {i_ours / i_full:.4f}")
     print(f"  -> ours vs exact Lloyd from the same start: {c_exact / c_ours:.2f}x faster, inertia ratio {i_ours / i_exact:.4f}  (limit 1.01)")
+
+
+def kernels(K: int, dim: int = 39, rows: int = 65536) -> None:
+    """Time the nearest-centroid search over ``rows`` frames with score blocks of
+    different heights: the block size ``_chunk_rows`` picks vs larger ones."""
+    import torch
+
+    from mert_plugins.teachers import _streaming_kmeans as km
+
+    x, c = torch.randn(rows, dim), torch.randn(K, dim)
+    groups = km._groups_from_ranking(torch.arange(K), 32)
+    laid, laid_sq = groups.laid_out(c)
+    chosen = km._chunk_rows(laid.shape[0], laid.device)
+    print(f"nearest centroid of {rows} frames, D={dim}, K={K} ({laid.shape[0]} slots); CPU ms, best of 5")
+    times = {}
+    for step in sorted({chosen, 4096, 8192, 32768, 65536}):
+        def run():
+            for a in range(0, rows, step):
+                scores = torch.addmm(laid_sq, x[a : a + step], laid.T, beta=1.0, alpha=-2.0)
+                km._grouped_nearest(scores, groups)
+        run()
+        times[step] = min(timed(run)[2] for _ in range(5))
+        print(f"  {step:6d} rows per block: {times[step] * 1e3:7.1f} ms{'  <- _chunk_rows' if step == chosen else ''}")
+    print(f"  -> the chosen block vs 32768-row blocks: {times[32768] / times[chosen]:.2f}x faster")
 
 
 def main() -> None:
@@ -191,6 +220,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None, help="Keep the audio and outputs here (default: a temp folder).")
     ap.add_argument("--audio", type=Path, default=None, help="Folder of real music: compare the k-means fit strategies on it instead.")
+    ap.add_argument("--kernels", action="store_true", help="Time the nearest-centroid block size instead.")
+    ap.add_argument("--no-references", action="store_true",
+                    help="With --audio: skip full-batch KMeans and exact Lloyd (hours on a large corpus); fairseq-style only.")
     args = ap.parse_args()
 
     import torch
@@ -198,8 +230,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)
+    if args.kernels:
+        return kernels(args.clusters)
     if args.audio is not None:
-        return music_fits(args.audio, args.clusters, args.seed)
+        return music_fits(args.audio, args.clusters, args.seed, references=not args.no_references)
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     from mert_core.labels import LabelStore, fit_teacher, student_frames, write_label_store

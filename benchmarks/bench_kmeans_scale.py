@@ -49,14 +49,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from mert_core.audio import audio_info
+    from mert_core.audio import AUDIO_EXTENSIONS, audio_info
     from mert_core.labels import fit_teacher
     from mert_core.registry import load_registry
     from mert_plugins.teachers.kmeans import plan_sample, read_teacher_file
 
     real = []
     for p in sorted(args.audio.rglob("*")):
-        if p.suffix.lower() in (".ogg", ".wav", ".flac", ".mp3"):
+        if p.suffix.lower() in AUDIO_EXTENSIONS:
             info = audio_info(p)
             real.append((p.resolve(), info.frames / info.sample_rate))
     registry = load_registry()

@@ -23,7 +23,7 @@ from mert_core.labels import fit_teacher, student_frames
 from mert_core.model import tiny
 from mert_core.registry import PluginError, load_registry
 from mert_plugins.teachers._features import ChromaFeatures, LogMelFeatures, MFCCFeatures, pad_for_frames
-from mert_plugins.teachers._streaming_kmeans import FeatureCache, KMeansError, fit_kmeans
+from mert_plugins.teachers._streaming_kmeans import FeatureCache, KMeansError, _chunk_rows, fit_kmeans, nearest
 from mert_plugins.teachers.kmeans import DEFAULT_SAMPLE_HOURS, MFCCOptions, NotFittedError, TeacherFileError, plan_sample, read_teacher_file
 
 SR = 24000
@@ -157,6 +157,23 @@ def test_streamed_kmeans_matches_full_batch_sklearn(tmp_path):
         fit_kmeans(cache, 7000, seed=0, progress=False)
     cache.close()
     assert not (tmp_path / "x.f32").exists()
+
+
+def test_nearest_is_the_argmin_across_score_blocks():
+    # K = 600 puts the search in blocks of a few thousand rows: rows on both sides of
+    # every block edge must get the same answer as one brute-force argmin
+    rng = np.random.default_rng(4)
+    c = rng.normal(size=(600, 39)).astype(np.float32)
+    x = rng.normal(size=(5000, 39)).astype(np.float32)
+    assert _chunk_rows(640, torch.device("cpu")) < len(x)  # several blocks
+    labels, dist = nearest(torch.from_numpy(x), torch.from_numpy(c))
+    d = ((x[:, None].astype(np.float64) - c[None]) ** 2).sum(-1)
+    ref = d.argmin(1)
+    picked = d[np.arange(len(x)), labels.numpy()]
+    # the same centroid, or one whose distance ties the best to float32 rounding
+    assert np.all((labels.numpy() == ref) | (picked - d.min(1) <= 1e-5 * d.min(1)))
+    assert (labels.numpy() == ref).mean() > 0.999
+    np.testing.assert_allclose(dist.numpy(), d.min(1), rtol=1e-4)
 
 
 def test_default_fit_stops_early_within_one_percent_of_exact_lloyd(tmp_path):

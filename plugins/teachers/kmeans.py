@@ -98,7 +98,7 @@ class KMeansFitOptions(TeacherOptions):
     max_passes: int = Field(50, ge=1, description="Exact Lloyd passes streamed over all sampled frames afterwards, at most.")
     tol: float = Field(1e-4, ge=0, description="Stop when the squared centroid shift is <= tol x mean feature variance (scikit-learn's rule).")
     inertia_tol: float = Field(
-        1e-4, ge=0, description="Also stop when a Lloyd pass lowers the inertia by <= this fraction (0: tol only; see docs/kmeans.md for what it costs)."
+        2e-4, ge=0, description="Also stop when a Lloyd pass lowers the inertia by <= this fraction (0: tol only; see docs/kmeans.md for what it costs)."
     )
     seed: int | None = Field(None, description="Seed of the sample and the initialisation; None: the seed passed to fit() (the run's seed).")
     backend: Literal["native", "sklearn"] = Field(
