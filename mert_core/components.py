@@ -61,7 +61,9 @@ def grad_multiply(x: torch.Tensor, scale: float) -> torch.Tensor:
 class _SwapTimeChannels(torch.autograd.Function):
     """``(B, C, T)`` <-> ``(B, T, C)`` as a contiguous copy, with a contiguous
     gradient too (a plain ``.transpose().contiguous()`` hands the op before it
-    a transposed gradient, which makes its backward ~3x slower)."""
+    a transposed gradient, which makes its backward ~3x slower). The whole
+    training step: 1.02x faster on 95m, 1.04x on tiny
+    (``python benchmarks/bench_student.py --levers``, 2 cores)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,8 @@ class _SwapTimeChannels(torch.autograd.Function):
 
 class _CPUDropout(torch.autograd.Function):
     """Dropout whose keep-mask comes from 16-bit random integers: one 64-bit
-    draw per 4 elements, ~5x faster than ``bernoulli_`` on the CPU. The drop
+    draw per 4 elements, ~5x faster than ``bernoulli_`` on the CPU (the
+    training step: 1.05x faster on 95m, 1.04x on tiny; ``bench_student.py --levers``). The drop
     probability is p rounded to a multiple of 1/65536."""
 
     @staticmethod
@@ -145,7 +148,9 @@ class _StridedConvGEMM(torch.autograd.Function):
     per run of ``stride`` taps (two for kernel 3 / stride 2), read straight
     from views, with no unfolded copy in the forward and none in the backward
     (the input gradient is accumulated into the same views). Saves only the
-    input. 1.3-1.7x faster than oneDNN's conv1d on 2 CPU cores, 64 to 512 channels.
+    input. 1.3-1.7x faster than oneDNN's conv1d on 2 CPU cores, 64 to 512 channels;
+    the whole training step 1.07-1.11x faster on 95m, 1.03x on tiny
+    (``python benchmarks/bench_student.py --levers``).
     """
 
     @staticmethod
@@ -261,9 +266,12 @@ class ConvLayerBlock(nn.Module):
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, T_in)`` -> ``(B, C_out, T_out)``."""
-        if self.conv.in_channels == 1 and x.device.type == "cpu":
+        if self.conv.in_channels == 1 and x.device.type == "cpu" and self.kernel_size * self.conv.out_channels >= 1024:
             # one input channel (the waveform): the K-sample windows form a (K, T_out) matrix,
-            # so the conv is one GEMM, about 2x faster than oneDNN's conv1d here
+            # so the conv is one GEMM. Forward + backward on 2 cores, 4 x 5 s: 1.24x faster than
+            # oneDNN's conv1d at 512 channels x 10 taps (95m), 1.2x with 1600 taps at 64-256 channels
+            # (the cpu preset); at 64 x 10 (tiny) oneDNN is 1.15x faster, hence the size test
+            # (python benchmarks/bench_student.py --levers times it in the whole step)
             windows = x[:, 0].unfold(1, self.kernel_size, self.stride).transpose(1, 2).contiguous()  # B, K, T_out: small
             # bmm writes (B, C_out, T_out) directly; a broadcasting matmul would compute (B, T, C) and copy
             y = torch.bmm(self.conv.weight[:, 0].expand(x.shape[0], -1, -1), windows)  # B, C_out, T_out
@@ -447,11 +455,15 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend:
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a key padding mask.
 
-    q, k and v come from one fused Linear; the attention is
+    q, k and v come from one fused Linear (one GEMM instead of three: the
+    training step 1.01-1.02x faster on 95m and tiny, measured by
+    ``python benchmarks/bench_student.py --levers`` like the paths below); the attention is
     ``F.scaled_dot_product_attention`` except in two cases, where it is
     written out (``softmax_attention``): fp16 with ``attention_relax`` set,
     and training with attention dropout on the CPU, where SDPA falls back to
-    the same math with a slower dropout and an extra pass for fully masked rows.
+    the same math with a slower dropout and an extra pass for fully masked rows
+    (written out, the training step is 1.03-1.04x faster on tiny and 95m; at
+    inference SDPA's fused kernel is 1.04-1.07x faster than written out).
 
     Args:
         embed_dim: model width D.
