@@ -52,7 +52,7 @@ class KMeansError(ValueError):
     """Too little data for the requested number of clusters, or similar."""
 
 
-# -- nearest centroid: the one function both fitting and labelling use ---------
+# -- score blocks -------------------------------------------------------------
 
 
 def _chunk_rows(num_slots: int, device: torch.device) -> int:

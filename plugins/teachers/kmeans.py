@@ -545,7 +545,7 @@ class KMeansTeacher(Teacher):
         """Seconds to read and featurise one second of the sample: timed on
         ``num_chunks`` of its own chunks, from files spread over the plan.
         Decoding and resampling are most of it (on 14 h of Ogg Vorbis/Opus
-        game music, 4x the MFCC itself); noise alone would miss that."""
+        game music, about 3x the MFCC itself); noise alone would miss that."""
         from mert_core.audio import AudioError, read_crop
 
         step = max(1, len(plan.chunks) // num_chunks)
