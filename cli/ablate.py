@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mert_cli.options import setup_eval_logging, split_eval_options, task_options
+from mert_core.config import PRESET_NAMES
 
 
 @click.command("ablate")
@@ -18,7 +19,7 @@ from mert_cli.options import setup_eval_logging, split_eval_options, task_option
 @click.option("--seeds", type=int, default=3, show_default=True, help="Pretraining seeds per arm (and random baselines).")
 @click.option("--max-steps", type=int, default=600, show_default=True, help="Training budget of every arm (optimizer updates).")
 @click.option("--recipe", "base_recipe", default="cpu", show_default=True, help="Recipe the teacher arms start from.")
-@click.option("--preset", type=click.Choice(["tiny", "cpu", "95m", "330m"]), help="Student size of every arm, recipe arms included (default: the base recipe's).")
+@click.option("--preset", type=click.Choice(PRESET_NAMES), help="Student size of every arm, recipe arms included (default: the base recipe's).")
 @click.option("--train-set", "train_overrides", multiple=True, metavar="KEY=VALUE", help="Config override for every arm, as `mert train --set` (repeatable).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Probe/extraction option, as `mert eval --set` (repeatable).")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(["random", "handcrafted"]), help="Baselines (default: both).")

@@ -14,6 +14,7 @@ import click
 
 from mert_cli.errors import InputError, usage_errors
 from mert_cli.options import setup_eval_logging, split_eval_options, task_options
+from mert_core.config import PRESET_NAMES
 from mert_core.tasks import SPLITS
 
 
@@ -49,7 +50,7 @@ def _upstream_options(fn):
                      help="Hugging Face HubertModel folder, e.g. a local MERT-v1-95M (repeatable)."),
         click.option("--baseline", "baselines", multiple=True, type=click.Choice(["random", "handcrafted"]),
                      help="random: seeded random student of the first model's size (or --preset); handcrafted: MFCC/chroma/CQT (repeatable)."),
-        click.option("--preset", type=click.Choice(["tiny", "cpu", "95m", "330m"]), help="Size of the random baseline when no model is given."),
+        click.option("--preset", type=click.Choice(PRESET_NAMES), help="Size of the random baseline when no model is given."),
         click.option("--task", "tasks", multiple=True, required=True, metavar="NAME", help="Task name (repeatable); see `mert list-plugins --kind task`."),
         click.option("--task-set", "task_sets", multiple=True, metavar="[TASK.]KEY=VALUE", help="Task option, e.g. gtzan-genre.data_dir=/data/GTZAN (repeatable)."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Probe/extraction option, e.g. max_epochs=20, lrs=[1e-3,1e-2], window_seconds=30 (repeatable)."),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mert_core.config import PRESET_NAMES
+
 
 @click.command("train")
 @click.option("--teacher", "teachers", multiple=True, metavar="NAME", help="Teacher plugin (repeatable): cqt, rvq-vae, kmeans-mfcc, ... Replaces the recipe's teachers.")
@@ -13,7 +15,7 @@ import click
 @click.option("--recipe", metavar="NAME", help="Named bundle of teachers, augmentations and hyperparameters (mert list-plugins --kind recipe).")
 @click.option("--data", "data", multiple=True, type=click.Path(path_type=Path), help="Audio folder (recursive) or .tsv/.csv manifest (repeatable). Default: the built-in demo data.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run folder for checkpoints, metrics and plots. Default: runs/mert.")
-@click.option("--preset", type=click.Choice(["tiny", "cpu", "95m", "330m"]), help="Student size.")
+@click.option("--preset", type=click.Choice(PRESET_NAMES), help="Student size.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file of config fields.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field: optim.lr=1e-4, data.batch_size=8, teacher.cqt.n_bins=84 (repeatable).")
 @click.option("--max-steps", type=int, help="Optimizer updates to run (optim.max_steps).")

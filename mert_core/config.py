@@ -12,9 +12,13 @@ keeps its settings.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PresetName = Literal["tiny", "cpu", "95m", "330m"]
+"""The student presets (``mert_core.model.PRESETS`` has one builder per name)."""
+PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
 
 
 class _Strict(BaseModel):
@@ -22,7 +26,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    preset: Literal["tiny", "cpu", "95m", "330m"] = Field("tiny", description="Student size preset (MERT: 95m base, 330m large).")
+    preset: PresetName = Field("tiny", description="Student size preset (MERT: 95m base, 330m large).")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword overrides of the preset's builder arguments, e.g. {'num_layers': 4}.",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mert_core import model as model_lib
 from mert_core.components import ConvLayerBlock, _StridedConvGEMM, dropout, softmax_attention
-from mert_core.config import ModelConfig
+from mert_core.config import PRESET_NAMES, ModelConfig
 from mert_core.convert import HFConversionError, hf_config_from_args, hf_state_dict_to_mert, load_hf_hubert
 from mert_core.masking import compute_span_mask
 from mert_core.model import MertStudent, StudentOutput, build_student, mert_student, student_args
@@ -375,6 +375,15 @@ def test_build_student_reads_the_config_and_names_bad_overrides():
         model_lib.tiny(depth=2)
     with pytest.raises(ValueError, match=r"MertStudent.from_args: unknown argument 'depth'"):
         MertStudent.from_args({**model_lib.tiny().args, "depth": 2})
+
+
+def test_every_preset_name_has_a_builder_and_the_cli_offers_each():
+    from mert_cli.main import cli
+
+    assert tuple(model_lib.PRESETS) == PRESET_NAMES  # the config's Literal, the CLI choices and the builders agree
+    for command in ("train", "ablate", "eval"):
+        (option,) = [p for p in cli.commands[command].params if p.name == "preset"]
+        assert tuple(option.type.choices) == PRESET_NAMES
 
 
 def test_presets_follow_the_spec():
