@@ -145,6 +145,7 @@ def model_card(student, run_config: dict[str, Any] | None = None, facts: dict[st
         f"The model reads mono audio at {args['sample_rate']} Hz, not normalised, and gives "
         f"{args['sample_rate'] / _hop(args):g} frames per second.",
         "",
+        *_alignment_note(student),
         "## Architecture",
         "",
         "| | |",
@@ -189,6 +190,25 @@ def model_card(student, run_config: dict[str, Any] | None = None, facts: dict[st
             lines.append(f"| {r['task']} | {r['metric']} | {r['test']:.4f} | {r['valid']:.4f} | {r['layer']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _alignment_note(student) -> list[str]:
+    """Model-card lines for a student whose frames start later than the paper's grid (the ``cpu`` preset)."""
+    geometry = student.geometry
+    lead = geometry.lead_frames * geometry.hop_samples
+    if not lead:
+        return []
+    return [
+        f"Each frame sees {geometry.receptive_field} samples, so frame `t` is centred "
+        f"{lead} samples ({geometry.lead_frames} frames) later than frame `t` of a standard HuBERT/MERT "
+        f"model (400 samples). `mert extract` puts frame `t` at time `t x {geometry.hop_samples}` samples "
+        f"by leading the audio with {lead} samples of silence; do the same for the same features:",
+        "",
+        "```python",
+        f"wave = torch.nn.functional.pad(wave, ({lead}, 0))",
+        "```",
+        "",
+    ]
 
 
 def _hop(args: dict[str, Any]) -> int:

@@ -63,6 +63,31 @@ def test_tiny_export_loads_with_plain_transformers_and_matches_every_layer(tmp_p
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
+def test_card_says_how_to_align_a_long_receptive_field_like_mert_extract(tmp_path):
+    import re
+
+    import numpy as np
+    import transformers
+
+    from mert_core.evaluation.upstreams import StudentUpstream
+
+    torch.manual_seed(0)
+    student = mert_student(**student_args("cpu")).eval()
+    write_hf_folder(student, tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    lead = int(re.search(r"pad\(wave, \((\d+), 0\)\)", card).group(1))
+    assert lead == 640  # 2 frames of hop 320 for the 1840-sample receptive field
+    wave = np.random.default_rng(0).standard_normal(24000 * 3).astype(np.float32) * 0.1
+    ours = StudentUpstream(student, id="x", name="x").frame_features([wave])[0]  # T, L, D
+    hf = transformers.HubertModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        theirs = hf(torch.nn.functional.pad(torch.from_numpy(wave)[None], (lead, 0)), output_hidden_states=True).hidden_states
+    theirs = torch.stack(theirs, dim=2)[0].numpy()  # T, L, D
+    np.testing.assert_allclose(ours, theirs[: len(ours)], atol=1e-4, rtol=1e-4)
+    write_hf_folder(mert_student(**student_args("tiny")), tmp_path / "tiny")
+    assert "pad(wave" not in (tmp_path / "tiny" / "README.md").read_text()  # the paper's grid needs nothing
+
+
 @pytest.mark.slow  # 95M random weights, built twice: ~20 s on 2 cores
 def test_95m_export_matches_every_layer(tmp_path):
     torch.manual_seed(1)
