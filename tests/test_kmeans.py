@@ -176,6 +176,31 @@ def test_nearest_is_the_argmin_across_score_blocks():
     np.testing.assert_allclose(dist.numpy(), d.min(1), rtol=1e-4)
 
 
+def test_passes_bar_grows_past_its_first_total_and_ends_full(tmp_path):
+    import io
+
+    from tqdm import tqdm
+
+    from mert_plugins.teachers import _streaming_kmeans as sk
+
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(40, 8)) * 1.5
+    x = torch.from_numpy((centers[rng.integers(0, 40, 20000)] + rng.normal(size=(20000, 8))).astype(np.float32))
+    rows = sk._Rows(lambda a, b: x[a:b], len(x), torch.zeros(8), np.zeros(len(x), np.int32), np.zeros((len(x), 4), np.float32))
+    start = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:40]].clone()
+    class Bar(tqdm):
+        overrun = 0
+
+        def update(self, n=1):
+            super().update(n)
+            Bar.overrun = max(Bar.overrun, self.n - self.total)  # a bar past 100 %: an ETA of nothing
+
+    with Bar(total=2, file=io.StringIO()) as bar:  # fewer than the passes Lloyd needs here
+        result = sk.lloyd(rows, start, 200, 0.0, bar, inertia_tol=1e-4)
+        assert result.iterations > 2 and bar.total == bar.n == result.iterations
+    assert Bar.overrun == 0
+
+
 def test_default_fit_stops_early_within_one_percent_of_exact_lloyd(tmp_path):
     # overlapping clusters: Lloyd's tail is long, so the early stop on inertia really cuts passes
     rng = np.random.default_rng(1)

@@ -51,7 +51,7 @@ from mert_plugins.teachers._features import (
     STUDENT_WINDOW_SAMPLES,
 )
 from mert_plugins.teachers._streaming_kmeans import (
-    Codebook, FeatureCache, KMeansResult, estimate_seconds, fit_kmeans, fit_minibatch_kmeans,
+    TYPICAL_PASSES, Codebook, FeatureCache, KMeansResult, estimate_seconds, fit_kmeans, fit_minibatch_kmeans,
 )
 
 log = logging.getLogger("mert.teachers.kmeans")
@@ -561,8 +561,7 @@ class KMeansTeacher(Teacher):
         finally:
             self.to(original)
         frames = int(plan.sample_hours * 3600 * self.frame_rate_hz)
-        # the inertia rule stopped the default fit after 14-24 streamed passes on 0.5-4 h of real music
-        passes = min(opts.max_passes, 25) if opts.inertia_tol > 0 else opts.max_passes
+        passes = min(opts.max_passes, TYPICAL_PASSES) if opts.inertia_tol > 0 else opts.max_passes
         kmeans_seconds = sum(
             estimate_seconds(max(frames, k), self.extractors[name].dim, k, n_init=opts.n_init, init_frames=opts.init_frames,
                              max_iter=opts.max_iter, max_passes=passes, device=device)
