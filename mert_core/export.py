@@ -195,7 +195,7 @@ def model_card(student, run_config: dict[str, Any] | None = None, facts: dict[st
 def _alignment_note(student) -> list[str]:
     """Model-card lines for a student whose frames start later than the paper's grid (the ``cpu`` preset)."""
     geometry = student.geometry
-    lead = geometry.lead_frames * geometry.hop_samples
+    lead = geometry.lead_samples
     if not lead:
         return []
     return [

@@ -77,6 +77,12 @@ class FrameGeometry:
         return max(0, round((self.receptive_field - PAPER_RECEPTIVE_FIELD) / (2 * self.hop_samples)))
 
     @property
+    def lead_samples(self) -> int:
+        """``lead_frames`` in samples: the silence that puts this student's frame ``t`` at
+        ``t * hop`` like the paper's (``mert extract`` leads every file with it; 640 for ``cpu``)."""
+        return self.lead_frames * self.hop_samples
+
+    @property
     def trailing_frames(self) -> int:
         """Target frames past this student's last frame, beyond the one frame of
         slack every teacher has (0 for the paper's stack, 3 for ``cpu``'s)."""

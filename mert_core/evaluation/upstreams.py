@@ -110,7 +110,7 @@ class StudentUpstream(Upstream):
         self.device = torch.device(device)
         self.id, self.name, self.kind = id, name, kind
         self.hop_samples = int(student.hop_samples)
-        self.lead_samples = student.geometry.lead_frames * self.hop_samples
+        self.lead_samples = student.geometry.lead_samples
         self.sample_rate = int(getattr(student, "sample_rate", 24000))
         self.frame_rate_hz = self.sample_rate / self.hop_samples
         self.window_frames = max(1, int(round(window_seconds * self.frame_rate_hz)))
