@@ -279,11 +279,9 @@ def sample_batches(
     """
     bar = tqdm(total=len(plan.chunks), desc=f"{name}: features", unit="chunk", disable=not progress)
     reads = _read_ahead(plan.chunks, sample_rate, ahead=2 * batch_size)
-    for group in _batches(plan.chunks, batch_size):
+    while group := list(itertools.islice(reads, batch_size)):
         waves, kept = [], []
-        for c in group:
-            c_read, wave = next(reads)
-            assert c_read is c
+        for c, wave in group:
             if c.path in failures:
                 continue
             if isinstance(wave, Exception):
@@ -732,11 +730,6 @@ class KMeansTeacher(Teacher):
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 class MFCCKMeansTeacher(KMeansTeacher):
