@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-PresetName = Literal["tiny", "cpu", "95m", "330m"]
+PresetName = Literal["tiny", "cpu", "small", "cpu-small", "95m", "330m"]
 """The student presets (``mert_core.model.PRESETS`` has one builder per name)."""
 PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
 
@@ -76,8 +76,11 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas (MERT).")
     eps: float = Field(1e-6, gt=0, description="Adam eps (MERT).")
     weight_decay: float = Field(0.01, ge=0, description="Weight decay (MERT).")
-    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup updates; None = 8% of max_steps (MERT: 32k of 400k).")
-    max_steps: int = Field(400000, ge=1, description="Total optimizer updates; the lr decays linearly to 0 here (MERT 400k).")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup updates; None = 8% of decay_steps or max_steps (MERT: 32k of 400k).")
+    max_steps: int = Field(400000, ge=1, description="Total optimizer updates (MERT 400k).")
+    decay_steps: int | None = Field(
+        None, ge=1, description="Step at which the linear decay reaches lr 0; None = max_steps (MERT). Larger than max_steps "
+                                "trains the first max_steps of a longer schedule (checkpoints along a scaling curve).")
     grad_clip: float = Field(10.0, gt=0, description="Gradient norm clip (MERT: 10 base, 1 large).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer update.")
 

@@ -252,12 +252,14 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     loss_fn = MultiTargetLoss(specs, weights, config.loss.feature_penalty)
     opt = config.optim
     # fairseq's Adam applies weight decay decoupled from the gradient, i.e. AdamW
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    # fused on CUDA: one kernel launch for all parameters instead of several per tensor (the same update)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
+                                  fused=device.type == "cuda")
     amp_dtype = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step = 0
-    counters = {"audio_seconds": 0.0, "bad_steps": 0, "elapsed_seconds": 0.0, "skipped_files": {}}
+    counters = {"audio_seconds": 0.0, "bad_steps": 0, "elapsed_seconds": 0.0, "data_wait_seconds": 0.0, "skipped_files": {}}
     if state is not None:
         model.load_state_dict({**_prefixed("student.", state["student"]), **_prefixed("heads.", state["heads"])})
         optimizer.load_state_dict(state["optimizer"])
@@ -288,7 +290,7 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
         config=config, registry=registry, dist_info=dist_info, device=device, say=say, out_dir=out_dir,
         manifest=manifest, usable=usable, teachers=teachers, specs=specs, label_stores=label_stores, augments=augments,
         student=student, model=model, train_model=train_model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
-        amp_dtype=amp_dtype, warmup_steps=opt.warmup_steps if opt.warmup_steps is not None else int(0.08 * opt.max_steps),
+        amp_dtype=amp_dtype, warmup_steps=opt.warmup_steps if opt.warmup_steps is not None else int(0.08 * (opt.decay_steps or opt.max_steps)),
         batches=batches, step=step, counters=counters, history=history, resumed=state is not None,
     )
 
@@ -402,12 +404,14 @@ def run_loop(run: Run, progress: bool = True) -> TrainResult:
         teacher.on_step(run.student, step)
     try:
         while step < opt.max_steps:
-            lr = lr_at(step, opt.lr, run.warmup_steps, opt.max_steps)
+            lr = lr_at(step, opt.lr, run.warmup_steps, opt.decay_steps or opt.max_steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             step_loss_ok = True
             for micro in range(opt.grad_accum):
+                waited = time.perf_counter()
                 batch = next(run.batches)
+                window.data_wait_seconds += time.perf_counter() - waited
                 for path, reason in batch.get("skipped", []):
                     if path not in counters["skipped_files"]:
                         counters["skipped_files"][path] = reason
@@ -468,6 +472,7 @@ class _Window:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
     audio_seconds: float = 0.0
+    data_wait_seconds: float = 0.0  # the step waited for the loader: data is the bottleneck
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -602,10 +607,12 @@ class _RunOutput:
         elapsed = time.perf_counter() - window.start
         audio = distributed.all_reduce_sum(torch.tensor(window.audio_seconds, dtype=torch.float64), self.run.dist_info).item()
         counters["audio_seconds"] += audio
+        counters["data_wait_seconds"] += window.data_wait_seconds
         record = {"step": step, "lr": lr, "grad_norm": float(grad_norm)}
         record.update({k: float(v) / window.steps for k, v in window.terms.items()})
         record["audio_seconds_per_second"] = audio / max(elapsed, 1e-9)
         record["audio_hours_seen"] = counters["audio_seconds"] / 3600
+        record["data_wait_fraction"] = window.data_wait_seconds / max(elapsed, 1e-9)
         if self.run.is_main:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
@@ -636,6 +643,8 @@ def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, 
         "files_too_short": len(manifest.files) - len(run.usable),
         "bad_steps": counters["bad_steps"],
         "elapsed_seconds": counters["elapsed_seconds"],
+        # of the logged steps' time, the share spent waiting for the loader (rank 0)
+        "data_wait_fraction": counters["data_wait_seconds"] / max(counters["elapsed_seconds"], 1e-9),
         "checkpoint": str(out_dir / LAST),
         "student": str(out_dir / STUDENT_FILE),
         "history": run.history,

@@ -92,13 +92,14 @@ def test_smoke_run_writes_metrics_checkpoints_plots_and_summary(tmp_path, music_
     result = api.train(_config(out, music_dir, "checkpoint_every=2"), progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all({"loss", "loss/cqt", "loss/features_penalty", "lr", "audio_seconds_per_second"} <= r.keys() for r in rows)
+    assert all({"loss", "loss/cqt", "loss/features_penalty", "lr", "audio_seconds_per_second", "data_wait_fraction"} <= r.keys() for r in rows)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(0 <= r["data_wait_fraction"] <= 1 for r in rows)
     for name in ("loss.png", "summary.json", "config.json", "last.pt", "student.safetensors"):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").iterdir())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["audio_hours_seen"] > 0
+    assert summary["steps"] == 4 and summary["audio_hours_seen"] > 0 and 0 <= summary["data_wait_fraction"] <= 1
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 4 and state["config"]["teachers"][0]["name"] == "cqt"
     assert "mert-toolkit" in state["plugin_versions"]
