@@ -2,7 +2,8 @@
 against its random twin (docs/scaling.md).
 
 A *curve* is a recipe on a preset trained to a list of budgets in CPU-minutes, e.g.
-``paper-small=cpu@small:10,30,120``. Budgets are checkpoints of one run per seed: the run
+``paper-small=cpu@small:10,30,120`` (``;seeds=1`` after it: fewer seeds than ``--seeds`` for this
+curve, ``;KEY=VALUE``: a config override). Budgets are checkpoints of one run per seed: the run
 follows one learning-rate schedule that ends (lr 0) at the curve's largest budget
 (``optim.decay_steps``), and stops at each budget to save the student, so the 10-minute point
 of a 120-minute curve is its student after 10 CPU-minutes of that schedule. Seed 0 runs to
@@ -29,6 +30,7 @@ Run it again to reuse every calibration, run, student and feature set.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -37,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +55,7 @@ class Curve:
     preset: str
     budgets: list[float]
     overrides: list[str] = field(default_factory=list)
+    seeds: int | None = None  # None: --seeds
 
 
 def parse_curve(text: str) -> Curve:
@@ -66,7 +70,10 @@ def parse_curve(text: str) -> Curve:
         raise SystemExit(f"--curve {text!r}: expected NAME=RECIPE@PRESET:B1,B2,... e.g. paper-small=cpu@small:10,30,120") from None
     if not values or values[0] <= 0:
         raise SystemExit(f"--curve {text!r}: budgets must be positive CPU-minutes")
-    return Curve(name.strip(), recipe.strip(), preset.strip(), values, [o for o in overrides if o])
+    seeds = [o for o in overrides if o.strip().startswith("seeds=")]
+    overrides = [o for o in overrides if o and o not in seeds]
+    return Curve(name.strip(), recipe.strip(), preset.strip(), values, overrides,
+                 int(seeds[-1].split("=", 1)[1]) if seeds else None)
 
 
 def _cpu_seconds_of_children() -> float:
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="probe_set", action="append", default=[], metavar="KEY=VALUE", help="Probe/extraction option.")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-probe", action="store_true", help="Train (and calibrate) only.")
+    ap.add_argument("--jobs", type=int, default=1, help="Training runs at once (each with one thread when more than 1).")
     args = ap.parse_args(argv)
 
     from mert_core.ablation import share_fitted_teachers
@@ -141,39 +149,57 @@ def main(argv: list[str] | None = None) -> None:
             save_state()
         print(f"scaling: {key}: {state['calibration'][key]:.3f} CPU-s per step (one thread)", flush=True)
 
+    chains = []  # each (curve, seed) trains its budgets in order; chains are independent
     for c in curves:
         per_step = state["calibration"][cost_key(c)]
         steps_of = {b: max(1, round(b * 60 / per_step)) for b in c.budgets}
-        horizon = steps_of[c.budgets[-1]]
-        for seed in range(args.seeds):
+        for seed in range(c.seeds or args.seeds):
             budgets = c.budgets if seed == 0 else c.budgets[: args.seeds_to]
-            for b in budgets:
-                sid = f"{c.name}@{b:g}@s{seed}"
-                target = out / "students" / f"{c.name}-b{b:g}-s{seed}.safetensors"
-                if sid in state["students"] and target.exists():
-                    continue
-                cfg = configs[c.name].model_copy(deep=True)
-                cfg.seed = seed
-                cfg.out_dir = out / "runs" / f"{c.name}-s{seed}"
-                cfg.optim.max_steps = steps_of[b]
-                cfg.optim.decay_steps = horizon
-                print(f"scaling: {sid}: training to step {steps_of[b]} of {horizon} -> {cfg.out_dir} (log: {cfg.out_dir}.log)", flush=True)
-                wall, cpu = time.time(), _cpu_seconds_of_children()
-                # a process per segment: it resumes from the last one's checkpoint, and its CPU time is its own
-                cfg_file = out / "runs" / f"{c.name}-s{seed}-b{b:g}.json"
-                cfg_file.write_text(cfg.model_dump_json(indent=1))
-                with open(f"{cfg.out_dir}.log", "a") as log_file:
-                    subprocess.run([sys.executable, "-m", "mert_cli.main", "train", "--config", str(cfg_file), "--resume"],
-                                   check=True, stdout=log_file, stderr=subprocess.STDOUT)
-                summary = json.loads((cfg.out_dir / "summary.json").read_text())
-                shutil.copyfile(cfg.out_dir / "student.safetensors", target)
+            chains.append((c, seed, per_step, steps_of, budgets))
+    chains.sort(key=lambda ch: -sum(ch[3][b] * ch[2] for b in ch[4][-1:]))  # the longest first, the short ones fill in
+    lock = threading.Lock()
+
+    def train_chain(c: Curve, seed: int, per_step: float, steps_of: dict, budgets: list[float]) -> None:
+        horizon = steps_of[c.budgets[-1]]
+        for b in budgets:
+            sid = f"{c.name}@{b:g}@s{seed}"
+            target = out / "students" / f"{c.name}-b{b:g}-s{seed}.safetensors"
+            if sid in state["students"] and target.exists():
+                continue
+            cfg = configs[c.name].model_copy(deep=True)
+            cfg.seed = seed
+            cfg.out_dir = out / "runs" / f"{c.name}-s{seed}"
+            cfg.optim.max_steps = steps_of[b]
+            cfg.optim.decay_steps = horizon
+            print(f"scaling: {sid}: training to step {steps_of[b]} of {horizon} -> {cfg.out_dir} (log: {cfg.out_dir}.log)", flush=True)
+            # a process per segment: it resumes from the last one's checkpoint, and its CPU time is its own
+            cfg_file = out / "runs" / f"{c.name}-s{seed}-b{b:g}.json"
+            cfg_file.write_text(cfg.model_dump_json(indent=1))
+            wall = time.time()
+            env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if args.jobs > 1 else {})}
+            with open(f"{cfg.out_dir}.log", "a") as log_file:
+                proc = subprocess.Popen([sys.executable, "-m", "mert_cli.main", "train", "--config", str(cfg_file), "--resume"],
+                                        stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                _, status, usage = os.wait4(proc.pid, 0)  # this child's CPU time (and its loader workers'), apart from the others'
+                proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise SystemExit(f"scaling: {sid}: mert train failed (exit {proc.returncode}); see {cfg.out_dir}.log")
+            summary = json.loads((cfg.out_dir / "summary.json").read_text())
+            shutil.copyfile(cfg.out_dir / "student.safetensors", target)
+            with lock:
                 state["students"][sid] = {
                     "curve": c.name, "recipe": c.recipe, "preset": c.preset, "seed": seed, "budget_cpu_minutes": b,
                     "steps": steps_of[b], "horizon_steps": horizon, "cpu_seconds_per_step": per_step,
                     "audio_hours_seen": summary.get("audio_hours_seen"), "file": str(target),
-                    "segment_wall_seconds": round(time.time() - wall, 1), "segment_cpu_seconds": round(_cpu_seconds_of_children() - cpu, 1),
+                    "segment_wall_seconds": round(time.time() - wall, 1), "segment_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+                    "threads": 1 if args.jobs > 1 else None,
                 }
                 save_state()
+
+    # on 2 cores two one-thread runs make more steps than one two-thread run of a small student
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(train_chain, *chain) for chain in chains]:
+            future.result()
     if args.no_probe:
         return
 
