@@ -170,6 +170,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
             weights = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - a file that changed or is damaged past its header
             raise CheckpointError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc}); the file is damaged, export it again") from None
+        check_finite_weights(path, weights)
         student.load_state_dict(weights)
         info = {"config": config, "step": None}
     else:
@@ -177,11 +178,27 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         weights = state.get("student")
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise CheckpointError(f"{path}: 'student' is not a dict of tensors; the checkpoint is damaged")
+        check_finite_weights(path, weights)
         student = _student_for(path, state.get("model_args"), {k: tuple(v.shape) for k, v in weights.items()})
         student.load_state_dict(weights)
         info = {"config": state.get("config", {}), "step": state.get("step"), "counters": state.get("counters", {})}
     info.update(checkpoint_id=file_digest(path), path=str(path))
     return student.to(device).eval(), info
+
+
+def check_finite_weights(where: str | Path, weights: dict[str, torch.Tensor], error: type[Exception] = CheckpointError) -> None:
+    """Refuse weights holding NaN or inf: every feature they make would be NaN, and a probe
+    on NaN features scores about chance without a word.
+
+    Raises:
+        ``error``: naming ``where`` and the first tensor that is not finite.
+    """
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise error(
+            f"{where}: weight {bad[0]!r} holds NaN or infinite values ({len(bad)} of {len(weights)} tensors do); "
+            f"the run that wrote it diverged or the file is damaged: use an earlier checkpoint"
+        )
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:

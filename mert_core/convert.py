@@ -360,6 +360,9 @@ def load_hf_hubert(folder: str | Path) -> MertStudent:
     """
     folder = Path(folder)
     args, converted, _ = read_hf_hubert(folder)
+    from mert_core.checkpoint import check_finite_weights
+
+    check_finite_weights(folder, converted, HFConversionError)
     try:  # config.json is untrusted: its sizes are checked against the weights before the student is allocated
         student = MertStudent.from_args(args, stored_shapes={k: tuple(v.shape) for k, v in converted.items()}, optional=("mask_embedding.weight",))
     except ValueError as exc:

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from mert_cli.main import cli
 from mert_core import api
 from mert_core.audio import AudioError, load_audio, read_crop
-from mert_core.checkpoint import LAST, STUDENT_FILE, RunFolderBusy, load_student, lock_run_folder, save_student
+from mert_core.checkpoint import LAST, STUDENT_FILE, RunFolderBusy, load_student, lock_run_folder, save_checkpoint, save_student
 from mert_core.data import scan_audio
 from mert_core.model import tiny
 from mert_core.trainer import TrainingError
@@ -346,3 +346,75 @@ def test_resume_cleans_killed_writes_and_counts_audio_off_the_logging_cadence(tm
     assert sum("left by a write that was killed" in m for m in messages) == 2
     # every clip is a full crop (the files are longer than 1 s): steps x batch x crop seconds
     assert result.summary["audio_hours_seen"] * 3600 == pytest.approx(steps * batch * crop_seconds, rel=1e-9)
+
+
+# -- poisoned weights and features: an error before anything is cached -----------------------------
+
+
+def _timbre_task(folder: Path, files: list[Path]) -> Path:
+    """A demo-timbre task whose every split holds ``files``."""
+    folder.mkdir(parents=True)
+    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for split in ("train", "valid", "test"):
+            for i, path in enumerate(files):
+                f.write(json.dumps({"path": str(path), "kind": "note", "split": split, "timbre": "ab"[i % 2]}) + "\n")
+    return folder
+
+
+def _extract_cli(tmp_path: Path, *upstream: str, extra: tuple[str, ...] = ()):
+    """``mert extract`` of the valid split of a task over two files of ``music_dir`` (``tmp_path / "music"``)."""
+    task = tmp_path / "task"
+    if not task.exists():
+        _timbre_task(task, [tmp_path / "music" / "a.wav", tmp_path / "music" / "b.flac"])
+    return CliRunner().invoke(cli, ["extract", *upstream, "--task", "demo-timbre", "--task-set", f"data_dir={task}", "--split", "valid",
+                                    "--cache-dir", str(tmp_path / "cache"), "--quiet", *extra])
+
+
+def _one_error_line(result, exit_code: int) -> str:
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == exit_code and len(errors) == 1, result.output
+    assert "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+def _cached_entries(cache: Path) -> list[Path]:
+    return list(cache.glob("features/*/*/*/*/meta.json")) + list(cache.glob("features/*/*/*/.*"))
+
+
+def _poisoned_student(name: str, value: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    student = tiny()
+    with torch.no_grad():
+        student.state_dict()[name].view(-1)[3] = value
+    return student
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pt"])
+def test_a_checkpoint_with_one_nan_weight_is_refused_naming_the_file_and_tensor(kind, music_dir, tmp_path):
+    student = _poisoned_student("transformer.layers.0.feed_forward.output.weight", float("nan"))
+    if kind == "safetensors":
+        path = tmp_path / "student.safetensors"
+        save_student(student, path)
+    else:
+        path = tmp_path / "step.pt"
+        save_checkpoint({"step": 1, "model_args": student.args, "student": student.state_dict()}, path)
+    result = _extract_cli(tmp_path, "--checkpoint", str(path))
+    line = _one_error_line(result, exit_code=2)
+    assert str(path) in line and "transformer.layers.0.feed_forward.output.weight" in line and "NaN" in line
+    assert not _cached_entries(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("gain, dtype, hint", [(3e38, "float32", "diverged"), (1e6, "float16", "feature_dtype=float32")])
+def test_non_finite_features_are_an_error_naming_the_upstream_and_layer_and_nothing_is_cached(gain, dtype, hint, music_dir, tmp_path):
+    # finite weights whose last layer overflows: in float32 (gain 3e38), or only in the float16 the cache would store
+    torch.manual_seed(0)
+    student = tiny()
+    with torch.no_grad():
+        student.transformer.layers[1].ffn_norm.weight.fill_(gain)
+    save_student(student, tmp_path / "student.safetensors")
+    result = _extract_cli(tmp_path, "--checkpoint", str(tmp_path / "student.safetensors"), extra=("--set", f"feature_dtype={dtype}"))
+    line = _one_error_line(result, exit_code=1)
+    assert "layer2" in line and "layer1" not in line  # layer 2 alone overflows
+    assert f"{tmp_path.name}/student" in line and "a.wav" in line and hint in line and "nothing was cached" in line
+    assert not _cached_entries(tmp_path / "cache")
+

@@ -11,8 +11,10 @@ Features of one (upstream, task, split, settings) live in::
 
 ``features.npy`` is opened memory-mapped, so a probe reads only what it uses.
 The folder is written under a temporary name and renamed when complete, so
-a crash never leaves a half-written cache that a later run would trust. The
-settings hash covers the task's file list (a changed dataset is re-extracted)
+a crash never leaves a half-written cache that a later run would trust.
+Features that are NaN or infinite (as computed, or in the storage dtype) stop
+the extraction with an error naming the upstream and layer: nothing is cached.
+The settings hash covers the task's file list (a changed dataset is re-extracted)
 and everything that changes the numbers (window length, dtype).
 
 An entry is self-verifying: ``meta.json``, written last, records each data
@@ -47,7 +49,7 @@ from mert_core.paths import cache_root
 from mert_core.tasks import Task, TaskDataError
 
 log = logging.getLogger("mert.evaluation")
-FORMAT = "mert-features-v2"  # v2: meta.json holds the data files' sizes, shapes and hashes
+FORMAT = "mert-features-v3"  # v2: meta.json holds the data files' sizes, shapes and hashes; v3: features checked finite
 DATA_FILES = ("features.npy", "index.npy", "offsets.npy")
 
 
@@ -59,6 +61,10 @@ class ExtractOptions(BaseModel):
     feature_dtype: Literal["auto", "float32", "float16"] = Field(
         "auto", description="Storage type; auto = float32 for clip-level, float16 for frame-level (halves the disk they need).")
     audio_workers: int = Field(2, ge=0, description="Threads decoding audio ahead of the model (0: decode in the main thread).")
+
+
+class NonFiniteFeatures(RuntimeError):
+    """An upstream made NaN or infinite features; the message names it, the layer and the file."""
 
 
 class _NpyAppender:
@@ -282,6 +288,26 @@ def _load(upstream, ex):
         return exc
 
 
+def _check_finite(upstream, stored: np.ndarray, computed: np.ndarray, path) -> None:
+    """Refuse features that are not finite, naming the upstream, the layers and the file.
+
+    Args:
+        stored: ``(T, L, D)`` features in the cache's dtype.
+        computed: the same as the upstream returned them (float32), to tell an
+            overflow of the storage type from a model that diverged.
+    """
+    finite = np.isfinite(stored).all(axis=(0, 2))  # L
+    if finite.all():
+        return
+    layers = [upstream.layer_names[j] for j in np.flatnonzero(~finite)]
+    cause = (f"their values pass {stored.dtype}'s range: extract with --set feature_dtype=float32"
+             if np.isfinite(computed).all() else "the model's computation overflows: its weights are finite but the run that wrote them diverged")
+    raise NonFiniteFeatures(
+        f"upstream {upstream.name} ({upstream.id}): {', '.join(layers)} features of {path} are NaN or infinite; "
+        f"{cause}; nothing was cached"
+    )
+
+
 def _extract_into(tmp: Path, upstream, task: Task, split: str, examples, settings: dict, options: ExtractOptions, progress: bool) -> dict:
     frame_level = task.level == "frame"
     dims = upstream.layer_dims_for(task.level)
@@ -309,7 +335,10 @@ def _extract_into(tmp: Path, upstream, task: Task, split: str, examples, setting
                 waves = [w for _, w in good]
                 feats = upstream.frame_features(waves) if frame_level else upstream.clip_features(waves)
                 for (i, _), f in zip(good, feats):
-                    writer.append(f if frame_level else f[None])
+                    with np.errstate(over="ignore"):  # an overflow of the storage type is named below
+                        stored = np.asarray(f if frame_level else f[None], dtype=writer.dtype)  # what the cache would hold
+                    _check_finite(upstream, stored, f, examples[i].path)
+                    writer.append(stored)
                     kept.append(i)
                     if frame_level:
                         offsets.append(offsets[-1] + f.shape[0])
