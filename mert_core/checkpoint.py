@@ -153,11 +153,10 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         elif (path / LAST).exists():
             path = path / LAST
         elif (path / "config.json").exists():
-            from mert_core.convert import load_hf_hubert
+            from mert_core.convert import hf_fingerprint, load_hf_hubert
 
             student = load_hf_hubert(path).to(device).eval()
-            weights = next((p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists()), path / "config.json")
-            return student, {"config": {}, "step": None, "checkpoint_id": "hf-" + file_digest(weights), "path": str(path)}
+            return student, {"config": {}, "step": None, "checkpoint_id": hf_fingerprint(path), "path": str(path)}
         else:
             raise CheckpointError(f"{path}: holds neither {STUDENT_FILE}, {LAST} nor a Hugging Face config.json")
     if path.suffix == ".safetensors":

@@ -418,3 +418,43 @@ def test_non_finite_features_are_an_error_naming_the_upstream_and_layer_and_noth
     assert f"{tmp_path.name}/student" in line and "a.wav" in line and hint in line and "nothing was cached" in line
     assert not _cached_entries(tmp_path / "cache")
 
+
+# -- a Hugging Face upstream's cache key covers everything that changes its features --------------
+
+
+def _edit_config(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_norm_eps"] = 0.5  # same shapes, other features
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _edit_a_shard(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    tensors = load_file(str(shard))
+    name = next(k for k in sorted(tensors) if k.endswith("weight") and tensors[k].ndim == 2)
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("edit", [_edit_config, _edit_a_shard], ids=["config.json", "one-shard-of-several"])
+def test_an_edited_hf_folder_is_extracted_again_not_served_stale_features(edit, music_dir, tmp_path):
+    import transformers
+
+    from mert_core.convert import hf_config_from_args
+
+    torch.manual_seed(0)
+    folder = tmp_path / "hf"
+    model = transformers.HubertModel(transformers.HubertConfig(**hf_config_from_args(tiny().args)))
+    model.save_pretrained(folder, max_shard_size="1MB")  # several shards behind an index
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    first = _extract_cli(tmp_path, "--hf-model", str(folder))
+    assert first.exit_code == 0 and "(reused)" not in first.output, first.output
+    assert "(reused)" in _extract_cli(tmp_path, "--hf-model", str(folder)).output
+    before = np.load(next((tmp_path / "cache").glob("features/hf-*/*/valid/*/features.npy")))
+    edit(folder)
+    second = _extract_cli(tmp_path, "--hf-model", str(folder))
+    assert second.exit_code == 0 and "(reused)" not in second.output, second.output
+    entries = sorted((tmp_path / "cache").glob("features/hf-*/*/valid/*/features.npy"), key=lambda p: p.stat().st_mtime)
+    assert len(entries) == 2 and not np.allclose(np.load(entries[-1]), before, atol=1e-6)

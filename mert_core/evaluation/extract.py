@@ -15,7 +15,8 @@ a crash never leaves a half-written cache that a later run would trust.
 Features that are NaN or infinite (as computed, or in the storage dtype) stop
 the extraction with an error naming the upstream and layer: nothing is cached.
 The settings hash covers the task's file list (a changed dataset is re-extracted)
-and everything that changes the numbers (window length, dtype).
+and everything that changes the numbers (window length, dtype, the version of
+the feature code); the upstream's id covers its weights and configuration.
 
 An entry is self-verifying: ``meta.json``, written last, records each data
 file's size, array shape and content hash. Before a cached entry is reused
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 
 from mert_core.audio import AudioError, load_audio
 from mert_core.checkpoint import file_digest
+from mert_core.evaluation.upstreams import FEATURES_VERSION
 from mert_core.files import publish_folder
 from mert_core.paths import cache_root
 from mert_core.tasks import Task, TaskDataError
@@ -159,6 +161,7 @@ def settings_for(upstream, task: Task, split: str, options: ExtractOptions) -> d
         dtype = "float16" if task.level == "frame" else "float32"
     return {
         "format": FORMAT,
+        "features_version": FEATURES_VERSION,
         "task_fingerprint": task.fingerprint(split),
         "level": task.level,
         "sample_rate": upstream.sample_rate,
