@@ -77,8 +77,37 @@ def _garbage_meta(d):
     (d / "meta.json").write_text("{not json")
 
 
+def _edit_meta(d, **changes):
+    meta = json.loads((d / "meta.json").read_text())
+    meta.update({k: change(meta[k]) for k, change in changes.items()})
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def _reverse_layer_names(d):
+    _edit_meta(d, layer_names=lambda names: names[::-1])
+
+
+def _edit_layer_dims(d):
+    _edit_meta(d, layer_dims=lambda dims: [dims[0] + 8, *dims[1:]])
+
+
+def _edit_frame_rate(d):
+    _edit_meta(d, frame_rate_hz=lambda rate: rate * 2)
+
+
+def _edit_meta_and_its_hash(d):
+    # an accident cannot recompute the hash; this checks that the fields are also held against the entry's place
+    from mert_core.evaluation.extract import _meta_digest
+
+    meta = json.loads((d / "meta.json").read_text())
+    meta["split"] = "test"
+    meta["meta_sha256"] = _meta_digest(meta)
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize("damage", [_overwrite_rows, _nans, _edit_header_shape, _permute_index, _truncate, _delete_index,
-                                    _zero_bytes, _garbage_meta])
+                                    _zero_bytes, _garbage_meta, _reverse_layer_names, _edit_layer_dims, _edit_frame_rate,
+                                    _edit_meta_and_its_hash])
 def test_a_damaged_feature_cache_is_re_extracted_not_reused(damage, tone_dir, tmp_path, caplog):  # noqa: F811
     task = load_registry(extra_plugins=[tone_plugin]).build("task", "tone-class", {"data_dir": tone_dir})
     opts = ExtractOptions(audio_workers=0, batch_windows=4)
@@ -95,6 +124,24 @@ def test_a_damaged_feature_cache_is_re_extracted_not_reused(damage, tone_dir, tm
     # and the fresh entry verifies: a third call reuses it
     assert extract(HandcraftedUpstream(), task, "valid", opts, cache_dir=tmp_path, progress=False).reused
     assert not [p for p in first.directory.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_swapped_split_folders_are_re_extracted_not_scored_as_each_other(tone_dir, tmp_path, caplog):  # noqa: F811
+    task = load_registry(extra_plugins=[tone_plugin]).build("task", "tone-class", {"data_dir": tone_dir})
+    opts = ExtractOptions(audio_workers=0, batch_windows=4)
+    valid = extract(HandcraftedUpstream(), task, "valid", opts, cache_dir=tmp_path, progress=False)
+    test = extract(HandcraftedUpstream(), task, "test", opts, cache_dir=tmp_path, progress=False)
+    clean = {"valid": np.array(valid.features), "test": np.array(test.features)}
+    aside = tmp_path / "aside"
+    valid.directory.rename(aside)
+    test.directory.rename(valid.directory)
+    aside.rename(test.directory)
+    with caplog.at_level(logging.WARNING, logger="mert.evaluation"):
+        for split in ("valid", "test"):
+            again = extract(HandcraftedUpstream(), task, split, opts, cache_dir=tmp_path, progress=False)
+            assert not again.reused and again.meta["split"] == split
+            np.testing.assert_allclose(np.asarray(again.features), clean[split], rtol=0, atol=1e-6)
+    assert caplog.text.count("records split") == 2, caplog.text
 
 
 # -- 2. label stores ------------------------------------------------------------------------

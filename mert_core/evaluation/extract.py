@@ -18,16 +18,19 @@ The settings hash covers the task's file list (a changed dataset is re-extracted
 and everything that changes the numbers (window length, dtype, the version of
 the feature code); the upstream's id covers its weights and configuration.
 
-An entry is self-verifying: ``meta.json``, written last, records each data
-file's size, array shape and content hash. Before a cached entry is reused
-they are checked (sizes and shapes first, then one streamed hash of the data);
-an entry that does not verify (edited, truncated, deleted or permuted files)
-is logged, removed and extracted again, so a damaged cache never changes a
-score.
+An entry is self-verifying: ``meta.json``, written last, names the entry
+(upstream id, task, split, settings, layer names and sizes), records each data
+file's size, array shape and content hash, and holds a hash of itself. Before
+a cached entry is reused they are checked against the entry asked for (where
+it was found), then the data (sizes and shapes first, then one streamed hash);
+an entry that does not verify (edited, truncated, deleted, permuted or swapped
+files, an edited ``meta.json``) is logged, removed and extracted again, so a
+damaged cache never changes a score.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -171,8 +174,6 @@ def settings_for(upstream, task: Task, split: str, options: ExtractOptions) -> d
 
 
 def feature_dir(upstream, task: Task, split: str, options: ExtractOptions, cache_dir: str | Path | None = None) -> Path:
-    import hashlib
-
     settings = settings_for(upstream, task, split, options)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root(cache_dir) / "features" / upstream.id / task.name / split / digest
@@ -190,8 +191,10 @@ def extract(upstream, task: Task, split: str, options: ExtractOptions | None = N
     """
     options = options or ExtractOptions()
     final = feature_dir(upstream, task, split, options, cache_dir)
+    settings = settings_for(upstream, task, split, options)
+    identity = entry_identity(upstream, task, split, settings)
     if final.exists():
-        problem = verify_cache_entry(final)
+        problem = verify_cache_entry(final, identity)
         if problem is None:
             log.info("reusing cached features at %s", final)
             return FeatureSet.open(final, reused=True)
@@ -199,14 +202,14 @@ def extract(upstream, task: Task, split: str, options: ExtractOptions | None = N
         _remove(final)
 
     examples = task.examples(split)
-    settings = settings_for(upstream, task, split, options)
     log.info("extracting %s features of %s/%s (%d examples) into %s", upstream.name, task.name, split, len(examples), final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        meta = _extract_into(tmp, upstream, task, split, examples, settings, options, progress)
+        meta = {**_extract_into(tmp, upstream, task, split, examples, settings, options, progress), **identity}
         meta["files"] = _describe_files(tmp)
+        meta["meta_sha256"] = _meta_digest(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: its presence means the rest is complete
         if not publish_folder(tmp, final, replace=False):  # another process finished the same extraction first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
@@ -227,13 +230,35 @@ def _describe_files(directory: Path) -> dict[str, dict]:
     return out
 
 
-def verify_cache_entry(directory: Path) -> str | None:
+def entry_identity(upstream, task: Task, split: str, settings: dict) -> dict:
+    """What the ``meta.json`` of the entry for (``upstream``, ``task``, ``split``, ``settings``)
+    must record about itself, so that an entry found in another entry's place (swapped
+    split folders) or with edited layers is not reused."""
+    return {
+        "upstream_id": upstream.id,
+        "task_name": task.name,
+        "split": split,
+        "settings": settings,
+        "layer_names": list(upstream.layer_names),
+        "layer_dims": list(upstream.layer_dims_for(task.level)),
+    }
+
+
+def _meta_digest(meta: dict) -> str:
+    """sha256 (16 hex digits) of ``meta`` without its own ``meta_sha256``."""
+    payload = json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def verify_cache_entry(directory: Path, identity: dict | None = None) -> str | None:
     """Why the cache entry in ``directory`` cannot be trusted, or None if it verifies.
 
-    Checks, cheapest first: ``meta.json`` parses and is of this format; every
-    data file it lists exists with the recorded size, array shape and dtype;
-    the index and offsets are consistent; and the content hash of each file
-    (one streamed read) matches the one recorded when it was written.
+    Checks, cheapest first: ``meta.json`` parses, is of this format and
+    matches its own hash; it is the entry ``identity`` describes (upstream,
+    task, split, settings, layer names and sizes: see :func:`entry_identity`);
+    every data file it lists exists with the recorded size, array shape and
+    dtype; the index and offsets are consistent; and the content hash of each
+    file (one streamed read) matches the one recorded when it was written.
     """
     try:
         meta = json.loads((directory / "meta.json").read_text())
@@ -243,6 +268,11 @@ def verify_cache_entry(directory: Path) -> str | None:
         return f"meta.json unreadable: {exc}"
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
         return f"meta.json is not a {FORMAT} entry"
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        return "meta.json differs from the hash recorded when it was written"
+    for key, want in (identity or {}).items():
+        if meta.get(key) != want:
+            return f"meta.json records {key} {meta.get(key)!r}, this entry is for {want!r}"
     files = meta["files"]
     wanted = {"features.npy", "index.npy"} | ({"offsets.npy"} if meta.get("level") == "frame" else set())
     if set(files) != wanted:
@@ -366,8 +396,6 @@ def _extract_into(tmp: Path, upstream, task: Task, split: str, examples, setting
         "split": split,
         "level": task.level,
         "settings": settings,
-        "layer_names": list(upstream.layer_names),
-        "layer_dims": list(dims),
         "frame_rate_hz": upstream.frame_rate_hz,
         "num_examples": len(examples),
         "num_kept": len(kept),
