@@ -45,6 +45,34 @@ class RunFolderBusy(RuntimeError):
     """Another process is writing into the same run folder."""
 
 
+class RunFolderTaken(ValueError):
+    """A new run was asked for in a folder that holds another run's files."""
+
+
+RUN_FILES = (LAST, STUDENT_FILE, "checkpoints", "config.json", "metrics.jsonl", "summary.json", "loss.png", "tensorboard")
+"""What a training run writes into its folder, besides its fitted teachers (``teacher-*.safetensors``
+and a Mel-RVQ fit's ``.ckpt``) and the lock."""
+
+
+def run_files(folder: Path) -> list[Path]:
+    """The files and folders of a run in ``folder`` (:data:`RUN_FILES` and fitted teachers), if any."""
+    folder = Path(folder)
+    return [folder / name for name in RUN_FILES if (folder / name).exists()] + sorted(folder.glob("teacher-*.safetensors*"))
+
+
+def clear_run_files(folder: Path) -> list[Path]:
+    """Delete what :func:`run_files` lists (with the folder's lock held); returns it."""
+    import shutil
+
+    removed = run_files(folder)
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return removed
+
+
 @contextlib.contextmanager
 def lock_run_folder(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (one writer per run folder).

@@ -20,8 +20,8 @@ from torch import nn
 
 from mert_core import distributed
 from mert_core.checkpoint import (
-    LAST, STUDENT_FILE, load_checkpoint, lock_run_folder, point_last, remove_stale_temp_files, resume_config,
-    roll_back_to_checkpoint_before, save_checkpoint, save_student,
+    LAST, STUDENT_FILE, RunFolderTaken, clear_run_files, load_checkpoint, lock_run_folder, point_last, remove_stale_temp_files,
+    resume_config, roll_back_to_checkpoint_before, run_files, save_checkpoint, save_student,
 )
 from mert_core.config import TrainConfig
 from mert_core.geometry import FrameGeometry
@@ -201,12 +201,15 @@ class Run:
 
 
 def build_run(config: TrainConfig, registry: Registry | None, resume: bool, progress: bool,
-              log: Callable[[str], None] | None, run_scope: contextlib.ExitStack) -> Run:
+              log: Callable[[str], None] | None, run_scope: contextlib.ExitStack, overwrite: bool = False) -> Run:
     """Data, teachers, label stores, model, heads, optimiser and loader from
     ``config``, restored from ``last.pt`` (weights, optimiser, counters, RNG) on
-    resume. ``run_scope`` holds the run folder's lock until the run ends."""
+    resume. ``run_scope`` holds the run folder's lock until the run ends; a new
+    run into a folder holding another is refused unless ``overwrite`` (see :func:`_start_in`)."""
     from tqdm import tqdm
 
+    if resume and overwrite:
+        raise RunFolderTaken("--resume continues the run in --out, --overwrite deletes it: give one of them")
     registry = registry or default_registry()
     config = with_data_paths(config.model_copy(deep=True))
     dist_info, device = distributed.setup(config.device)
@@ -215,6 +218,8 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     # one writer per run folder: an existing folder is claimed before its last.pt is read,
     # a new one only once the data is known to be usable (bad input leaves no empty folder)
     claimed = dist_info.is_main and out_dir.is_dir() and _claim_run_folder(out_dir, run_scope, say)
+    if claimed:
+        _start_in(out_dir, resume, overwrite, say)
     state, history = None, []
     if resume and (out_dir / LAST).exists():
         state = load_checkpoint(out_dir / LAST)
@@ -222,8 +227,6 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
         history = list(state.get("history", [])) + ([{"resumed_at_step": state["step"], "changed": changed}] if changed else [])
         say(f"resuming from {out_dir / LAST} at step {state['step']}"
             + "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
-    elif resume:
-        say(f"--resume: no {LAST} in {out_dir}; starting a new run")
 
     manifest, usable = _scan_data(config, dist_info, progress, say)
     if dist_info.is_main and not claimed:  # only now: bad input leaves no empty run folder behind
@@ -368,22 +371,27 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Pretrain a student. See :class:`mert_core.config.TrainConfig`.
 
     Args:
         config: the run configuration (saved in every checkpoint).
         registry: plugins to use; default: every installed plugin.
-        resume: continue from ``config.out_dir/last.pt`` if it exists.
+        resume: continue from ``config.out_dir/last.pt``; without one, start
+            a new run there (what an earlier attempt left is removed).
         progress: show a progress bar (rank 0).
         log: where messages go (rank 0); default ``tqdm.write``.
+        overwrite: delete the run already in ``config.out_dir`` (checkpoints,
+            metrics, fitted teachers) and start a new one.
 
     Raises:
         RunFolderBusy: another run writes into ``config.out_dir``.
+        RunFolderTaken: ``config.out_dir`` holds a run, and neither ``resume`` nor ``overwrite`` is given.
         TrainingError: too many non-finite steps in a row.
     """
     with contextlib.ExitStack() as run_scope:  # the run folder's lock, released however the run ends
-        run = build_run(config, registry, resume, progress, log, run_scope)
+        run = build_run(config, registry, resume, progress, log, run_scope, overwrite)
         return run_loop(run, progress)
 
 
@@ -650,6 +658,26 @@ def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, 
         f"{summary['elapsed_seconds']:.0f} s; weights in {out_dir / STUDENT_FILE}, loss curve in {out_dir / 'loss.png'}"
     )
     return summary
+
+
+def _start_in(out_dir: Path, resume: bool, overwrite: bool, say) -> None:
+    """Make sure a run that starts afresh in ``out_dir`` (claimed) mixes with no earlier run:
+    refuse a folder holding one, or clear it with ``overwrite`` (or on ``resume`` with no
+    checkpoint to resume from: what is left of that run cannot be continued)."""
+    if resume and (out_dir / LAST).exists():
+        return
+    found = run_files(out_dir)
+    if not found:
+        return
+    names = ", ".join(p.name for p in found)
+    if not (resume or overwrite):
+        raise RunFolderTaken(
+            f"{out_dir} holds a run ({names}); continue it with --resume, or start a new one with another --out "
+            f"or with --overwrite (deletes that run's checkpoints, metrics and fitted teachers first)"
+        )
+    clear_run_files(out_dir)
+    say(f"--resume: no {LAST} in {out_dir}; starting a new run (removed {names} of the run that made no checkpoint)"
+        if resume else f"--overwrite: removed {names} from {out_dir}; starting a new run")
 
 
 def _claim_run_folder(out_dir: Path, run_scope: contextlib.ExitStack, say) -> bool:

@@ -255,7 +255,7 @@ def test_second_writer_is_refused_and_the_lock_dies_with_its_holder(tmp_path, mu
     finally:
         first.kill()  # SIGKILL: no clean-up code runs; the OS drops the lock
         first.wait()
-    third = subprocess.run(_train_cmd(out, music_dir, 2), env=env, capture_output=True, text=True, timeout=240)
+    third = subprocess.run([*_train_cmd(out, music_dir, 2), "--overwrite"], env=env, capture_output=True, text=True, timeout=240)
     assert third.returncode == 0, third.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
@@ -458,3 +458,39 @@ def test_an_edited_hf_folder_is_extracted_again_not_served_stale_features(edit, 
     assert second.exit_code == 0 and "(reused)" not in second.output, second.output
     entries = sorted((tmp_path / "cache").glob("features/hf-*/*/valid/*/features.npy"), key=lambda p: p.stat().st_mtime)
     assert len(entries) == 2 and not np.allclose(np.load(entries[-1]), before, atol=1e-6)
+
+
+# -- a new run never mixes with an old one in the same folder ------------------------------------
+
+
+def _run_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_new_run_into_a_run_folder_is_refused_and_overwrite_starts_afresh(music_dir, tmp_path):
+    out = tmp_path / "run"
+    api.train(_config(out, music_dir, 3, "checkpoint_every=1"), progress=False)
+    before = _run_files(out)
+    args = ["train", "--teacher", "cqt", "--preset", "tiny", "--data", music_dir, "--out", out, "--max-steps", 2, "--quiet",
+            *[a for s in TINY for a in ("--set", s)], "--set", "checkpoint_every=1", "--set", "log_every=1"]
+    refused = CliRunner().invoke(cli, [str(a) for a in args])
+    line = _one_error_line(refused, exit_code=2)
+    assert str(out) in line and "--resume" in line and "--out" in line and "--overwrite" in line
+    assert _run_files(out) == before  # nothing of the old run touched
+
+    started = CliRunner().invoke(cli, [str(a) for a in [*args, "--overwrite"]])
+    assert started.exit_code == 0, started.output
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001.pt", "step_00000002.pt"]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_resume_without_a_checkpoint_starts_a_new_run_without_the_old_metrics(music_dir, tmp_path):
+    out = tmp_path / "run"
+    api.train(_config(out, music_dir, 3), progress=False)
+    (out / LAST).unlink()  # as if killed before its first checkpoint
+    shutil.rmtree(out / "checkpoints")
+    messages = []
+    api.train(_config(out, music_dir, 2), resume=True, progress=False, log=messages.append)
+    assert any("no last.pt" in m and "metrics.jsonl" in m for m in messages), messages
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
