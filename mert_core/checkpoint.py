@@ -295,7 +295,8 @@ def point_last(out_dir: Path, numbered: Path, state: dict) -> None:
 # change (the non-finite stop advises lowering it), recorded in the run's history
 _RESUMABLE_CHANGES = {
     "model.init_from", "model.init_from_hash", "model.activation_checkpointing", "compile", "optim.lr",
-    "optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "device",
+    "optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "max_scale_growth",
+    "device",
 }
 
 
@@ -327,7 +328,7 @@ def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[Trai
         "compile": config.compile,
         "optim": saved.optim.model_copy(update={"max_steps": config.optim.max_steps, "lr": config.optim.lr}),
         "log_every": config.log_every, "checkpoint_every": config.checkpoint_every,
-        "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps,
+        "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps, "max_scale_growth": config.max_scale_growth,
         "data": saved.data.model_copy(update={"num_workers": config.data.num_workers}),
         "device": config.device,
     }), changed

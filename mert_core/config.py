@@ -107,7 +107,10 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1, description="Steps between metric lines.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Numbered checkpoints kept besides last.pt.")
-    max_bad_steps: int = Field(5, ge=1, description="Consecutive non-finite losses before the run stops.")
+    max_bad_steps: int = Field(5, ge=1, description="Consecutive bad steps (non-finite, or beyond max_scale_growth) before the run stops.")
+    max_scale_growth: float = Field(
+        1000.0, gt=1, description="A step whose loss or conv-feature std exceeds this multiple of the largest in the run's "
+                                  "first 10 good steps is bad (exploding weights): its update is skipped.")
     compile: bool = Field(False, description="Run the student and heads through torch.compile (faster steps after a "
                                              "compilation of a minute or more; needs a C++ compiler on CPU).")
     recipe: str | None = Field(None, description="Recipe the run was built from (informational).")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,49 @@ class TrainResult:
     heads: TargetHeads
     out_dir: Path
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+SCALE_STEPS = 10
+"""How many good steps at the start of a run measure its loss and conv-feature scales (:class:`ScaleBounds`)."""
+
+
+@dataclass
+class ScaleBounds:
+    """Whether a step's outputs are sane: its loss and conv-feature std (``std/conv``) within
+    ``growth`` times the largest of the run's first :data:`SCALE_STEPS` good steps.
+
+    Weights blown up by an lr far too high can give finite outputs (conv std 1e11, loss
+    1e26, a non-finite gradient); judged by finiteness alone they were kept as the last
+    good state, and every resume from them failed again. Healthy runs stay far inside the
+    default 1000x: at most 1.2x their start in loss and 3x in conv std (measured over
+    200-300 steps of the tiny student on real music, lr 5e-4 and 2e-3, with and without
+    the feature penalty). The start is kept in the checkpoint's counters, so a resume is
+    judged by the same bounds.
+
+    Args:
+        growth: ``config.max_scale_growth``.
+        start: ``{"steps": n, "loss": ..., "std/conv": ...}``, updated in place
+            (``counters["start_scales"]``); empty until the first good step.
+    """
+
+    growth: float
+    start: dict[str, float]
+
+    def within(self, loss: float, std_conv: float) -> bool:
+        """False for a loss or conv std beyond the bounds (or NaN); True before anything was measured."""
+        if not self.start:
+            return True
+        return loss <= self.growth * self.start["loss"] and std_conv <= self.growth * self.start["std/conv"]
+
+    def measure(self, loss: float, std_conv: float) -> None:
+        """Take a good step's scales into the start, during the first :data:`SCALE_STEPS` good steps."""
+        if self.start.get("steps", 0) < SCALE_STEPS:
+            self.start.update(steps=self.start.get("steps", 0) + 1, loss=max(self.start.get("loss", 0.0), loss),
+                              **{"std/conv": max(self.start.get("std/conv", 0.0), std_conv)})
+
+    def describe(self) -> str:
+        return (f"{self.growth:g}x the loss {self.start['loss']:.3g} or conv-feature std {self.start['std/conv']:.3g} "
+                f"of the run's first steps") if self.start else "no bounds yet"
 
 
 # -- building the parts from the config (the only code that reads it) ----------
@@ -403,8 +447,9 @@ def run_loop(run: Run, progress: bool = True) -> TrainResult:
     out = _RunOutput(run, progress)
     window = _Window()
     run_start = time.perf_counter() - counters["elapsed_seconds"]
-    consecutive_bad = 0
-    weights_ok = True  # the current weights gave finite outputs on every step since the last update
+    consecutive_bad, skipped_here = 0, 0
+    weights_ok = True  # the current weights gave finite, sane outputs on every step since the last update
+    bounds = ScaleBounds(config.max_scale_growth, counters.setdefault("start_scales", {}))
     last_saved = step if run.resumed else -1
     for teacher in run.teachers.values():  # once before the first batch (the EMA teacher copies the student)
         teacher.on_step(run.student, step)
@@ -413,17 +458,24 @@ def run_loop(run: Run, progress: bool = True) -> TrainResult:
             lr = lr_at(step, opt.lr, run.warmup_steps, opt.max_steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            step_loss_ok = True
+            step_loss_ok, measured = True, []
             for micro in range(opt.grad_accum):
                 batch = next(run.batches)
                 for path, reason in batch.get("skipped", []):
                     if path not in counters["skipped_files"]:
                         counters["skipped_files"][path] = reason
                         say(f"skipped {path}: {reason}")
-                loss, outputs_finite = _micro_step(run, batch, step, micro, window)
-                step_loss_ok = step_loss_ok and bool(torch.isfinite(loss.detach()))  # host sync, once per micro-batch
+                loss, scales, outputs_finite = _micro_step(run, batch, step, micro, window)
+                loss_value, std_conv = scales.tolist()  # host sync, once per micro-batch
+                measured.append((loss_value, std_conv))
+                step_loss_ok = step_loss_ok and math.isfinite(loss_value) and bounds.within(loss_value, std_conv)
                 if not step_loss_ok and weights_ok:  # bad steps only: are the weights or the targets to blame?
-                    weights_ok = outputs_finite()
+                    # a loss or conv features beyond bounds come from the weights; a non-finite
+                    # loss from finite outputs within bounds, from the targets or the loss
+                    weights_ok = not math.isfinite(loss_value) and bounds.within(0.0, std_conv) and outputs_finite()
+            if run.dist_info.enabled:  # each rank judged its own batch: skip the step on every rank or on none
+                bad_ranks = torch.tensor(float(not step_loss_ok), device=run.device)
+                step_loss_ok = distributed.all_reduce_sum(bad_ranks, run.dist_info).item() == 0
 
             # step: clip, skip non-finite, update
             run.scaler.unscale_(run.optimizer)
@@ -435,12 +487,17 @@ def run_loop(run: Run, progress: bool = True) -> TrainResult:
             run.optimizer.zero_grad(set_to_none=True)
             if finite:
                 consecutive_bad, weights_ok = 0, True
+                bounds.measure(*map(max, zip(*measured)))
             else:
                 consecutive_bad += 1
+                skipped_here += 1
                 counters["bad_steps"] += 1
-                say(f"step {step}: non-finite loss or gradient, update skipped ({consecutive_bad} in a row)")
-                if consecutive_bad >= config.max_bad_steps:
-                    _stop_after_bad_steps(run, step, consecutive_bad, weights_ok, last_saved, counters, window, run_start)
+                say(f"step {step}: {_bad_step_reason(measured, grad_norm, bounds)}, update skipped ({consecutive_bad} in a row)")
+                # a run never ends on weights that gave bad outputs, nor as done when it skipped every step
+                ends = step + 1 >= opt.max_steps and (not weights_ok or skipped_here == step + 1 - run.step)
+                if consecutive_bad >= config.max_bad_steps or ends:
+                    _stop_after_bad_steps(run, step, consecutive_bad, weights_ok, last_saved, counters, window, run_start, bounds,
+                                          every_step=skipped_here == step + 1 - run.step)
             step += 1
             window.steps += 1
             out.bar.update(1)
@@ -482,7 +539,8 @@ class _Window:
 def _micro_step(run: Run, batch: dict[str, Any], step: int, micro: int, window: _Window):
     """One micro-batch: targets, augment, mask, forward, loss, backward.
 
-    Adds its loss terms and audio to ``window``. Returns the loss and a
+    Adds its loss terms and audio to ``window``. Returns the loss, the pair
+    (loss, ``std/conv``) as one tensor (read once, a device sync) and a
     function telling whether the model's outputs were all finite (called on
     bad steps only: it syncs with the device).
     """
@@ -525,7 +583,8 @@ def _micro_step(run: Run, batch: dict[str, Any], step: int, micro: int, window: 
         window.terms[k] = window.terms.get(k, 0.0) + v.float() / grad_accum
     window.terms["loss"] = window.terms.get("loss", 0.0) + loss.detach().float() / grad_accum
     window.audio_seconds += float(batch["lengths"].sum()) / config.data.sample_rate  # the CPU copy: no device sync
-    return loss, lambda: _all_finite([*predictions.values(), features_penalty])
+    scales = torch.stack([loss.detach().float(), signals["std/conv"].float()])
+    return loss, scales, lambda: _all_finite([*predictions.values(), features_penalty])
 
 
 def student_targets(teacher: Teacher, wave: torch.Tensor, num_frames: int, geometry: FrameGeometry,
@@ -560,27 +619,46 @@ def _targets(run: Run, batch: dict[str, Any], wave: torch.Tensor, num_frames: in
     return targets, valid_frames
 
 
+def _bad_step_reason(measured: list[tuple[float, float]], grad_norm: torch.Tensor, bounds: ScaleBounds) -> str:
+    """Why a step was skipped, from its micro-batches' (loss, conv std)."""
+    reasons = []
+    if not all(math.isfinite(v) for pair in measured for v in pair):
+        reasons.append("non-finite loss")
+    elif not all(bounds.within(*pair) for pair in measured):
+        loss, std_conv = map(max, zip(*measured))
+        reasons.append(f"loss {loss:.3g} / conv-feature std {std_conv:.3g} beyond {bounds.describe()}")
+    if not bool(torch.isfinite(grad_norm)):
+        reasons.append("non-finite gradient")
+    return ", ".join(reasons) or "bad step on another rank"
+
+
 def _stop_after_bad_steps(run: Run, step: int, consecutive_bad: int, weights_ok: bool, last_saved: int,
-                          counters: dict, window: _Window, run_start: float) -> None:
-    """Stop the run after ``max_bad_steps`` non-finite steps in a row, keeping
-    the last weights that gave finite outputs (a collective: every rank calls it)."""
+                          counters: dict, window: _Window, run_start: float, bounds: ScaleBounds, every_step: bool) -> None:
+    """Stop the run after bad steps (``max_bad_steps`` in a row, or a last step on bad weights,
+    or ``every_step`` of this run), keeping the last weights that gave finite, sane outputs
+    (a collective: every rank calls it)."""
     dist_info, out_dir = run.dist_info, run.out_dir
     rng = _gather_rng(run.device, dist_info)
     audio = counters["audio_seconds"] + _unlogged_audio(window.audio_seconds, dist_info)
     weights_ok = distributed.all_reduce_sum(torch.tensor(float(not weights_ok)), dist_info).item() == 0  # on every rank
     if not dist_info.is_main:
-        raise TrainingError(f"rank {dist_info.rank}: stopped with rank 0 after non-finite steps")
+        raise TrainingError(f"rank {dist_info.rank}: stopped with rank 0 after bad steps")
     if weights_ok:  # the targets or the loss were at fault, not the weights: keep them
         if last_saved != step:
             _save(run, step, {**counters, "audio_seconds": audio}, run_start, rng)
-        good = step
+        advice = (f"The weights gave finite outputs within bounds, so the loss or the targets are at fault: check the data "
+                  f"and the teachers (or use fp32 or bf16 instead of fp16). {out_dir / LAST} holds them (step {step}); "
+                  f"resume with --resume once the cause is fixed")
     else:
         good = roll_back_to_checkpoint_before(out_dir, step - consecutive_bad + 1)
-    advice = (f"The last good weights (step {good}) are in {out_dir / LAST}; lower optim.lr "
-              f"(e.g. --set optim.lr={run.config.optim.lr / 10:.3g}), use fp32 or bf16, or check the data, then resume with --resume"
-              if good is not None else
-              f"No checkpoint holds weights that gave finite outputs; start again with a lower optim.lr, fp32 or bf16")
-    raise TrainingError(f"{consecutive_bad} non-finite steps in a row at step {step}: the run stopped. {advice}")
+        advice = (f"The weights diverged; {out_dir / LAST} holds the last that gave finite outputs within bounds "
+                  f"(step {good}): lower optim.lr (e.g. --set optim.lr={run.config.optim.lr / 10:.3g}) or use fp32 or bf16, "
+                  f"then resume with --resume" if good is not None else
+                  f"No checkpoint holds weights that gave finite outputs within bounds; start again with --overwrite "
+                  f"and a lower optim.lr, fp32 or bf16")
+    what = (f"all {consecutive_bad} steps of this run were bad" if every_step and consecutive_bad < run.config.max_bad_steps
+            else f"{consecutive_bad} bad steps in a row")
+    raise TrainingError(f"{what} at step {step} (non-finite, or beyond {bounds.describe()}): the run stopped. {advice}")
 
 
 class _RunOutput:
