@@ -34,6 +34,7 @@ from mert_core.audio import AudioError, load_audio, read_crop
 from mert_core.checkpoint import LAST, STUDENT_FILE, RunFolderBusy, load_student, lock_run_folder, save_checkpoint, save_student
 from mert_core.data import scan_audio
 from mert_core.model import tiny
+from mert_core.teacher import FitDiverged, FitQuality, write_teacher_file
 from mert_core.trainer import TrainingError
 from tests.conftest import music
 
@@ -191,6 +192,7 @@ def test_teacher_fit_and_label_name_and_count_every_unusable_file(corpus, tmp_pa
         meta = json.loads(f.metadata()["mert-kmeans-teacher"])
     assert _names(meta["sample"]["unusable_files"]) == set(HOSTILE)
     assert _names(meta["sample"]["spans_samples"]) == set(USABLE) - SHORT
+    assert [q["end"] <= q["start"] for q in meta["fit_quality"]] == [True]  # the inertia measured from start to end
 
     # mert teacher label reads every window of every file
     store = tmp_path / "labels"
@@ -499,3 +501,40 @@ def test_resume_without_a_checkpoint_starts_a_new_run_without_the_old_metrics(mu
     api.train(_config(out, music_dir, 2), resume=True, progress=False, log=messages.append)
     assert any("no last.pt" in m and "metrics.jsonl" in m for m in messages), messages
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# -- a fit that makes its teacher worse writes nothing ---------------------------------------------
+
+SMALL_MEL_RVQ = ["n_mels=16", "n_fft=1024", "stack_frames=2", "num_codebooks=2", "codebook_size=16", "codebook_dim=4",
+                 "batch_frames=256", "init_frames=400", "eval_frames=400", "steps=30", "checkpoint_every=10", "log_every=10"]
+
+
+def test_a_teacher_fit_that_ends_worse_than_it_started_fails_and_writes_no_file(music_dir, tmp_path):
+    out = tmp_path / "rvq.safetensors"
+    out.write_bytes(b"an earlier fit, kept")
+    # an absurd learning rate provokes what real music did to the default one: the error grows instead of falling
+    args = ["teacher", "fit", "mel-rvq", "--data", str(music_dir), "--out", str(out), "--device", "cpu", "--quiet",
+            *[a for s in [*SMALL_MEL_RVQ, "lr=1000"] for a in ("--set", s)]]
+    result = CliRunner().invoke(cli, args)
+    line = _one_error_line(result, exit_code=1)
+    numbers = [float(x) for x in re.findall(r"\d\.\d+e[+-]\d+", line)]
+    assert "mel-rvq" in line and "reconstruction error" in line and str(out) in line and len(numbers) == 2, line
+    assert numbers[1] > numbers[0] or not np.isfinite(numbers[1]), line
+    assert out.read_bytes() == b"an earlier fit, kept"
+
+    # the same fit at the documented lr lowers the error and writes the file, recording what it measured
+    CliRunner().invoke(cli, [*args[:-2], "--set", "lr=3e-3"], catch_exceptions=False)
+    with safe_open(str(out), "pt") as f:
+        quality = json.loads(f.metadata()["mert-mel-rvq-teacher"])["fit_quality"]
+    assert quality[0]["end"] < quality[0]["start"], quality
+
+
+@pytest.mark.parametrize("start, end", [(1.0, float("nan")), (1.0, 1.01), (float("inf"), 1.0), (None, float("inf"))])
+def test_the_one_gate_of_fitted_teacher_files_refuses_a_worse_or_non_finite_quality(start, end, tmp_path):
+    out = tmp_path / "teacher.safetensors"
+    tensors = {"centroids": torch.zeros(4, 2)}
+    with pytest.raises(FitDiverged, match=r"teacher 'k': the fit's inertia per frame (ended worse than it started|is not finite).*not written"):
+        write_teacher_file(out, tensors, "fmt", {}, [FitQuality("inertia per frame", 0.5, 0.5), FitQuality("inertia per frame", start, end)], "k")
+    assert not out.exists() and not list(tmp_path.iterdir())
+    write_teacher_file(out, tensors, "fmt", {}, [FitQuality("inertia per frame", 0.5, 0.5), FitQuality("inertia per frame", None, 0.7)], "k")
+    assert out.exists()  # unchanged (a fit of 0 steps) or not measured at the start: written
