@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PresetName = Literal["tiny", "cpu", "95m", "330m"]
 """The student presets (``mert_core.model.PRESETS`` has one builder per name)."""
@@ -59,7 +59,7 @@ class AugmentConfig(_Strict):
 
 class DataConfig(_Strict):
     paths: list[Path] = Field(default_factory=list, description="Audio folders (recursive) or manifest files (.tsv/.csv); empty = built-in demo data.")
-    sample_rate: int = Field(24000, gt=0, description="Student sample rate (MERT: 24 kHz).")
+    sample_rate: int = Field(24000, ge=1000, le=1_000_000, description="Student sample rate (MERT: 24 kHz; 1 kHz to 1 MHz, like audio headers).")
     crop_seconds: float = Field(5.0, gt=0, description="Training crop length (MERT: 5 s; large 5.12 s).")
     min_seconds: float = Field(3.0, ge=0, description="Files shorter than this are not used (MERT: 3 s).")
     batch_size: int = Field(4, ge=1, description="Clips per micro-batch per process.")
@@ -115,6 +115,15 @@ class TrainConfig(_Strict):
                                              "compilation of a minute or more; needs a C++ compiler on CPU).")
     recipe: str | None = Field(None, description="Recipe the run was built from (informational).")
 
+    @field_validator("teachers")
+    @classmethod
+    def _each_teacher_once(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        names = [t.name for t in teachers]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"teacher {twice[0]!r} is listed twice; list each teacher once")
+        return teachers
+
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line naming the first bad field and what is wrong with it."""
@@ -123,4 +132,4 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     got = err.get("input")
     got_txt = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-    return f"config field {where!r}: {err['msg']}{got_txt}"
+    return f"config field {where!r}: {err['msg'].removeprefix('Value error, ')}{got_txt}"

@@ -32,7 +32,7 @@ from mert_core.components import valid_mask
 from mert_core.masking import compute_span_mask
 from mert_core.model import build_student
 from mert_core.registry import Registry, default_registry
-from mert_core.runconfig import with_data_paths
+from mert_core.runconfig import ConfigError, with_data_paths
 from mert_core.signals import CollapseWatch, feature_signals, target_signals
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher
 
@@ -165,10 +165,6 @@ class ScaleBounds:
 def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], geometry: FrameGeometry, dist_info, log,
                    device=None) -> dict[str, Teacher]:
     """Instantiate every teacher for the student's ``geometry``; fit the ones that need it (rank 0) first."""
-    names = [t.name for t in config.teachers]
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        raise ValueError(f"config field 'teachers': teacher {sorted(dupes)[0]!r} is listed twice; list each teacher once")
     teachers = {}
     for tc in config.teachers:
         teacher = registry.build("teacher", tc.name, tc.options, geometry=geometry)
@@ -259,6 +255,8 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     dist_info, device = distributed.setup(config.device)
     say = (log or tqdm.write) if dist_info.is_main else (lambda msg: None)
     out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"config field 'out_dir' (--out): {out_dir} is a file; give a folder for the run")
     # one writer per run folder: an existing folder is claimed before its last.pt is read,
     # a new one only once the data is known to be usable (bad input leaves no empty folder)
     claimed = dist_info.is_main and out_dir.is_dir() and _claim_run_folder(out_dir, run_scope, say)
@@ -272,12 +270,13 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
         say(f"resuming from {out_dir / LAST} at step {state['step']}"
             + "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
-    manifest, usable = _scan_data(config, dist_info, progress, say)
-    if dist_info.is_main and not claimed:  # only now: bad input leaves no empty run folder behind
-        _claim_run_folder(out_dir, run_scope, say)
     # the student first: teachers frame their targets by the student that was built
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     student = build_student(config.model, sample_rate=config.data.sample_rate)
+    _check_crop(config, student)
+    manifest, usable = _scan_data(config, dist_info, progress, say)
+    if dist_info.is_main and not claimed:  # only now: bad input leaves no empty run folder behind
+        _claim_run_folder(out_dir, run_scope, say)
     # forked RNG: fitting a teacher must not shift the stream that initialises the heads
     with torch.random.fork_rng(devices=[]):
         teachers, specs, label_stores = _build_targets(config, registry, usable, student, dist_info, device, say)
@@ -338,6 +337,18 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
         amp_dtype=amp_dtype, warmup_steps=opt.warmup_steps if opt.warmup_steps is not None else int(0.08 * opt.max_steps),
         batches=batches, step=step, counters=counters, history=history, resumed=state is not None,
     )
+
+
+def _check_crop(config: TrainConfig, student) -> None:
+    """Refuse a crop too short to give the student one frame (every loss and signal would be empty)."""
+    crop = round(config.data.crop_seconds * config.data.sample_rate)
+    if student.num_frames(crop) < 1:
+        field = student.geometry.receptive_field
+        raise ConfigError(
+            f"config field 'data.crop_seconds': {config.data.crop_seconds:g} s is {crop} samples, shorter than the "
+            f"{config.model.preset} student's receptive field ({field} samples, {field / config.data.sample_rate:.3g} s): "
+            f"it gives no frame; use crops of seconds (MERT: 5 s)"
+        )
 
 
 def _scan_data(config: TrainConfig, dist_info, progress: bool, say) -> tuple[Any, list]:

@@ -538,3 +538,32 @@ def test_the_one_gate_of_fitted_teacher_files_refuses_a_worse_or_non_finite_qual
     assert not out.exists() and not list(tmp_path.iterdir())
     write_teacher_file(out, tensors, "fmt", {}, [FitQuality("inertia per frame", 0.5, 0.5), FitQuality("inertia per frame", None, 0.7)], "k")
     assert out.exists()  # unchanged (a fit of 0 steps) or not measured at the start: written
+
+
+# -- bad input is one line, exit 2, and leaves no run folder ----------------------------------------
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--set", "data.crop_seconds=0.001"], "data.crop_seconds"),
+    (["--teacher", "cqt"], "teacher 'cqt' is listed twice"),
+    (["--set", "data.sample_rate=1"], "data.sample_rate"),
+    (["--out", "{file}"], "{file}"),
+], ids=["crop-shorter-than-a-frame", "same-teacher-twice", "sample-rate-1", "out-is-a-file"])
+def test_bad_training_input_is_one_line_exit_2_without_a_run_folder(extra, named, music_dir, tmp_path):
+    afile = tmp_path / "not-a-folder"
+    afile.write_text("")
+    out = tmp_path / "run"
+    extra = [a.format(file=afile) for a in extra]
+    args = ["train", "--teacher", "cqt", "--preset", "tiny", "--data", str(music_dir), "--out", str(out), "--max-steps", "1", "--quiet",
+            *[a for s in TINY for a in ("--set", s)], *extra]
+    line = _one_error_line(CliRunner().invoke(cli, args), exit_code=2)
+    assert named.format(file=afile) in line, line
+    assert not out.exists() and afile.read_text() == ""
+
+
+def test_an_extraction_window_too_short_to_be_useful_is_refused(music_dir, tmp_path):
+    torch.manual_seed(0)
+    save_student(tiny(), tmp_path / "student.safetensors")
+    result = _extract_cli(tmp_path, "--checkpoint", str(tmp_path / "student.safetensors"), extra=("--set", "window_seconds=0.0001"))
+    assert "window_seconds" in _one_error_line(result, exit_code=2)
+    assert not (tmp_path / "cache").exists()

@@ -61,7 +61,9 @@ DATA_FILES = ("features.npy", "index.npy", "offsets.npy")
 class ExtractOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    window_seconds: float = Field(30.0, gt=0, description="Long audio is cut into windows this long (MARBLE: 30 s); clip features average them.")
+    window_seconds: float = Field(
+        30.0, ge=1.0, description="Long audio is cut into windows this long (MARBLE: 30 s; at least 1 s: shorter windows "
+                                  "starve the model of the context it was trained with); clip features average them.")
     batch_windows: int = Field(8, ge=1, description="Windows per forward pass of a student upstream.")
     feature_dtype: Literal["auto", "float32", "float16"] = Field(
         "auto", description="Storage type; auto = float32 for clip-level, float16 for frame-level (halves the disk they need).")
