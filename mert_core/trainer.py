@@ -25,6 +25,7 @@ from mert_core.checkpoint import (
     resume_config, roll_back_to_checkpoint_before, run_files, save_checkpoint, save_student,
 )
 from mert_core.config import TrainConfig
+from mert_core.data import CropBatches, make_loader
 from mert_core.geometry import FrameGeometry
 from mert_core.heads import TargetHeads
 from mert_core.loss import MultiTargetLoss
@@ -275,6 +276,10 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     student = build_student(config.model, sample_rate=config.data.sample_rate)
     _check_crop(config, student)
     manifest, usable = _scan_data(config, dist_info, progress, say)
+    dataset = _crop_batches(config, manifest, dist_info)
+    # the first batch, read here: files that pass the scan but none of which decode (NaN audio)
+    # fail now in one line, not in a loader worker after the run folder was made
+    dataset[(state["step"] if state is not None else 0) * config.optim.grad_accum]
     if dist_info.is_main and not claimed:  # only now: bad input leaves no empty run folder behind
         _claim_run_folder(out_dir, run_scope, say)
     # forked RNG: fitting a teacher must not shift the stream that initialises the heads
@@ -322,7 +327,7 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     if config.compile:
         train_model = torch.compile(train_model)  # compiled on the first step; graph breaks at host syncs are fine
 
-    batches = _batches(config, manifest, dist_info, step, aligned=bool(label_stores))
+    batches = iter(make_loader(dataset, start_index=step * opt.grad_accum, num_workers=config.data.num_workers))
     # Seeded only now: starting a DataLoader iterator draws from the global RNG,
     # which would shift a resumed run's dropout stream by one draw.
     torch.manual_seed(config.seed + 1 + dist_info.rank)  # dropout/layerdrop stream, distinct per rank
@@ -400,11 +405,10 @@ def _build_targets(config: TrainConfig, registry: Registry, usable: list, studen
     return teachers, specs, label_stores
 
 
-def _batches(config: TrainConfig, manifest, dist_info, step: int, aligned: bool) -> Iterator[dict[str, Any]]:
-    """The crop batches from ``step`` on: a pure function of (seed, index, rank)."""
-    from mert_core.data import CropBatches, make_loader
-
-    dataset = CropBatches(
+def _crop_batches(config: TrainConfig, manifest, dist_info) -> CropBatches:
+    """The crop batches of this rank: a pure function of (seed, index, rank). Crops are
+    aligned to the label-store grid when a teacher reads a store."""
+    return CropBatches(
         manifest,
         config.data.batch_size,
         sample_rate=config.data.sample_rate,
@@ -413,9 +417,8 @@ def _batches(config: TrainConfig, manifest, dist_info, step: int, aligned: bool)
         seed=config.seed,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
-        align_crops=aligned,
+        align_crops=any(tc.label_store is not None for tc in config.teachers),
     )
-    return iter(make_loader(dataset, start_index=step * config.optim.grad_accum, num_workers=config.data.num_workers))
 
 
 # -- the loop -------------------------------------------------------------------

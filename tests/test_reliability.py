@@ -567,3 +567,16 @@ def test_an_extraction_window_too_short_to_be_useful_is_refused(music_dir, tmp_p
     result = _extract_cli(tmp_path, "--checkpoint", str(tmp_path / "student.safetensors"), extra=("--set", "window_seconds=0.0001"))
     assert "window_seconds" in _one_error_line(result, exit_code=2)
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_folder_whose_only_readable_audio_is_nan_is_one_line_without_a_run_folder(corpus, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("nan.wav", "inf.wav", "empty.wav"):  # headers that read, samples that do not; one unreadable header
+        shutil.copyfile(corpus / name, data / name)
+    out = tmp_path / "run"
+    args = ["train", "--teacher", "cqt", "--preset", "tiny", "--data", str(data), "--out", str(out), "--max-steps", "1", "--quiet",
+            "--set", "data.min_seconds=1.0", "--set", "data.crop_seconds=1.0", "--set", "data.num_workers=1"]  # read in a worker
+    line = _one_error_line(CliRunner().invoke(cli, args), exit_code=2)
+    assert "could be read" in line and "NaN or infinite" in line, line
+    assert not out.exists()
