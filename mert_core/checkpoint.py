@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from mert_core.config import TrainConfig
-from mert_core.files import atomic_write, remove_stale_temp_files  # noqa: F401 - re-exported: the run folder's writes
+from mert_core.files import atomic_write, naming_a_full_disk, remove_stale_temp_files  # noqa: F401 - re-exported: the run folder's writes
 from mert_core.model import MertStudent
 
 FORMAT = "mert-checkpoint-v1"
@@ -103,8 +103,9 @@ def lock_run_folder(folder: Path) -> Iterator[None]:
             ) from None
         except OSError as exc:  # e.g. a network filesystem without locks
             log.warning("%s: cannot lock the run folder (%s); do not start two runs into it", folder, exc.strerror)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with naming_a_full_disk(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the last descriptor releases the lock

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from mert_core.checkpoint import (
 )
 from mert_core.config import TrainConfig
 from mert_core.data import CropBatches, make_loader
+from mert_core.files import atomic_write, naming_a_full_disk
 from mert_core.geometry import FrameGeometry
 from mert_core.heads import TargetHeads
 from mert_core.loss import MultiTargetLoss
@@ -677,20 +679,32 @@ def _stop_after_bad_steps(run: Run, step: int, consecutive_bad: int, weights_ok:
 
 class _RunOutput:
     """Where the run reports (rank 0): ``config.json``, ``metrics.jsonl``,
-    TensorBoard, the progress bar and the collapse watch."""
+    TensorBoard, the progress bar and the collapse watch.
+
+    A full disk is one line naming the file: ``config.json`` is written
+    atomically (never left empty), and TensorBoard's writer thread, which
+    meets the error first, stays quiet (see :func:`_quiet_tensorboard_threads`).
+    """
 
     def __init__(self, run: Run, progress: bool):
         from tqdm import tqdm
 
-        self.run, self.writer, self.metrics_file = run, None, None
+        self.run, self.writer, self.metrics_file, self.previous_hook = run, None, None, None
         config, is_main = run.config, run.is_main
+        self.tensorboard_dir, self.metrics_path = run.out_dir / "tensorboard", run.out_dir / "metrics.jsonl"
+        self.bar = tqdm(total=config.optim.max_steps, initial=run.step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run.out_dir / "tensorboard"))
-            (run.out_dir / "config.json").write_text(config.model_dump_json(indent=2))
-        self.metrics_file = open(run.out_dir / "metrics.jsonl", "a") if is_main else None
-        self.bar = tqdm(total=config.optim.max_steps, initial=run.step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
+            try:
+                atomic_write(run.out_dir / "config.json", lambda tmp: tmp.write_text(config.model_dump_json(indent=2)))
+                self.previous_hook, threading.excepthook = threading.excepthook, _quiet_tensorboard_threads(threading.excepthook)
+                with naming_a_full_disk(self.tensorboard_dir):
+                    self.writer = SummaryWriter(str(self.tensorboard_dir))
+                self.metrics_file = open(self.metrics_path, "a")
+            except BaseException:
+                self.close()
+                raise
         run.say(f"training a {config.model.preset} student ({sum(p.numel() for p in run.student.parameters()) / 1e6:.2f} M parameters) "
                 f"with teachers {', '.join(run.teachers)} on {run.device} ({run.dist_info.world_size} process(es)), "
                 f"{'fp32' if run.amp_dtype is None else str(run.amp_dtype).removeprefix('torch.')}")
@@ -707,20 +721,42 @@ class _RunOutput:
         record["audio_seconds_per_second"] = audio / max(elapsed, 1e-9)
         record["audio_hours_seen"] = counters["audio_seconds"] / 3600
         if self.run.is_main:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
-            for k, v in record.items():
-                if k != "step":
-                    self.writer.add_scalar(k, v, step)
+            with naming_a_full_disk(self.metrics_path):
+                self.metrics_file.write(json.dumps(record) + "\n")
+                self.metrics_file.flush()
+            with naming_a_full_disk(self.tensorboard_dir):
+                for k, v in record.items():
+                    if k != "step":
+                        self.writer.add_scalar(k, v, step)
             self.bar.set_postfix_str(_progress_text(record))
             self.watch.check(record)
 
     def close(self) -> None:
+        """Close everything, however the run ends (a failing last flush must not hide why it ended)."""
         self.bar.close()
-        if self.metrics_file is not None:
-            self.metrics_file.close()
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            if self.metrics_file is not None:
+                self.metrics_file.close()
+            if self.writer is not None:
+                self.writer.close()
+        except OSError as exc:
+            self.run.say(f"could not flush the last metrics ({exc.strerror}); metrics.jsonl and tensorboard/ may lack the last lines")
+        finally:
+            if self.previous_hook is not None:
+                threading.excepthook = self.previous_hook
+
+
+def _quiet_tensorboard_threads(previous):
+    """A ``threading.excepthook`` that drops the traceback of TensorBoard's writer thread when it
+    fails to write (a full disk): the main thread meets the same error at its next call to the
+    writer and reports it in one line, naming the folder. Every other thread's error goes to
+    ``previous``."""
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            previous(args)
+
+    return hook
 
 
 def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, Any]:
@@ -740,10 +776,11 @@ def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, 
         "student": str(out_dir / STUDENT_FILE),
         "history": run.history,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     from mert_core.plots import plot_loss_curves
 
-    plot_loss_curves(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    with naming_a_full_disk(out_dir / "loss.png"):
+        plot_loss_curves(out_dir / "metrics.jsonl", out_dir / "loss.png")
     run.say(
         f"done: {step} steps, {summary['audio_hours_seen']:.3f} audio hours seen, "
         f"{summary['files_skipped']} files skipped, {summary['bad_steps']} steps skipped, "
