@@ -73,13 +73,32 @@ def clear_run_files(folder: Path) -> list[Path]:
     return removed
 
 
+_HELD_LOCKS: set[int] = set()
+"""Descriptors of the run-folder locks this process holds."""
+
+
+def _drop_inherited_locks() -> None:
+    # In a forked child (a DataLoader worker): an flock belongs to the open file, which the
+    # child shares, so a worker outliving a SIGKILLed run (it notices within ~5 s) held the
+    # lock that long. Closing the child's copy leaves the lock to the process that took it.
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextlib.contextmanager
 def lock_run_folder(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (one writer per run folder).
 
     An OS lock (``flock``) on ``folder/.lock``: released when the block ends,
-    however it ends, and by the OS when the process dies (a crash leaves no
-    stale lock). The holder's pid is written into the file for the message a
+    however it ends, and by the OS when the process dies (a crash, SIGKILL
+    included, leaves no stale lock); forked children (loader workers) do not
+    keep it. The holder's pid is written into the file for the message a
     second writer gets.
 
     Raises:
@@ -103,11 +122,13 @@ def lock_run_folder(folder: Path) -> Iterator[None]:
             ) from None
         except OSError as exc:  # e.g. a network filesystem without locks
             log.warning("%s: cannot lock the run folder (%s); do not start two runs into it", folder, exc.strerror)
+        _HELD_LOCKS.add(fd)
         with naming_a_full_disk(path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # closing the last descriptor releases the lock
 
 

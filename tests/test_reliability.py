@@ -243,7 +243,7 @@ def _train_cmd(out: Path, data: Path, steps: int, *extra: str) -> list[str]:
 def test_second_writer_is_refused_and_the_lock_dies_with_its_holder(tmp_path, music_dir):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(_train_cmd(out, music_dir, 100_000, "checkpoint_every=1"), env=env,
+    first = subprocess.Popen(_train_cmd(out, music_dir, 100_000, "checkpoint_every=1", "data.num_workers=1"), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
@@ -257,9 +257,34 @@ def test_second_writer_is_refused_and_the_lock_dies_with_its_holder(tmp_path, mu
     finally:
         first.kill()  # SIGKILL: no clean-up code runs; the OS drops the lock
         first.wait()
+    assert _lock_is_free(out)  # at once: its loader worker, still alive for a few seconds, holds no copy
     third = subprocess.run([*_train_cmd(out, music_dir, 2), "--overwrite"], env=env, capture_output=True, text=True, timeout=240)
     assert third.returncode == 0, third.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+LOCK_IS_FREE = "import fcntl, os, sys; fcntl.flock(os.open(sys.argv[1], os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+
+
+def _lock_is_free(out: Path) -> bool:
+    return subprocess.run([sys.executable, "-c", LOCK_IS_FREE, str(out / ".lock")], capture_output=True).returncode == 0
+
+
+def test_the_run_lock_goes_with_its_process_not_with_forked_children(tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with lock_run_folder(out):
+        # a forked child that outlives the lock's holder, as a DataLoader worker outlives a SIGKILLed run
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True)
+        child.start()
+        assert not _lock_is_free(out)
+    try:
+        assert _lock_is_free(out)
+    finally:
+        child.kill()
+        child.join()
 
 
 def test_lock_is_exclusive_and_released_when_a_run_fails(tmp_path, music_dir):
