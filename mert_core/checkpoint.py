@@ -132,12 +132,65 @@ def lock_run_folder(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing the last descriptor releases the lock
 
 
+HASH_KEY = "content_sha256"
+"""Where a checkpoint (a key of its dict) and a student export (a metadata field) keep :func:`content_digest`."""
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 (16 hex digits) of what a checkpoint holds: every tensor's dtype, shape and bytes,
+    and the plain data around them, dict keys in sorted order. The zip file ``torch.save``
+    writes is not checked on load (a flipped bit in a tensor loads silently); this is."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(x, dict):
+            h.update(f"dict {len(x)};".encode())
+            for key in sorted(x, key=repr):
+                feed(key)
+                feed(x[key])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"list {len(x)};".encode())
+            for item in x:
+                feed(item)
+        else:  # str, int, float, bool, None
+            h.update(f"{type(x).__name__} {x!r};".encode())
+
+    feed(obj)
+    return h.hexdigest()[:16]
+
+
+def _check_content(path: Path, recorded: str | None, content: Any, what: str) -> None:
+    if recorded is not None and recorded != content_digest(content):
+        raise CheckpointError(
+            f"{path}: {what} differ from the content hash recorded when it was written (a damaged copy, bit rot); "
+            f"use another checkpoint (the run folder keeps the last ones in checkpoints/) or write it again"
+        )
+
+
+def check_export_content(path: Path, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
+    """Refuse a student export whose weights or metadata differ from the hash it was written with."""
+    rest = {k: v for k, v in metadata.items() if k != HASH_KEY}
+    _check_content(path, metadata.get(HASH_KEY), {"tensors": weights, "metadata": rest}, "its weights or metadata")
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    state = {"format": FORMAT, **state}
+    """Write ``state`` (with the format and its content hash) atomically."""
+    state = {"format": FORMAT, **{k: v for k, v in state.items() if k != HASH_KEY}}
+    state[HASH_KEY] = content_digest(state)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's dict, read with ``weights_only=True`` and checked against its content
+    hash (checkpoints written before the hash existed load unchecked).
+
+    Raises:
+        CheckpointError: missing, unreadable, not a mert checkpoint, or damaged.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / LAST
@@ -149,6 +202,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc}); it may be truncated or not a mert checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} file (format={state.get('format') if isinstance(state, dict) else type(state).__name__})")
+    recorded = state.pop(HASH_KEY, None)
+    _check_content(path, recorded, state, "its contents")
     return state
 
 
@@ -162,6 +217,7 @@ def save_student(student: MertStudent, path: str | Path, config: dict[str, Any] 
     """
     tensors = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
     meta = {"format": FORMAT, "model_args": json.dumps(student.args), "config": json.dumps(config or {})}
+    meta[HASH_KEY] = content_digest({"tensors": tensors, "metadata": meta})
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -219,6 +275,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
             weights = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - a file that changed or is damaged past its header
             raise CheckpointError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc}); the file is damaged, export it again") from None
+        check_export_content(path, meta, weights)
         check_finite_weights(path, weights)
         student.load_state_dict(weights)
         info = {"config": config, "step": None}

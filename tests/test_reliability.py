@@ -605,3 +605,48 @@ def test_a_folder_whose_only_readable_audio_is_nan_is_one_line_without_a_run_fol
     line = _one_error_line(CliRunner().invoke(cli, args), exit_code=2)
     assert "could be read" in line and "NaN or infinite" in line, line
     assert not out.exists()
+
+
+# -- checkpoints carry a content hash, checked on load ---------------------------------------------
+
+
+def _flip_a_tensor_byte(path: Path) -> None:
+    """Flip one bit in the middle of the largest tensor of a torch.save zip file (its CRC is not checked on load)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def _flip_a_safetensors_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    raw[8 + header + (len(raw) - 8 - header) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_a_bit_flipped_checkpoint_is_refused_on_resume_and_on_load(music_dir, tmp_path):
+    out = tmp_path / "run"
+    api.train(_config(out, music_dir, 2, "checkpoint_every=1"), progress=False)
+    load_student(out / LAST)  # intact: loads
+    _flip_a_tensor_byte(out / LAST)
+    assert torch.load(out / LAST, weights_only=True)["step"] == 2  # torch reads it without a word
+    args = ["train", "--teacher", "cqt", "--preset", "tiny", "--data", str(music_dir), "--out", str(out), "--max-steps", "3", "--quiet",
+            "--resume", *[a for s in [*TINY, "checkpoint_every=1", "log_every=1"] for a in ("--set", s)]]
+    line = _one_error_line(CliRunner().invoke(cli, args), exit_code=2)
+    assert str(out / LAST) in line and "content hash" in line and "checkpoints" in line, line
+    line = _one_error_line(_extract_cli(tmp_path, "--checkpoint", str(out / LAST)), exit_code=2)
+    assert str(out / LAST) in line and "content hash" in line
+
+    _flip_a_safetensors_byte(out / STUDENT_FILE)
+    line = _one_error_line(_extract_cli(tmp_path, "--checkpoint", str(out / STUDENT_FILE)), exit_code=2)
+    assert str(out / STUDENT_FILE) in line and "content hash" in line
+    assert not _cached_entries(tmp_path / "cache")
+    start_from = ["train", "--teacher", "cqt", "--preset", "tiny", "--data", str(music_dir), "--out", str(tmp_path / "cont"),
+                  "--max-steps", "1", "--quiet", "--init-from", str(out / STUDENT_FILE), *[a for s in TINY for a in ("--set", s)]]
+    line = _one_error_line(CliRunner().invoke(cli, start_from), exit_code=2)
+    assert "model.init_from" in line and "content hash" in line, line
