@@ -20,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -177,6 +179,17 @@ def check_export_content(path: Path, metadata: dict[str, str], weights: dict[str
     _check_content(path, metadata.get(HASH_KEY), {"tensors": weights, "metadata": rest}, "its weights or metadata")
 
 
+def describe_load_error(exc: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` refused a file, without torch's
+    multi-line advice to load it with ``weights_only=False`` (which would run whatever it holds)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return (f"it holds Python objects{f' ({found.group(1)})' if found else ''}, and loading those runs code: mert reads only "
+                f"tensors and plain data from such files; it is not a weights file, or it was tampered with")
+    return f"{type(exc).__name__}: {next((line for line in text.splitlines() if line.strip()), '')}"
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` (with the format and its content hash) atomically."""
     state = {"format": FORMAT, **{k: v for k, v in state.items() if k != HASH_KEY}}
@@ -199,7 +212,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc}); it may be truncated or not a mert checkpoint") from None
+        raise CheckpointError(f"{path}: cannot read checkpoint ({describe_load_error(exc)}); it may be truncated or not a mert checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} file (format={state.get('format') if isinstance(state, dict) else type(state).__name__})")
     recorded = state.pop(HASH_KEY, None)

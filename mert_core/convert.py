@@ -311,10 +311,15 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The folder's tensors and the file that identifies them (the weights file, or a sharded index)."""
     from safetensors.torch import load_file
 
+    from mert_core.checkpoint import describe_load_error
+
     files, kind = _weight_files(folder)
     sd: dict[str, torch.Tensor] = {}
     for path in files[1:] if len(files) > 1 else files:  # an index names the shards
-        sd.update(load_file(str(path)) if kind == "safetensors" else torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            sd.update(load_file(str(path)) if kind == "safetensors" else torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - a truncated, foreign or hostile file
+            raise HFConversionError(f"{path}: cannot read the weights ({describe_load_error(exc)}); the download may be incomplete") from None
     return sd, files[0]
 
 

@@ -650,3 +650,46 @@ def test_a_bit_flipped_checkpoint_is_refused_on_resume_and_on_load(music_dir, tm
                   "--max-steps", "1", "--quiet", "--init-from", str(out / STUDENT_FILE), *[a for s in TINY for a in ("--set", s)]]
     line = _one_error_line(CliRunner().invoke(cli, start_from), exit_code=2)
     assert "model.init_from" in line and "content hash" in line, line
+
+
+# -- hostile pickles: one line, and no advice to load them unsafely --------------------------------
+
+HOSTILE_PICKLE = textwrap.dedent("""
+    import os, sys, torch
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {sys.argv[2]}",))
+    torch.save({"format": "mert-checkpoint-v1", "student": Payload()}, sys.argv[1])
+""")
+
+
+def _hostile_pickle(path: Path, marker: Path) -> Path:
+    subprocess.run([sys.executable, "-c", HOSTILE_PICKLE, str(path), str(marker)], check=True, timeout=120)
+    return path
+
+
+def _refused_without_unsafe_advice(line: str, path: Path) -> None:
+    assert str(path) in line and "system" in line and "runs code" in line, line
+    assert "weights_only" not in line and "trusted source" not in line, line
+
+
+def test_a_hostile_pickle_is_one_line_that_does_not_advise_loading_it_unsafely(music_dir, tmp_path):
+    marker = tmp_path / "ran"
+    evil = _hostile_pickle(tmp_path / "evil.pt", marker)
+    result = _extract_cli(tmp_path, "--checkpoint", str(evil))
+    _refused_without_unsafe_advice(_one_error_line(result, exit_code=2), evil)
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    from mert_core.convert import hf_config_from_args
+
+    (hf / "config.json").write_text(json.dumps(hf_config_from_args(tiny().args)))
+    _hostile_pickle(hf / "pytorch_model.bin", marker)
+    _refused_without_unsafe_advice(_one_error_line(_extract_cli(tmp_path, "--hf-model", str(hf)), exit_code=2), hf / "pytorch_model.bin")
+
+    from mert_core.registry import default_registry
+
+    with pytest.raises(ValueError) as caught:
+        default_registry().build("teacher", "rvq-vae", {"weights_path": str(evil)})
+    _refused_without_unsafe_advice(str(caught.value), evil)
+    assert "\n" not in str(caught.value) and not marker.exists()
