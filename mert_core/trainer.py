@@ -763,13 +763,16 @@ def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, 
     """Write ``summary.json`` and the loss curve, say what the run did (rank 0)."""
     out_dir, manifest = run.out_dir, run.manifest
     counters["elapsed_seconds"] = time.perf_counter() - run_start
+    too_short = {f.path: f.duration_seconds for f in manifest.split_by_duration(run.config.data.min_seconds)[1]}
     summary = {
         "steps": step,
         "audio_hours_seen": counters["audio_seconds"] / 3600,
-        "files_used": len(run.usable),
+        # long enough and never found unusable when read (a file is skipped for good once a read fails)
+        "files_used": sum(f.path not in counters["skipped_files"] for f in run.usable),
         "files_skipped": len(manifest.skipped) + len(counters["skipped_files"]),
         "skipped_files": {**manifest.skipped, **counters["skipped_files"]},  # path -> why
-        "files_too_short": len(manifest.files) - len(run.usable),
+        "files_too_short": len(too_short),
+        "too_short_files": too_short,  # path -> seconds (< data.min_seconds)
         "bad_steps": counters["bad_steps"],
         "elapsed_seconds": counters["elapsed_seconds"],
         "checkpoint": str(out_dir / LAST),

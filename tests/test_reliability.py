@@ -179,6 +179,9 @@ def test_train_names_and_counts_every_unusable_file(corpus, tmp_path):
     for path, reason in summary["skipped_files"].items():
         assert re.search(HOSTILE[Path(path).name], reason), (path, reason)
     assert summary["files_skipped"] == len(HOSTILE) and summary["files_too_short"] == len(SHORT)
+    assert _names(summary["too_short_files"]) == SHORT  # named, not only counted
+    # used: long enough and never found unusable when read (the NaN files pass the scan, then fail every read)
+    assert summary["files_used"] == len(USABLE) - len(SHORT)
     assert summary["bad_steps"] == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and np.isfinite(rows[0]["loss"])
