@@ -388,7 +388,7 @@ def point_last(out_dir: Path, numbered: Path, state: dict) -> None:
 _RESUMABLE_CHANGES = {
     "model.init_from", "model.init_from_hash", "model.activation_checkpointing", "compile", "optim.lr",
     "optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "max_scale_growth",
-    "device",
+    "device", "out_dir",  # a run folder copied or moved elsewhere resumes there
 }
 
 
@@ -399,7 +399,7 @@ def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[Trai
     from mert_core.runconfig import with_data_paths
 
     # runs saved before the demo default was resolved in the config recorded no data paths: the demo's
-    saved = with_data_paths(TrainConfig.model_validate(state["config"]))
+    saved = _moved(with_data_paths(TrainConfig.model_validate(state["config"])), Path(config.out_dir))
     new, old = _flatten(config.model_dump(mode="json")), _flatten(saved.model_dump(mode="json"))
     # a teacher fitted by the first run has its artifact recorded in the saved config only
     for flat, given in ((old, new), (new, old)):
@@ -422,8 +422,22 @@ def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[Trai
         "log_every": config.log_every, "checkpoint_every": config.checkpoint_every,
         "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps, "max_scale_growth": config.max_scale_growth,
         "data": saved.data.model_copy(update={"num_workers": config.data.num_workers}),
-        "device": config.device,
+        "device": config.device, "out_dir": config.out_dir,
     }), changed
+
+
+def _moved(saved: TrainConfig, out_dir: Path) -> TrainConfig:
+    """``saved`` with the teacher files its run fitted into its folder found in ``out_dir``,
+    where the folder is now (copied or moved); ``out_dir`` itself is compared as a change."""
+    old = Path(saved.out_dir)
+    if old == out_dir:
+        return saved
+    saved = saved.model_copy(deep=True)
+    for tc in saved.teachers:
+        fitted = tc.options.get("teacher_file")
+        if fitted is not None and Path(fitted).is_relative_to(old):
+            tc.options = {**tc.options, "teacher_file": str(out_dir / Path(fitted).relative_to(old))}
+    return saved
 
 
 def _flatten(d, prefix=""):
