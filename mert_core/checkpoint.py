@@ -167,9 +167,13 @@ def content_digest(obj: Any) -> str:
 
 def _check_content(path: Path, recorded: str | None, content: Any, what: str) -> None:
     if recorded is not None and recorded != content_digest(content):
+        older = "" if path.name != LAST else (
+            f"; to resume from an older checkpoint, copy it over {LAST}: "
+            f"{', '.join(p.name for p in sorted((path.parent / 'checkpoints').glob('step_*.pt'))) or 'none is left'}"
+        )
         raise CheckpointError(
             f"{path}: {what} differ from the content hash recorded when it was written (a damaged copy, bit rot); "
-            f"use another checkpoint (the run folder keeps the last ones in checkpoints/) or write it again"
+            f"use another checkpoint (a run folder keeps the last ones in checkpoints/) or write it again{older}"
         )
 
 

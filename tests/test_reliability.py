@@ -700,11 +700,11 @@ def test_a_hostile_pickle_is_one_line_that_does_not_advise_loading_it_unsafely(m
 
 def test_a_copied_run_folder_resumes_like_the_original(music_dir, tmp_path):
     def config(out, steps):
-        return api.make_train_config(teachers=["kmeans-mfcc"], preset="tiny", data=[music_dir], out_dir=out, max_steps=steps,
-                                     overrides=[*TINY, "log_every=1", "checkpoint_every=1", "teacher.kmeans-mfcc.n_clusters=8"])
+        return api.make_train_config(teachers=["cqt"], preset="tiny", data=[music_dir], out_dir=out, max_steps=steps,
+                                     overrides=[*TINY, "log_every=1", "checkpoint_every=1", "teacher.cqt.normalize=per-bin"])
 
     original, copy = tmp_path / "run", tmp_path / "moved" / "run"
-    api.train(config(original, 2), progress=False)  # fits its k-means teacher into the run folder
+    api.train(config(original, 2), progress=False)  # fits its CQT statistics into the run folder
     shutil.copytree(original, copy)
     want = api.train(config(original, 3), resume=True, progress=False).student.state_dict()
     shutil.rmtree(original)  # nothing may still point at the first folder
@@ -712,5 +712,5 @@ def test_a_copied_run_folder_resumes_like_the_original(music_dir, tmp_path):
     assert all(torch.equal(want[k], v) for k, v in got.student.state_dict().items())  # the same computation, bit for bit
     state = torch.load(copy / LAST, weights_only=True)
     assert state["config"]["out_dir"] == str(copy)
-    assert state["config"]["teachers"][0]["options"]["teacher_file"] == str(copy / "teacher-kmeans-mfcc.safetensors")
+    assert state["config"]["teachers"][0]["options"]["teacher_file"] == str(copy / "teacher-cqt.safetensors")
     assert state["history"][-1]["changed"]["out_dir"] == [str(original), str(copy)]
