@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PresetName = Literal["tiny", "cpu", "small", "cpu-small", "95m", "330m"]
 """The student presets (``mert_core.model.PRESETS`` has one builder per name)."""
@@ -59,7 +59,7 @@ class AugmentConfig(_Strict):
 
 class DataConfig(_Strict):
     paths: list[Path] = Field(default_factory=list, description="Audio folders (recursive) or manifest files (.tsv/.csv); empty = built-in demo data.")
-    sample_rate: int = Field(24000, gt=0, description="Student sample rate (MERT: 24 kHz).")
+    sample_rate: int = Field(24000, ge=1000, le=1_000_000, description="Student sample rate (MERT: 24 kHz; 1 kHz to 1 MHz, like audio headers).")
     crop_seconds: float = Field(5.0, gt=0, description="Training crop length (MERT: 5 s; large 5.12 s).")
     min_seconds: float = Field(3.0, ge=0, description="Files shorter than this are not used (MERT: 3 s).")
     batch_size: int = Field(4, ge=1, description="Clips per micro-batch per process.")
@@ -110,10 +110,22 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1, description="Steps between metric lines.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Numbered checkpoints kept besides last.pt.")
-    max_bad_steps: int = Field(5, ge=1, description="Consecutive non-finite losses before the run stops.")
+    max_bad_steps: int = Field(5, ge=1, description="Consecutive bad steps (non-finite, or beyond max_scale_growth) before the run stops.")
+    max_scale_growth: float = Field(
+        1000.0, gt=1, description="A step whose loss or conv-feature std exceeds this multiple of the largest in the run's "
+                                  "first 10 good steps is bad (exploding weights): its update is skipped.")
     compile: bool = Field(False, description="Run the student and heads through torch.compile (faster steps after a "
                                              "compilation of a minute or more; needs a C++ compiler on CPU).")
     recipe: str | None = Field(None, description="Recipe the run was built from (informational).")
+
+    @field_validator("teachers")
+    @classmethod
+    def _each_teacher_once(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        names = [t.name for t in teachers]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"teacher {twice[0]!r} is listed twice; list each teacher once")
+        return teachers
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -123,4 +135,4 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     got = err.get("input")
     got_txt = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-    return f"config field {where!r}: {err['msg']}{got_txt}"
+    return f"config field {where!r}: {err['msg'].removeprefix('Value error, ')}{got_txt}"

@@ -131,11 +131,22 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_p
     out = tmp_path / "run"
     config = _config(out, music_dir, "teacher.clean-check.nan_after_step=3", "max_bad_steps=3", "checkpoint_every=100",
                      teachers=("clean-check",), steps=10, registry=registry)
-    with pytest.raises(TrainingError, match="3 non-finite steps in a row at step 4"):
+    with pytest.raises(TrainingError, match="3 bad steps in a row at step 4.*the loss or the targets are at fault"):
         api.train(config, registry=registry, progress=False)
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["counters"]["bad_steps"] == 3 and state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_a_run_whose_every_step_was_skipped_does_not_end_as_done(tmp_path, music_dir, check_plugins):
+    registry = load_registry()
+    out = tmp_path / "run"
+    # a short run on targets that are all NaN: fewer bad steps than max_bad_steps, yet nothing learned
+    config = _config(out, music_dir, "teacher.clean-check.nan_after_step=0", teachers=("clean-check",), steps=2, registry=registry)
+    messages = []
+    with pytest.raises(TrainingError, match=r"all 2 steps of this run were bad at step 1.*the loss or the targets are at fault"):
+        api.train(config, registry=registry, progress=False, log=messages.append)
+    assert not any(m.startswith("done") for m in messages) and not (out / "summary.json").exists(), messages
 
 
 def test_bad_files_are_skipped_and_counted(tmp_path, music_dir):

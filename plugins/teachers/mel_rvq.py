@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
-from mert_core.teacher import TargetSpec, Teacher
+from mert_core.teacher import FitQuality, TargetSpec, Teacher
 from mert_plugins.teachers._stacked_mel import (
     MEL_FIT_FIELDS,
     NormalisedMelStack,
@@ -295,7 +295,9 @@ class MelRVQTeacher(Teacher):
             "seconds": round(time.perf_counter() - started, 3),
             "sample": plan.describe(),
         }
-        save_artifact(out_file, ARTIFACT_FORMAT, tensors, meta)
+        quality = FitQuality("held-out reconstruction error", report["recon_mse_init"], report["recon_mse"],
+                             advice=f"lower lr (now {o.lr:g}); {out_file.name}.ckpt holds this fit's state and is resumed only with the same settings")
+        save_artifact(out_file, ARTIFACT_FORMAT, tensors, meta, [quality])
         log.info(
             "%s: %d steps, reconstruction error %.4g -> %.4g (of frames with variance 1) -> %s",
             self.name, report["steps_done"], report["recon_mse_init"], report["recon_mse"], out_file,
