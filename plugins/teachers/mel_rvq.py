@@ -62,6 +62,9 @@ CHECKPOINT_VERSION = 1
 
 
 class MelRVQOptions(StackedMelOptions):
+    sample_hours: float | None = Field(
+        2.0, gt=0, description="Upper bound on the hours of audio to fit on (2 h = 0.54 M frames, 1.1 GB of temporary frames; "
+                               "a converged fit draws each ~20 times); None: no bound beyond sample_fraction.")
     num_codebooks: int = Field(8, ge=1, description="RVQ stages = target heads (MuQ and EnCodec: 8).")
     codebook_size: int = Field(1024, ge=2, description="Codes per stage (MuQ and EnCodec: 1024).")
     codebook_dim: int = Field(16, ge=1, description="Dimension each stage projects the residual to (MuQ: 16).")
