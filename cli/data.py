@@ -19,6 +19,7 @@ def data_group():
     Examples:
       mert data pack --data /music --out /corpus --shard-size 1GB
       mert data pack --data /music --data extra.tsv --out s3://bucket/corpus --encoding flac
+      mert data pack --data /data/GTZAN --out s3://bucket/gtzan --all-files
       mert data info https://host/corpus/index.json
       mert train --recipe cpu --data https://host/corpus/index.json
     """
@@ -32,9 +33,11 @@ def data_group():
 @click.option("--encoding", type=click.Choice(["original", "flac"]), default="original", show_default=True,
               help="original: each file's own bytes; flac: decoded and re-encoded losslessly.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Files go into shards in this seeded random order.")
+@click.option("--all-files", is_flag=True, help="Also pack the other files under the folders (labels, metadata): a whole dataset, "
+                                                "e.g. an evaluation task's, that `--task-set TASK.data_dir=SHARDS` fetches back as a folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a pack already at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def pack_cmd(data, out, shard_size, encoding, seed, overwrite, quiet):
+def pack_cmd(data, out, shard_size, encoding, seed, all_files, overwrite, quiet):
     """Write the audio as shard-000000.tar, ... and index.json.
 
     Each file is one WebDataset member: KEY.EXT (the audio) and KEY.json
@@ -44,7 +47,8 @@ def pack_cmd(data, out, shard_size, encoding, seed, overwrite, quiet):
     from mert_core import shards
 
     setup_logging(quiet)
-    s = shards.pack_shards(list(data), out, shard_size, encoding=encoding, seed=seed, overwrite=overwrite, progress=not quiet)
+    s = shards.pack_shards(list(data), out, shard_size, encoding=encoding, seed=seed, all_files=all_files, overwrite=overwrite,
+                           progress=not quiet)
     click.echo(f"packed {s.members} files ({s.hours:.2f} h, {s.bytes / 1e9:.2f} GB) into {s.shards} shards at {s.out} "
                f"in {s.seconds:.0f} s" + (f"; skipped {len(s.skipped)}, e.g. {next(iter(s.skipped.items()))}" if s.skipped else ""))
 

@@ -345,6 +345,8 @@ def _label_shards_part(teacher: Teacher, urls: list[str], folder: Path, sample_r
                 if isinstance(item, Skipped):
                     skipped[item.what] = item.reason
                     continue
+                if not item.is_audio():
+                    continue
                 try:
                     ext, data = item.audio()
                     audio = decode_audio(data, f"{item.id}.{ext}", sample_rate)

@@ -341,6 +341,10 @@ class Member:
         raise AudioError(f"{self.id}: no audio entry (has {', '.join(sorted(self.entries)) or 'nothing'}; "
                          f"expected one of {', '.join(AUDIO_FIELDS)})")
 
+    def is_audio(self) -> bool:
+        """False for a file packed beside the audio (``mert data pack --all-files``), which training skips."""
+        return self.metadata().get("audio", True) is not False
+
     def metadata(self) -> dict[str, Any]:
         """Its ``.json`` entry (``{}`` if none or unreadable)."""
         try:
@@ -545,15 +549,15 @@ class PackSummary:
 
 
 def pack_shards(inputs: Iterable[str | Path], out: str | Path, shard_bytes: int | str = 10**9, encoding: str = "original",
-                seed: int | None = 0, overwrite: bool = False, progress: bool = True) -> PackSummary:
+                seed: int | None = 0, all_files: bool = False, overwrite: bool = False, progress: bool = True) -> PackSummary:
     """Write the audio under ``inputs`` as WebDataset tar shards plus ``index.json``.
 
     Every usable file becomes one member: ``<key>.<ext>`` (its bytes as they
-    are, or FLAC) and ``<key>.json`` (``source``, ``duration_seconds``,
-    ``sample_rate``, ``frames``, ``encoding``); keys are zero-padded numbers.
-    A shard is closed before the member that would take it past
-    ``shard_bytes`` (a bigger member gets a shard of its own). ``index.json`` is
-    written last: a folder without it is an unfinished pack.
+    are, or FLAC) and ``<key>.json`` (``source``, ``path`` relative to its input
+    folder, ``duration_seconds``, ``sample_rate``, ``frames``, ``encoding``);
+    keys are zero-padded numbers. A shard is closed before the member that
+    would take it past ``shard_bytes`` (a bigger member gets a shard of its
+    own). ``index.json`` is written last: a folder without it is an unfinished pack.
 
     Args:
         inputs: folders, manifests or audio files (as :func:`mert_core.data.scan_audio` reads).
@@ -563,6 +567,9 @@ def pack_shards(inputs: Iterable[str | Path], out: str | Path, shard_bytes: int 
             re-encoded losslessly: 16-bit sources as 16-bit, deeper ones as 24-bit).
         seed: files are packed in a seeded random order, so that a shard mixes
             the corpus instead of holding one album (None: path order).
+        all_files: also pack every other file under the input folders (labels,
+            metadata: a whole dataset, for :func:`fetched_tree`), each as
+            ``<key>.file`` with ``"audio": false`` in its ``.json``; training ignores them.
         overwrite: replace an existing pack at ``out``.
         progress: show a progress bar.
 
@@ -586,18 +593,27 @@ def pack_shards(inputs: Iterable[str | Path], out: str | Path, shard_bytes: int 
     if fs.exists(posixpath.join(root, INDEX_FILE)) and not overwrite:
         raise ShardError(f"{out}: already holds a pack ({INDEX_FILE}); pass overwrite=True (--overwrite) or choose another place")
     fs.makedirs(root, exist_ok=True)
-    order = range(len(files)) if seed is None else np.random.default_rng(seed).permutation(len(files))
+    folders = [os.path.abspath(p) for p in inputs if os.path.isdir(p)]
+    others = _other_files(folders, manifest) if all_files else []
+    items: list = [*files, *others]
+    order = range(len(items)) if seed is None else np.random.default_rng(seed).permutation(len(items))
     skipped = dict(manifest.skipped)
     shards: list[dict[str, Any]] = []
     writer, shard, total_bytes = None, None, 0
     for n, i in enumerate(tqdm(order, desc=f"packing into {out}", unit="file", disable=not progress)):
-        f = files[i]
+        f = items[i]
+        path = f if isinstance(f, str) else f.path
+        meta: dict[str, Any] = {"source": path, "path": _relative(path, folders)}
         try:
-            ext, data = _member_audio(f.path, encoding)
+            if isinstance(f, str):
+                ext, data, seconds = "file", Path(f).read_bytes(), 0.0
+                meta["audio"] = False
+            else:
+                (ext, data), seconds = _member_audio(f.path, encoding), f.duration_seconds
+                meta.update(duration_seconds=seconds, sample_rate=f.sample_rate, frames=f.frames, encoding=encoding)
         except (OSError, AudioError) as exc:
-            skipped[f.path] = _one_line(exc)
+            skipped[path] = _one_line(exc)
             continue
-        meta = {"source": f.path, "duration_seconds": f.duration_seconds, "sample_rate": f.sample_rate, "frames": f.frames, "encoding": encoding}
         entries = {ext: data, "json": json.dumps(meta).encode()}
         size = sum(tarfile.BLOCKSIZE + _padded(len(v)) for v in entries.values())
         if shard is None or (shard["bytes"] + size > limit and shard["members"]):
@@ -609,7 +625,7 @@ def pack_shards(inputs: Iterable[str | Path], out: str | Path, shard_bytes: int 
         writer.tar.write({"__key__": f"{n:09d}", **entries})
         shard["members"] += 1
         shard["bytes"] += size
-        shard["seconds"] += f.duration_seconds
+        shard["seconds"] += seconds
         total_bytes += size
     if writer is not None:
         writer.close()
@@ -626,6 +642,27 @@ def pack_shards(inputs: Iterable[str | Path], out: str | Path, shard_bytes: int 
     _write_bytes(fs, posixpath.join(root, INDEX_FILE), json.dumps(index, indent=1).encode())
     return PackSummary(out=out, shards=len(shards), members=index["total_members"], hours=index["total_hours"],
                        bytes=total_bytes, seconds=time.perf_counter() - started, skipped=skipped)
+
+
+def _other_files(folders: list[str], manifest) -> list[str]:
+    """Regular files under ``folders`` that are neither audio the scan used nor audio it skipped."""
+    audio = {f.path for f in manifest.files} | set(manifest.skipped)
+    found = []
+    for folder in folders:
+        for parent, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(parent, name)
+                if path not in audio and not name.lower().endswith(AUDIO_EXTENSIONS) and os.path.isfile(path):
+                    found.append(path)
+    return sorted(found)
+
+
+def _relative(path: str, folders: list[str]) -> str:
+    """``path`` relative to the input folder holding it (its name alone if none does)."""
+    for folder in folders:
+        if path.startswith(folder.rstrip(os.sep) + os.sep):
+            return os.path.relpath(path, folder).replace(os.sep, "/")
+    return os.path.basename(path)
 
 
 def _member_audio(path: str, encoding: str) -> tuple[str, bytes]:
@@ -736,6 +773,8 @@ def _fetched_shard(url: str, root: Path, policy: ReadPolicy) -> tuple[Path, floa
         if isinstance(item, Skipped):
             skipped[item.what] = item.reason
             continue
+        if not item.is_audio():
+            continue
         try:
             ext, data = item.audio()
         except AudioError as exc:
@@ -760,3 +799,53 @@ def _safe_name(key: str) -> str:
     """A member key as a relative file path inside the sample folder (no absolute parts, no ``..``)."""
     parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     return "/".join(parts) or "member"
+
+
+# ---------------------------------------------------------------------------
+# A dataset packed whole, back as a folder (evaluation tasks)
+# ---------------------------------------------------------------------------
+
+
+def fetched_tree(source: str | Path, cache_dir: str | Path | None = None, policy: ReadPolicy = ReadPolicy()) -> Path:
+    """The files of a pack, fetched once into ``$MERT_CACHE/shard-trees/`` at their packed paths.
+
+    For datasets that tools read as folders (an evaluation task's ``data_dir``):
+    pack them with ``mert data pack --all-files`` so that their labels travel
+    with the audio; each member is written at the ``path`` its ``.json`` records
+    (relative to the packed folder), audio in its packed encoding. Fetched once
+    per shard list, then reused.
+
+    Raises:
+        ShardError: the source names nothing, or a member could not be fetched
+            (a dataset with holes would score differently).
+    """
+    from mert_core.files import publish_folder
+
+    corpus = open_corpus([source])
+    root = cache_root(cache_dir) / "shard-trees"
+    folder = root / hashlib.sha256("\n".join(corpus.urls).encode()).hexdigest()[:16]
+    if (folder / ".fetched.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    members = 0
+    for url in corpus.urls:
+        for item in read_members(url, policy=policy):
+            if isinstance(item, Skipped):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ShardError(f"{source}: cannot fetch {item.what} ({item.reason}); the dataset would be incomplete")
+            entries = {k: v for k, v in item.entries.items() if k != "json"}
+            if not entries:
+                continue
+            ext, data = next(iter(entries.items()))
+            target = tmp / _safe_name(item.metadata().get("path") or f"{item.key}.{ext}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            members += 1
+    (tmp / ".fetched.json").write_text(json.dumps({"source": str(source), "shards": corpus.urls, "members": members}))
+    if not publish_folder(tmp, folder, replace=False):  # another process fetched it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("fetched %d members of %s into %s", members, source, folder)
+    return folder

@@ -262,6 +262,8 @@ class _Lane:
     def _member_crops(self, member: Member, j: int) -> tuple[np.ndarray, list[int]] | None:
         """The decoded member and its crop starts, or None (counted in ``skipped`` if unreadable)."""
         s = self.s
+        if not member.is_audio():
+            return None
         try:
             ext, data = member.audio()
             audio = decode_audio(data, f"{member.id}.{ext}", s.sample_rate)

@@ -516,3 +516,39 @@ def test_sigkill_then_resume_over_http_ends_with_the_same_weights(shard_server, 
         j, _, offset, _ = lane_state["start"]
         name = Path(stream.shard_of(int(lane), j)).name
         assert next(start for n, start in shard_server.log if n == name) == offset
+
+
+# -- evaluation datasets ------------------------------------------------------------------
+
+
+def test_an_evaluation_task_reads_its_dataset_from_shards(tmp_path):
+    """A task folder packed whole (--all-files: the labels travel with the audio) and served over
+    HTTP gives `mert extract` the same examples and the same features as the folder itself."""
+    from mert_core.demo import DemoSize, ensure_demo_data
+
+    size = DemoSize(pieces_per_key=3, piece_seconds=2.0, keys=("C major", "A minor"), note_pitches=(60,), timbres=("flute",), note_seconds=0.5)
+    demo = ensure_demo_data(tmp_path / "demo", size=size, progress=False)
+    result = CliRunner().invoke(cli, ["data", "pack", "--data", str(demo), "--out", str(tmp_path / "packed"), "--shard-size", "300KB",
+                                      "--all-files", "--quiet"])
+    assert result.exit_code == 0, result.output
+    server = _ShardServer(tmp_path / "packed")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        (upstream,) = api.build_upstreams(baselines=["handcrafted"])
+        remote = api.build_task("demo-key", {"data_dir": f"{server.url}/index.json"})
+        local = api.build_task("demo-key", {"data_dir": str(demo)})
+        assert Path(remote.options.data_dir) != demo and (Path(remote.options.data_dir) / "metadata.jsonl").is_file()
+        for split in ("train", "test"):
+            want, got = local.examples(split), remote.examples(split)
+            assert [(Path(e.path).relative_to(demo), e.label) for e in want] == \
+                   [(Path(e.path).relative_to(remote.options.data_dir), e.label) for e in got]
+        a = api.extract_task(upstream, local, ["train"], cache_dir=tmp_path / "c1", progress=False)["train"]
+        b = api.extract_task(upstream, remote, ["train"], cache_dir=tmp_path / "c2", progress=False)["train"]
+        assert len(a) == len(b) > 0 and np.array_equal(np.asarray(a.features), np.asarray(b.features))
+        server.log.clear()
+        api.build_task("demo-key", {"data_dir": f"{server.url}/index.json"})
+        assert server.log == [("index.json", 0)]  # the shards were fetched once; the index says which to reuse
+    finally:
+        server.shutdown()
+        server.server_close()
