@@ -462,15 +462,31 @@ class _Cursor:
 
 
 class _Counted:
-    """A read-only stream that counts the bytes read from it."""
+    """A read-only stream that reads ahead in 1 MiB requests and counts the bytes handed out.
+
+    tarfile reads 10 KiB at a time; an fsspec HTTP stream pays a hop to its
+    event loop per read, so the read-ahead saves ~100 hops per MiB."""
+
+    CHUNK = 1 << 20
 
     def __init__(self, stream: BinaryIO):
         self.stream, self.count = stream, 0
+        self.buffer, self.at = b"", 0
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.count += len(data)
-        return data
+        if size is None or size < 0:
+            out = self.buffer[self.at :] + self.stream.read()
+            self.buffer, self.at = b"", 0
+        else:
+            while len(self.buffer) - self.at < size:
+                more = self.stream.read(max(self.CHUNK, size))
+                if not more:
+                    break
+                self.buffer, self.at = self.buffer[self.at :] + more, 0
+            out = self.buffer[self.at : self.at + size]
+            self.at += len(out)
+        self.count += len(out)
+        return out
 
 
 def _members(stream: BinaryIO, url: str, base: int, first_index: int, cursor: _Cursor) -> Iterator[Member]:
@@ -516,7 +532,7 @@ def _members(stream: BinaryIO, url: str, base: int, first_index: int, cursor: _C
     cursor.key = None
     # tarfile ends quietly where a header is cut short or missing: a complete
     # shard has a zero block there (the end-of-archive marker)
-    while counted.read(1 << 20):
+    while counted.read(_Counted.CHUNK):
         pass
     if counted.count < tar.offset + tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"the shard ends at byte {base + counted.count} without its end-of-archive block (truncated)")
