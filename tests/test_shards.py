@@ -266,6 +266,21 @@ def test_stream_resumes_exactly_from_a_byte_offset_whatever_the_workers(shard_se
     assert seen_offsets > 0  # some lane was resumed in the middle of a shard
 
 
+def test_ranks_and_lanes_read_every_shard_once_per_epoch(packed):
+    corpus = open_corpus([packed])
+    n, world, lanes = len(corpus.urls), 2, 2
+    streams = [ShardStream(corpus, 2, seed=5, rank=r, world_size=world, lanes=lanes) for r in range(world)]
+    for epoch in range(3):
+        read = []
+        for s in streams:
+            per_epoch = s.shards_per_epoch()
+            # the rank's epoch-th run of shards, dealt to its lanes in turn
+            read += [s.shard_of(q % lanes, q // lanes) for q in range(epoch * per_epoch, (epoch + 1) * per_epoch)]
+        assert sorted(read) == sorted(corpus.urls)  # every shard once, by one lane of one rank
+    firsts = [tuple(s.shard_of(0, j) for j in range(n)) for s in streams]
+    assert firsts[0] != firsts[1]
+
+
 def test_too_few_shards_for_the_ranks_and_bad_worker_counts_are_refused(packed):
     from mert_core.streaming import StreamError
 
@@ -552,3 +567,28 @@ def test_an_evaluation_task_reads_its_dataset_from_shards(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+DDP_SCRIPT = """
+import sys
+from mert_core import api
+overrides = sys.argv[3:]
+config = api.make_train_config(teachers=["cqt"], preset="tiny", data=[sys.argv[1]], out_dir=sys.argv[2], max_steps=2, overrides=overrides)
+api.train(config, progress=False)
+"""
+
+
+def test_two_process_torchrun_saves_both_ranks_stream_positions(packed, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script),
+         str(packed), str(out), *STREAM, "checkpoint_every=1"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = torch.load(out / "last.pt", weights_only=True)
+    streams = state["data_stream"]
+    assert [s["rank"] for s in streams] == [0, 1] and all(s["world_size"] == 2 for s in streams)
+    assert all(s["next_lane"] == 0 and set(s["lane_states"]) == {"0", "1"} for s in streams)  # 2 batches: one per lane
