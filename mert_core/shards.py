@@ -100,7 +100,7 @@ def is_shard_source(spec: str | Path) -> bool:
     """Whether ``--data`` names shards: a URL, an ``index.json``, a folder holding one,
     a brace pattern or a ``.tar`` file (anything else is a folder, manifest or audio file)."""
     s = str(spec)
-    if is_remote_or_pattern(s) or s.endswith(".tar") or posixpath.basename(s) == INDEX_FILE:
+    if is_remote_or_pattern(s) or s.endswith((".tar", ".tar.gz", ".tgz")) or posixpath.basename(s) == INDEX_FILE:
         return True
     return os.path.isdir(s) and os.path.isfile(os.path.join(s, INDEX_FILE))
 
