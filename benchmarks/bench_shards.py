@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,17 +31,18 @@ SR = 24000
 LANES = 4
 
 
-def delivered(batches, warmup: int, count: int) -> tuple[float, float]:
-    """Audio-seconds per second over ``count`` batches after ``warmup``, and the first batch's latency."""
+def delivered(batches, warmup: int, count: int) -> tuple[float, float, float]:
+    """Over ``count`` batches after ``warmup``: audio-seconds per second and per CPU-second of
+    this process (the reading itself only with 0 workers); and the first batch's latency."""
     start = time.perf_counter()
     for i in range(warmup):
         next(batches)
         if i == 0:
             first = time.perf_counter() - start
-    t0, seconds = time.perf_counter(), 0.0
+    t0, cpu0, seconds = time.perf_counter(), time.process_time(), 0.0
     for _ in range(count):
         seconds += float(next(batches)["lengths"].sum()) / SR
-    return seconds / (time.perf_counter() - t0), first
+    return seconds / (time.perf_counter() - t0), seconds / (time.process_time() - cpu0), first
 
 
 def folder_loader(manifest, batch: int, workers: int):
@@ -117,7 +119,9 @@ def main() -> None:
     parser.add_argument("--audio", type=Path, required=True, help="folder of real music (the same files feed all three sources)")
     parser.add_argument("--workers", default="1,2,4", help="DataLoader worker counts (each must divide the 4 lanes)")
     parser.add_argument("--batch", type=int, default=8, help="crops per batch")
-    parser.add_argument("--batches", type=int, default=40, help="batches timed per row, after the warm-up")
+    parser.add_argument("--batches", type=int, default=120, help="batches timed per row, after the warm-up (many more than the "
+                                                                  "workers' read-ahead, which the warm-up fills)")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per cell, the sources taking turns")
     parser.add_argument("--buffer-crops", type=int, default=32, help="shuffle block per lane (data.stream.buffer_crops)")
     parser.add_argument("--shard-size", default="64MB")
     parser.add_argument("--train", type=int, default=0, metavar="STEPS", help="also time a training run of this many steps on the shards")
@@ -133,16 +137,35 @@ def main() -> None:
               f"{packed.shards} shards of <= {args.shard_size} in {packed.seconds:.1f} s; batches of {args.batch} x 5 s, "
               f"{args.batches} timed after a warm-up; shards: {LANES} lanes, {args.buffer_crops}-crop blocks\n")
         server, url = serve(tmp / "shards")
+        sources = {
+            "folder, random seeks": lambda w: folder_loader(manifest, args.batch, w),
+            "local shards": lambda w: shard_loader(str(tmp / "shards"), args.batch, w, args.buffer_crops),
+            "HTTP shards (local server)": lambda w: shard_loader(f"{url}/index.json", args.batch, w, args.buffer_crops),
+        }
         try:
-            print("| source | workers | audio-s/s | vs folder | first batch s |")
-            print("|---|---|---|---|---|")
+            # rounds alternate the sources, so that a burst of load elsewhere on the machine
+            # lands on all of them; each cell is the median of the rounds
+            rates: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
             for workers in (int(w) for w in args.workers.split(",")):
-                warmup = 2 * LANES
-                base, first = delivered(folder_loader(manifest, args.batch, workers), warmup, args.batches)
-                print(f"| folder, random seeks | {workers} | {base:.1f} | 1.00x | {first:.2f} |", flush=True)
-                for name, source in (("local shards", str(tmp / "shards")), ("HTTP shards (local server)", f"{url}/index.json")):
-                    rate, first = delivered(shard_loader(source, args.batch, workers, args.buffer_crops), warmup, args.batches)
-                    print(f"| {name} | {workers} | {rate:.1f} | {rate / base:.2f}x | {first:.2f} |", flush=True)
+                warmup = max(2 * LANES, 2 * 2 * workers)  # every lane started, every worker's read-ahead (prefetch 2) filled
+                for _ in range(args.rounds):
+                    for name, make in sources.items():
+                        rates.setdefault((name, workers), []).append(delivered(make(workers), warmup, args.batches))
+            print(f"| source | workers | audio-s/s (median of {args.rounds}) | range | vs folder | first batch s |")
+            print("|---|---|---|---|---|---|")
+            for (name, workers), runs in rates.items():
+                med = statistics.median(r[0] for r in runs)
+                base = statistics.median(r[0] for r in rates[("folder, random seeks", workers)])
+                print(f"| {name} | {workers} | {med:.1f} | {min(r[0] for r in runs):.0f}-{max(r[0] for r in runs):.0f} | "
+                      f"{med / base:.2f}x | {statistics.median(r[2] for r in runs):.2f} |")
+            print(f"\nreading in the training process (0 workers): audio-seconds per CPU-second (median of {args.rounds}), "
+                  "a measure the machine's load does not move much")
+            cpu = {name: [] for name in sources}
+            for _ in range(args.rounds):
+                for name, make in sources.items():
+                    cpu[name].append(delivered(make(0), 2 * LANES, args.batches // 2)[1])
+            for name, runs in cpu.items():
+                print(f"| {name} | {statistics.median(runs):.1f} audio-s per CPU-s |")
         finally:
             server.terminate()
         index_startup(tmp)
