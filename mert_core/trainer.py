@@ -175,8 +175,8 @@ class Run:
     device: torch.device
     say: Callable[[str], None]
     out_dir: Path
-    manifest: Any  # data.Manifest
-    usable: list  # the manifest's files long enough to crop
+    manifest: Any  # data.Manifest, or shards.ShardCorpus for a streamed run
+    usable: list  # the manifest's files long enough to crop (none for shards)
     teachers: dict[str, Teacher]
     specs: dict[str, TargetSpec]
     label_stores: dict[str, Any]  # teacher name -> labels.LabelStore
