@@ -109,9 +109,12 @@ def train_wait(source: str, steps: int, out: Path) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     if len(rows) > 1:
         steady = f"{rows[-1]['audio_seconds_per_second']:.1f}"
+    first, rest = batches.first_wait_seconds, batches.wait_seconds - batches.first_wait_seconds
     print(f"\ntraining on shards (cpu preset, cqt, batch {config.data.batch_size} x {config.data.crop_seconds:g} s, 1 worker, "
-          f"{os.cpu_count()} cores): {steps} steps in {loop:.1f} s, waiting for the loader {batches.wait_seconds:.2f} s = "
-          f"{100 * batches.wait_seconds / loop:.1f} % of the loop; last logged window {steady} audio-s/s")
+          f"{os.cpu_count()} cores): {steps} steps in {loop:.1f} s; waiting for the loader {batches.wait_seconds:.2f} s = "
+          f"{100 * batches.wait_seconds / loop:.1f} % of the loop, of which {first:.2f} s for the first batch (the lanes' first "
+          f"blocks) and {rest:.2f} s = {100 * rest / max(loop - first, 1e-9):.2f} % of the steps after it; "
+          f"last logged window {steady} audio-s/s")
 
 
 def main() -> None:
@@ -121,11 +124,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="crops per batch")
     parser.add_argument("--batches", type=int, default=120, help="batches timed per row, after the warm-up (many more than the "
                                                                   "workers' read-ahead, which the warm-up fills)")
+    parser.add_argument("--parts", default="table,cpu,index", help="what to measure: table (rates per worker count), "
+                                                                   "cpu (CPU cost per audio second), index (100k-shard start-up)")
     parser.add_argument("--rounds", type=int, default=3, help="measurements per cell, the sources taking turns")
     parser.add_argument("--buffer-crops", type=int, default=32, help="shuffle block per lane (data.stream.buffer_crops)")
     parser.add_argument("--shard-size", default="64MB")
     parser.add_argument("--train", type=int, default=0, metavar="STEPS", help="also time a training run of this many steps on the shards")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
 
     manifest = scan_audio([args.audio], progress=False)
     usable, _ = manifest.split_by_duration(3.0)
@@ -143,32 +149,35 @@ def main() -> None:
             "HTTP shards (local server)": lambda w: shard_loader(f"{url}/index.json", args.batch, w, args.buffer_crops),
         }
         try:
-            # rounds alternate the sources, so that a burst of load elsewhere on the machine
-            # lands on all of them; each cell is the median of the rounds
-            rates: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
-            for workers in (int(w) for w in args.workers.split(",")):
-                warmup = max(2 * LANES, 2 * 2 * workers)  # every lane started, every worker's read-ahead (prefetch 2) filled
+            if "table" in parts:
+                # rounds alternate the sources, so that a burst of load elsewhere on the machine
+                # lands on all of them; each cell is the median of the rounds
+                print(f"| source | workers | audio-s/s (median of {args.rounds}) | range | vs folder | first batch s |")
+                print("|---|---|---|---|---|---|")
+                for workers in (int(w) for w in args.workers.split(",")):
+                    warmup = max(2 * LANES, 2 * 2 * workers)  # every lane started, every worker's read-ahead (prefetch 2) filled
+                    runs: dict[str, list] = {name: [] for name in sources}
+                    for _ in range(args.rounds):
+                        for name, make in sources.items():
+                            runs[name].append(delivered(make(workers), warmup, args.batches))
+                    base = statistics.median(r[0] for r in runs["folder, random seeks"])
+                    for name, rs in runs.items():
+                        med = statistics.median(r[0] for r in rs)
+                        print(f"| {name} | {workers} | {med:.1f} | {min(r[0] for r in rs):.0f}-{max(r[0] for r in rs):.0f} | "
+                              f"{med / base:.2f}x | {statistics.median(r[2] for r in rs):.2f} |", flush=True)
+            if "cpu" in parts:
+                print(f"\nreading in the training process (0 workers): audio-seconds per CPU-second (median of {args.rounds}), "
+                      "a measure the machine's load does not move much")
+                cpu = {name: [] for name in sources}
                 for _ in range(args.rounds):
                     for name, make in sources.items():
-                        rates.setdefault((name, workers), []).append(delivered(make(workers), warmup, args.batches))
-            print(f"| source | workers | audio-s/s (median of {args.rounds}) | range | vs folder | first batch s |")
-            print("|---|---|---|---|---|---|")
-            for (name, workers), runs in rates.items():
-                med = statistics.median(r[0] for r in runs)
-                base = statistics.median(r[0] for r in rates[("folder, random seeks", workers)])
-                print(f"| {name} | {workers} | {med:.1f} | {min(r[0] for r in runs):.0f}-{max(r[0] for r in runs):.0f} | "
-                      f"{med / base:.2f}x | {statistics.median(r[2] for r in runs):.2f} |")
-            print(f"\nreading in the training process (0 workers): audio-seconds per CPU-second (median of {args.rounds}), "
-                  "a measure the machine's load does not move much")
-            cpu = {name: [] for name in sources}
-            for _ in range(args.rounds):
-                for name, make in sources.items():
-                    cpu[name].append(delivered(make(0), 2 * LANES, args.batches // 2)[1])
-            for name, runs in cpu.items():
-                print(f"| {name} | {statistics.median(runs):.1f} audio-s per CPU-s |")
+                        cpu[name].append(delivered(make(0), 2 * LANES, args.batches // 2)[1])
+                for name, rs in cpu.items():
+                    print(f"| {name} | {statistics.median(rs):.1f} audio-s per CPU-s |", flush=True)
         finally:
             server.terminate()
-        index_startup(tmp)
+        if "index" in parts:
+            index_startup(tmp)
         if args.train:
             train_wait(str(tmp / "shards"), args.train, tmp / "run")
 

@@ -95,6 +95,14 @@ def crop_offsets(num_samples: int, crop_samples: int, min_samples: int, aligned:
     return [phase + k * crop_samples for k in range(whole)]
 
 
+def check_workers(workers: int, lanes: int) -> None:
+    """Each worker reads whole lanes: ``workers`` must divide ``lanes``."""
+    if lanes % workers:
+        fits = ", ".join(str(d) for d in range(1, lanes + 1) if lanes % d == 0)
+        raise StreamError(f"data.num_workers={workers} must divide data.stream.lanes={lanes} (each worker reads whole lanes); "
+                          f"use {fits} workers, or set data.stream.lanes to a multiple of {workers} in a new run")
+
+
 class ShardStream(IterableDataset):
     """Endless micro-batches of crops from shards, lane by lane (see the module docstring).
 
@@ -172,9 +180,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self.lanes % workers:
-            raise StreamError(f"data.num_workers={workers} must divide data.stream.lanes={self.lanes} "
-                              f"(each worker reads whole lanes); use {', '.join(str(d) for d in range(1, self.lanes + 1) if self.lanes % d == 0)} workers")
+        check_workers(workers, self.lanes)
         lanes: dict[int, _Lane] = {}
         for n in itertools.count():
             lane = (self.first_lane + worker + n * workers) % self.lanes
@@ -289,13 +295,13 @@ class ShardBatches:
     def __init__(self, stream: ShardStream, num_workers: int = 1, *, prefetch_factor: int = 2, pin_memory: bool | None = None):
         from mert_core.data import _init_worker
 
-        if num_workers and stream.lanes % num_workers:
-            raise StreamError(f"data.num_workers={num_workers} must divide data.stream.lanes={stream.lanes} (each worker reads "
-                              f"whole lanes); use {', '.join(str(d) for d in range(1, stream.lanes + 1) if stream.lanes % d == 0)} workers")
+        if num_workers:
+            check_workers(num_workers, stream.lanes)
         self.stream = stream
         self.lane_states = dict(stream.lane_states)
         self.next_lane = stream.first_lane
-        self.wait_seconds = 0.0
+        self.wait_seconds = 0.0  # spent in __next__, waiting for the workers (or reading, with none)
+        self.first_wait_seconds = 0.0
         self.batches_read = 0
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
@@ -308,7 +314,10 @@ class ShardBatches:
     def __next__(self) -> dict[str, Any]:
         started = time.perf_counter()
         batch = next(self._batches)
-        self.wait_seconds += time.perf_counter() - started
+        waited = time.perf_counter() - started
+        self.wait_seconds += waited
+        if not self.batches_read:
+            self.first_wait_seconds = waited  # the lanes' first blocks are read before it
         self.batches_read += 1
         stream = batch.pop("stream")
         lane = int(stream["lane"])
