@@ -28,7 +28,7 @@ class InputError(click.UsageError):
 
 
 def _usage_types():
-    from mert_core.checkpoint import CheckpointError
+    from mert_core.checkpoint import CheckpointError, RunFolderTaken
     from mert_core.convert import HFConversionError
     from mert_core.data import DataError
     from mert_core.labels import LabelStoreError
@@ -39,8 +39,8 @@ def _usage_types():
     from mert_core.streaming import StreamError
     from mert_core.tasks import TaskDataError
 
-    return (ConfigError, PluginError, LabelStoreError, DataError, CheckpointError, HFConversionError, TaskDataError, ScaffoldError,
-            ShardError, StreamError)
+    return (ConfigError, PluginError, LabelStoreError, DataError, CheckpointError, RunFolderTaken, HFConversionError, TaskDataError,
+            ScaffoldError, ShardError, StreamError)
 
 
 def one_line(exc: BaseException) -> click.ClickException | None:

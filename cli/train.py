@@ -22,9 +22,10 @@ from mert_core.config import PRESET_NAMES
 @click.option("--max-steps", type=int, help="Optimizer updates to run (optim.max_steps).")
 @click.option("--init-from", type=click.Path(path_type=Path), help="Continued pretraining: start the student from a Hugging Face HuBERT/MERT folder, a run folder, a .pt or a student.safetensors (shapes must fit --preset).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Delete the run already in --out (checkpoints, metrics, fitted teachers) and start a new one.")
 @click.option("--dry-run", is_flag=True, help="Print the validated config and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(teachers, augment, recipe, data, out_dir, preset, config_file, overrides, max_steps, init_from, resume, dry_run, quiet):
+def train(teachers, augment, recipe, data, out_dir, preset, config_file, overrides, max_steps, init_from, resume, overwrite, dry_run, quiet):
     """Pretrain a MERT student with masked prediction of teacher targets.
 
     \b
@@ -46,4 +47,4 @@ def train(teachers, augment, recipe, data, out_dir, preset, config_file, overrid
     if dry_run:
         click.echo(config.model_dump_json(indent=2))
         return
-    api.train(config, resume=resume, progress=not quiet)
+    api.train(config, resume=resume, progress=not quiet, overwrite=overwrite)

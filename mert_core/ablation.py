@@ -170,7 +170,7 @@ def ablate(
     tasks_objs = [eval_api.build_task(t, (task_options or {}).get(t), registry) for t in tasks]  # bad task options fail now, not after training
 
     # teachers that need fitting: fitted once per (teacher, options), shared by every arm and seed
-    _share_fitted_teachers(configs.values(), out / "teachers", data, registry, device, progress, log)
+    share_fitted_teachers(configs.values(), out / "teachers", data, registry, device, progress, log)
 
     runs: dict[str, list[Path]] = {}
     for (arm_name, seed), config in configs.items():
@@ -217,7 +217,7 @@ def _arm_config(arm: Arm, seed: int, data, out: Path, max_steps: int, base_recip
         raise ConfigError(f"arm {arm.name!r}: {exc}") from None
 
 
-def _share_fitted_teachers(configs, teacher_dir: Path, data, registry, device, progress, log) -> None:
+def share_fitted_teachers(configs, teacher_dir: Path, data, registry, device, progress, log) -> None:
     """Fit each k-means-like teacher once and point every config at the file."""
     from mert_core.labels import fit_teacher
 

@@ -20,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,7 +29,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from mert_core.config import TrainConfig
-from mert_core.files import atomic_write, remove_stale_temp_files  # noqa: F401 - re-exported: the run folder's writes
+from mert_core.files import atomic_write, naming_a_full_disk, remove_stale_temp_files  # noqa: F401 - re-exported: the run folder's writes
 from mert_core.model import MertStudent
 
 FORMAT = "mert-checkpoint-v1"
@@ -45,13 +47,60 @@ class RunFolderBusy(RuntimeError):
     """Another process is writing into the same run folder."""
 
 
+class RunFolderTaken(ValueError):
+    """A new run was asked for in a folder that holds another run's files."""
+
+
+RUN_FILES = (LAST, STUDENT_FILE, "checkpoints", "config.json", "metrics.jsonl", "summary.json", "loss.png", "tensorboard")
+"""What a training run writes into its folder, besides its fitted teachers (``teacher-*.safetensors``
+and a Mel-RVQ fit's ``.ckpt``) and the lock."""
+
+
+def run_files(folder: Path) -> list[Path]:
+    """The files and folders of a run in ``folder`` (:data:`RUN_FILES` and fitted teachers), if any."""
+    folder = Path(folder)
+    return [folder / name for name in RUN_FILES if (folder / name).exists()] + sorted(folder.glob("teacher-*.safetensors*"))
+
+
+def clear_run_files(folder: Path) -> list[Path]:
+    """Delete what :func:`run_files` lists (with the folder's lock held); returns it."""
+    import shutil
+
+    removed = run_files(folder)
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return removed
+
+
+_HELD_LOCKS: set[int] = set()
+"""Descriptors of the run-folder locks this process holds."""
+
+
+def _drop_inherited_locks() -> None:
+    # In a forked child (a DataLoader worker): an flock belongs to the open file, which the
+    # child shares, so a worker outliving a SIGKILLed run (it notices within ~5 s) held the
+    # lock that long. Closing the child's copy leaves the lock to the process that took it.
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextlib.contextmanager
 def lock_run_folder(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (one writer per run folder).
 
     An OS lock (``flock``) on ``folder/.lock``: released when the block ends,
-    however it ends, and by the OS when the process dies (a crash leaves no
-    stale lock). The holder's pid is written into the file for the message a
+    however it ends, and by the OS when the process dies (a crash, SIGKILL
+    included, leaves no stale lock); forked children (loader workers) do not
+    keep it. The holder's pid is written into the file for the message a
     second writer gets.
 
     Raises:
@@ -75,19 +124,90 @@ def lock_run_folder(folder: Path) -> Iterator[None]:
             ) from None
         except OSError as exc:  # e.g. a network filesystem without locks
             log.warning("%s: cannot lock the run folder (%s); do not start two runs into it", folder, exc.strerror)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD_LOCKS.add(fd)
+        with naming_a_full_disk(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # closing the last descriptor releases the lock
 
 
+HASH_KEY = "content_sha256"
+"""Where a checkpoint (a key of its dict) and a student export (a metadata field) keep :func:`content_digest`."""
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 (16 hex digits) of what a checkpoint holds: every tensor's dtype, shape and bytes,
+    and the plain data around them, dict keys in sorted order. The zip file ``torch.save``
+    writes is not checked on load (a flipped bit in a tensor loads silently); this is."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(x, dict):
+            h.update(f"dict {len(x)};".encode())
+            for key in sorted(x, key=repr):
+                feed(key)
+                feed(x[key])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"list {len(x)};".encode())
+            for item in x:
+                feed(item)
+        else:  # str, int, float, bool, None
+            h.update(f"{type(x).__name__} {x!r};".encode())
+
+    feed(obj)
+    return h.hexdigest()[:16]
+
+
+def _check_content(path: Path, recorded: str | None, content: Any, what: str) -> None:
+    if recorded is not None and recorded != content_digest(content):
+        older = "" if path.name != LAST else (
+            f"; to resume from an older checkpoint, copy it over {LAST}: "
+            f"{', '.join(p.name for p in sorted((path.parent / 'checkpoints').glob('step_*.pt'))) or 'none is left'}"
+        )
+        raise CheckpointError(
+            f"{path}: {what} differ from the content hash recorded when it was written (a damaged copy, bit rot); "
+            f"use another checkpoint (a run folder keeps the last ones in checkpoints/) or write it again{older}"
+        )
+
+
+def check_export_content(path: Path, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
+    """Refuse a student export whose weights or metadata differ from the hash it was written with."""
+    rest = {k: v for k, v in metadata.items() if k != HASH_KEY}
+    _check_content(path, metadata.get(HASH_KEY), {"tensors": weights, "metadata": rest}, "its weights or metadata")
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` refused a file, without torch's
+    multi-line advice to load it with ``weights_only=False`` (which would run whatever it holds)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return (f"it holds Python objects{f' ({found.group(1)})' if found else ''}, and loading those runs code: mert reads only "
+                f"tensors and plain data from such files; it is not a weights file, or it was tampered with")
+    return f"{type(exc).__name__}: {next((line for line in text.splitlines() if line.strip()), '')}"
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    state = {"format": FORMAT, **state}
+    """Write ``state`` (with the format and its content hash) atomically."""
+    state = {"format": FORMAT, **{k: v for k, v in state.items() if k != HASH_KEY}}
+    state[HASH_KEY] = content_digest(state)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's dict, read with ``weights_only=True`` and checked against its content
+    hash (checkpoints written before the hash existed load unchecked).
+
+    Raises:
+        CheckpointError: missing, unreadable, not a mert checkpoint, or damaged.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / LAST
@@ -96,9 +216,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc}); it may be truncated or not a mert checkpoint") from None
+        raise CheckpointError(f"{path}: cannot read checkpoint ({describe_load_error(exc)}); it may be truncated or not a mert checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} file (format={state.get('format') if isinstance(state, dict) else type(state).__name__})")
+    recorded = state.pop(HASH_KEY, None)
+    _check_content(path, recorded, state, "its contents")
     return state
 
 
@@ -112,6 +234,7 @@ def save_student(student: MertStudent, path: str | Path, config: dict[str, Any] 
     """
     tensors = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
     meta = {"format": FORMAT, "model_args": json.dumps(student.args), "config": json.dumps(config or {})}
+    meta[HASH_KEY] = content_digest({"tensors": tensors, "metadata": meta})
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -153,11 +276,10 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         elif (path / LAST).exists():
             path = path / LAST
         elif (path / "config.json").exists():
-            from mert_core.convert import load_hf_hubert
+            from mert_core.convert import hf_fingerprint, load_hf_hubert
 
             student = load_hf_hubert(path).to(device).eval()
-            weights = next((p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists()), path / "config.json")
-            return student, {"config": {}, "step": None, "checkpoint_id": "hf-" + file_digest(weights), "path": str(path)}
+            return student, {"config": {}, "step": None, "checkpoint_id": hf_fingerprint(path), "path": str(path)}
         else:
             raise CheckpointError(f"{path}: holds neither {STUDENT_FILE}, {LAST} nor a Hugging Face config.json")
     if path.suffix == ".safetensors":
@@ -170,6 +292,8 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
             weights = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - a file that changed or is damaged past its header
             raise CheckpointError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc}); the file is damaged, export it again") from None
+        check_export_content(path, meta, weights)
+        check_finite_weights(path, weights)
         student.load_state_dict(weights)
         info = {"config": config, "step": None}
     else:
@@ -177,11 +301,27 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         weights = state.get("student")
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise CheckpointError(f"{path}: 'student' is not a dict of tensors; the checkpoint is damaged")
+        check_finite_weights(path, weights)
         student = _student_for(path, state.get("model_args"), {k: tuple(v.shape) for k, v in weights.items()})
         student.load_state_dict(weights)
         info = {"config": state.get("config", {}), "step": state.get("step"), "counters": state.get("counters", {})}
     info.update(checkpoint_id=file_digest(path), path=str(path))
     return student.to(device).eval(), info
+
+
+def check_finite_weights(where: str | Path, weights: dict[str, torch.Tensor], error: type[Exception] = CheckpointError) -> None:
+    """Refuse weights holding NaN or inf: every feature they make would be NaN, and a probe
+    on NaN features scores about chance without a word.
+
+    Raises:
+        ``error``: naming ``where`` and the first tensor that is not finite.
+    """
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise error(
+            f"{where}: weight {bad[0]!r} holds NaN or infinite values ({len(bad)} of {len(weights)} tensors do); "
+            f"the run that wrote it diverged or the file is damaged: use an earlier checkpoint"
+        )
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
@@ -251,7 +391,8 @@ def point_last(out_dir: Path, numbered: Path, state: dict) -> None:
 # change (the non-finite stop advises lowering it), recorded in the run's history
 _RESUMABLE_CHANGES = {
     "model.init_from", "model.init_from_hash", "model.activation_checkpointing", "compile", "optim.lr",
-    "optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "device",
+    "optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "max_scale_growth",
+    "device", "out_dir",  # a run folder copied or moved elsewhere resumes there
 }
 
 
@@ -262,7 +403,7 @@ def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[Trai
     from mert_core.runconfig import with_data_paths
 
     # runs saved before the demo default was resolved in the config recorded no data paths: the demo's
-    saved = with_data_paths(TrainConfig.model_validate(state["config"]))
+    saved = _moved(with_data_paths(TrainConfig.model_validate(state["config"])), Path(config.out_dir))
     new, old = _flatten(config.model_dump(mode="json")), _flatten(saved.model_dump(mode="json"))
     # a teacher fitted by the first run has its artifact recorded in the saved config only
     for flat, given in ((old, new), (new, old)):
@@ -283,10 +424,24 @@ def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[Trai
         "compile": config.compile,
         "optim": saved.optim.model_copy(update={"max_steps": config.optim.max_steps, "lr": config.optim.lr}),
         "log_every": config.log_every, "checkpoint_every": config.checkpoint_every,
-        "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps,
+        "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps, "max_scale_growth": config.max_scale_growth,
         "data": saved.data.model_copy(update={"num_workers": config.data.num_workers}),
-        "device": config.device,
+        "device": config.device, "out_dir": config.out_dir,
     }), changed
+
+
+def _moved(saved: TrainConfig, out_dir: Path) -> TrainConfig:
+    """``saved`` with the teacher files its run fitted into its folder found in ``out_dir``,
+    where the folder is now (copied or moved); ``out_dir`` itself is compared as a change."""
+    old = Path(saved.out_dir)
+    if old == out_dir:
+        return saved
+    saved = saved.model_copy(deep=True)
+    for tc in saved.teachers:
+        fitted = tc.options.get("teacher_file")
+        if fitted is not None and Path(fitted).is_relative_to(old):
+            tc.options = {**tc.options, "teacher_file": str(out_dir / Path(fitted).relative_to(old))}
+    return saved
 
 
 def _flatten(d, prefix=""):

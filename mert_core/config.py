@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-PresetName = Literal["tiny", "cpu", "95m", "330m"]
+PresetName = Literal["tiny", "cpu", "small", "cpu-small", "95m", "330m"]
 """The student presets (``mert_core.model.PRESETS`` has one builder per name)."""
 PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
 
@@ -87,7 +87,7 @@ class DataConfig(_Strict):
                     "URL), a folder holding one, a brace pattern such as https://host/c/shard-{000000..000099}.tar, .tar "
                     "files. Empty = built-in demo data.",
     )
-    sample_rate: int = Field(24000, gt=0, description="Student sample rate (MERT: 24 kHz).")
+    sample_rate: int = Field(24000, ge=1000, le=1_000_000, description="Student sample rate (MERT: 24 kHz; 1 kHz to 1 MHz, like audio headers).")
     crop_seconds: float = Field(5.0, gt=0, description="Training crop length (MERT: 5 s; large 5.12 s).")
     min_seconds: float = Field(3.0, ge=0, description="Files shorter than this are not used (MERT: 3 s).")
     batch_size: int = Field(4, ge=1, description="Clips per micro-batch per process.")
@@ -105,8 +105,11 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas (MERT).")
     eps: float = Field(1e-6, gt=0, description="Adam eps (MERT).")
     weight_decay: float = Field(0.01, ge=0, description="Weight decay (MERT).")
-    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup updates; None = 8% of max_steps (MERT: 32k of 400k).")
-    max_steps: int = Field(400000, ge=1, description="Total optimizer updates; the lr decays linearly to 0 here (MERT 400k).")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup updates; None = 8% of decay_steps or max_steps (MERT: 32k of 400k).")
+    max_steps: int = Field(400000, ge=1, description="Total optimizer updates (MERT 400k).")
+    decay_steps: int | None = Field(
+        None, ge=1, description="Step at which the linear decay reaches lr 0; None = max_steps (MERT). Larger than max_steps "
+                                "trains the first max_steps of a longer schedule (checkpoints along a scaling curve).")
     grad_clip: float = Field(10.0, gt=0, description="Gradient norm clip (MERT: 10 base, 1 large).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer update.")
 
@@ -136,10 +139,22 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1, description="Steps between metric lines.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Numbered checkpoints kept besides last.pt.")
-    max_bad_steps: int = Field(5, ge=1, description="Consecutive non-finite losses before the run stops.")
+    max_bad_steps: int = Field(5, ge=1, description="Consecutive bad steps (non-finite, or beyond max_scale_growth) before the run stops.")
+    max_scale_growth: float = Field(
+        1000.0, gt=1, description="A step whose loss or conv-feature std exceeds this multiple of the largest in the run's "
+                                  "first 10 good steps is bad (exploding weights): its update is skipped.")
     compile: bool = Field(False, description="Run the student and heads through torch.compile (faster steps after a "
                                              "compilation of a minute or more; needs a C++ compiler on CPU).")
     recipe: str | None = Field(None, description="Recipe the run was built from (informational).")
+
+    @field_validator("teachers")
+    @classmethod
+    def _each_teacher_once(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        names = [t.name for t in teachers]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"teacher {twice[0]!r} is listed twice; list each teacher once")
+        return teachers
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -149,4 +164,4 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     got = err.get("input")
     got_txt = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-    return f"config field {where!r}: {err['msg']}{got_txt}"
+    return f"config field {where!r}: {err['msg'].removeprefix('Value error, ')}{got_txt}"

@@ -292,25 +292,49 @@ def mert_state_dict_to_hf(sd: dict[str, torch.Tensor], num_layers: int) -> dict[
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
+def _weight_files(folder: Path) -> tuple[list[Path], str]:
+    """The files holding the folder's weights (a sharded index first, then its shards) and their kind
+    (``safetensors`` or ``bin``)."""
+    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [index, *(folder / shard for shard in shards)], kind
+    for name, kind in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
+        if (folder / name).is_file():
+            return [folder / name], kind
+    raise HFConversionError(f"{folder}: no model.safetensors or pytorch_model.bin next to config.json; "
+                            f"download the whole model folder (e.g. huggingface-cli download m-a-p/MERT-v1-95M)")
+
+
 def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The folder's tensors and the file that identifies them (the weights file, or a sharded index)."""
     from safetensors.torch import load_file
 
-    for index_name, loader in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
-        index = folder / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                path = folder / shard
-                sd.update(load_file(str(path)) if loader == "safetensors" else torch.load(path, map_location="cpu", weights_only=True))
-            return sd, index
-    if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors")), folder / "model.safetensors"
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True), folder / "pytorch_model.bin"
-    raise HFConversionError(f"{folder}: no model.safetensors or pytorch_model.bin next to config.json; "
-                            f"download the whole model folder (e.g. huggingface-cli download m-a-p/MERT-v1-95M)")
+    from mert_core.checkpoint import describe_load_error
+
+    files, kind = _weight_files(folder)
+    sd: dict[str, torch.Tensor] = {}
+    for path in files[1:] if len(files) > 1 else files:  # an index names the shards
+        try:
+            sd.update(load_file(str(path)) if kind == "safetensors" else torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - a truncated, foreign or hostile file
+            raise HFConversionError(f"{path}: cannot read the weights ({describe_load_error(exc)}); the download may be incomplete") from None
+    return sd, files[0]
+
+
+def hf_fingerprint(folder: str | Path) -> str:
+    """``hf-`` and a content hash of everything :func:`load_hf_hubert` reads from ``folder``:
+    ``config.json`` and every weights file (each shard of a sharded model). A feature cache
+    keyed by it is not reused once any of them changes (an edited ``layer_norm_eps`` too)."""
+    import hashlib
+
+    from mert_core.checkpoint import file_digest
+
+    folder = Path(folder)
+    files, _ = _weight_files(folder)
+    parts = [f"{p.name}:{file_digest(p)}" for p in [folder / "config.json", *files]]
+    return "hf-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def read_hf_hubert(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
@@ -360,6 +384,9 @@ def load_hf_hubert(folder: str | Path) -> MertStudent:
     """
     folder = Path(folder)
     args, converted, _ = read_hf_hubert(folder)
+    from mert_core.checkpoint import check_finite_weights
+
+    check_finite_weights(folder, converted, HFConversionError)
     try:  # config.json is untrusted: its sizes are checked against the weights before the student is allocated
         student = MertStudent.from_args(args, stored_shapes={k: tuple(v.shape) for k, v in converted.items()}, optional=("mask_embedding.weight",))
     except ValueError as exc:

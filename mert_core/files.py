@@ -3,16 +3,19 @@ half a file: one home for atomic writes (a leaf module: standard library only).
 
 - :func:`atomic_write`: one file, written under a temporary name, fsynced, renamed.
 - :func:`publish_folder`: a folder written under a temporary name, renamed into place.
+- :func:`naming_a_full_disk`: a full disk reported with the file that could not be written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 # atomic_write's temporary names: "." + target name + "." + mkstemp's 8 random characters + ".tmp"
 _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
@@ -39,6 +42,18 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(path: Path) -> Iterator[None]:
+    """Re-raise a full disk met in the block as ENOSPC naming ``path``, for writers that report it
+    without a file name (a plain ``write``, TensorBoard's event writer)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and _disk_full(exc, Path(path).parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
+        raise
 
 
 def _disk_full(exc: BaseException, folder: Path) -> bool:

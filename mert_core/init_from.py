@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, safe_open
 
-from mert_core.checkpoint import LAST, STUDENT_FILE, CheckpointError, file_digest, load_checkpoint
+from mert_core.checkpoint import (
+    LAST, STUDENT_FILE, CheckpointError, check_export_content, check_finite_weights, file_digest, load_checkpoint,
+)
 from mert_core.convert import HFConversionError, read_hf_hubert
 from mert_core.heads import _key as head_key
 from mert_core.runconfig import ConfigError
@@ -72,7 +74,9 @@ def read_init_source(path: str | Path) -> InitSource:
             if "model_args" not in meta:
                 raise InitFromError(f"{where}: a safetensors file without mert model_args metadata; "
                                     f"for a Hugging Face model pass its folder (with config.json) instead")
-            return InitSource(path, json.loads(meta["model_args"]), load_file(str(path)))
+            weights = load_file(str(path))
+            check_export_content(path, meta, weights)
+            return InitSource(path, json.loads(meta["model_args"]), weights)
         state = load_checkpoint(path)
         return InitSource(path, state["model_args"], state["student"], state["heads"], state.get("teacher_hashes", {}))
     except (HFConversionError, CheckpointError) as exc:
@@ -93,8 +97,8 @@ def init_student(path: str | Path, student, heads, teacher_hashes: dict[str, str
         the source's digest and the names of the teachers whose heads were taken over.
 
     Raises:
-        InitFromError: a tensor that does not fit (the first one is named), an
-            architecture argument that differs, or a changed source.
+        InitFromError: a tensor that does not fit or is not finite (the first one
+            is named), an architecture argument that differs, or a changed source.
     """
     source = read_init_source(path)
     where = f"config field 'model.init_from' ({path})"
@@ -102,6 +106,7 @@ def init_student(path: str | Path, student, heads, teacher_hashes: dict[str, str
     if expected_hash is not None and digest != expected_hash:
         raise InitFromError(f"{where}: its weights hash to {digest}, the config records {expected_hash}; "
                             f"the source changed: point init_from at the original or drop model.init_from_hash")
+    check_finite_weights(where, source.student, InitFromError)
     ours = student.state_dict()
     for key, tensor in ours.items():
         theirs = source.student.get(key)

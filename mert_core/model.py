@@ -390,6 +390,18 @@ hop of 80, and a second conv pools 4 of them: hop 320 (75 Hz) as in the paper,
 receptive field 1840 samples; teachers' targets are aligned through
 ``FrameGeometry.lead_frames``."""
 
+SMALL_ARGS: dict[str, Any] = dict(
+    TINY_ARGS, conv_channels=256, embed_dim=256, num_layers=4, num_heads=4, ffn_dim=1024,
+)
+"""The paper's 7-layer conv stack at 256 channels under 4 x 256 layers (4.8 M parameters): the
+smallest student of the paper's shape that the CPU scaling curve trains (docs/scaling.md)."""
+
+CPU_SMALL_ARGS: dict[str, Any] = dict(
+    SMALL_ARGS, conv_channels=256, conv_kernels=[1600, 4], conv_strides=[80, 4],
+)
+"""``small``'s transformer on the ``cpu`` preset's front end (1600-sample filter bank at hop 80, then
+a stride-4 conv; hop 320, receptive field 1840)."""
+
 BASE_95M_ARGS: dict[str, Any] = dict(
     conv_channels=512, embed_dim=768, num_layers=12, num_heads=12, ffn_dim=3072, layer_norm_first=False,
     dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, input_dropout=0.1, layerdrop=0.05,
@@ -404,7 +416,10 @@ LARGE_330M_ARGS: dict[str, Any] = dict(
 )
 """MERT-330M (Li et al. 2023, arXiv 2306.00107): pre-LN with a final LayerNorm, 24 x 1024, no dropout, attention relax 32, feature_grad_mult 1.0."""
 
-PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY_ARGS, "cpu": CPU_ARGS, "95m": BASE_95M_ARGS, "330m": LARGE_330M_ARGS}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": TINY_ARGS, "cpu": CPU_ARGS, "small": SMALL_ARGS, "cpu-small": CPU_SMALL_ARGS,
+    "95m": BASE_95M_ARGS, "330m": LARGE_330M_ARGS,
+}
 
 
 def student_args(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:

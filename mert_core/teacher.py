@@ -13,9 +13,11 @@ README's "Writing a plugin" section lists the contract, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -65,6 +67,70 @@ class TargetSpec:
             raise ValueError(f"continuous TargetSpec needs dim >= 1, got {self.dim}")
 
 
+@dataclass(frozen=True)
+class FitQuality:
+    """A number a fit measures of its teacher, lower is better (a reconstruction error, an inertia).
+
+    Attributes:
+        what: what it is, for a person ("held-out reconstruction error").
+        start: its value after the initialisation, before training; None when not measured.
+        end: its value for what the fitted file would hold.
+        advice: what to change when the fit made it worse (e.g. a lower learning rate).
+    """
+
+    what: str
+    start: float | None
+    end: float
+    advice: str = ""
+
+    def problem(self) -> str | None:
+        """Why a file with this quality must not be written (non-finite, or worse than at the start), or None."""
+        if not math.isfinite(self.end) or (self.start is not None and not math.isfinite(self.start)):
+            return "is not finite"
+        # a margin for float rounding: an unchanged fit (0 steps) measures the same number twice
+        if self.start is not None and self.end > self.start * (1 + FIT_QUALITY_TOLERANCE) + 1e-12:
+            return "ended worse than it started"
+        return None
+
+
+FIT_QUALITY_TOLERANCE = 1e-6
+"""How much worse than its start (relatively) a fit may end: only rounding."""
+
+
+class FitDiverged(RuntimeError):
+    """A fit ended with a worse or non-finite quality than it started with; nothing was written."""
+
+
+def write_teacher_file(out_file: Path, tensors: dict[str, torch.Tensor], format_key: str, meta: dict[str, Any],
+                       quality: Iterable[FitQuality], teacher: str) -> Path:
+    """Write a fitted teacher's file: ``tensors`` with ``meta`` as JSON under ``format_key``
+    in the safetensors metadata, atomically, and only if every ``quality`` the fit
+    measured is finite and no worse than it started (the one gate every built-in fit
+    writes through; ``meta["fit_quality"]`` records them).
+
+    Raises:
+        FitDiverged: naming ``teacher``, the quality, both numbers and ``out_file``, which is
+            left as it was (an earlier file stays).
+    """
+    from safetensors.torch import save_file
+
+    from mert_core.files import atomic_write
+
+    quality = list(quality)
+    for q in quality:
+        problem = q.problem()
+        if problem is not None:
+            start = "not measured" if q.start is None else f"{q.start:.4e}"
+            raise FitDiverged(
+                f"teacher {teacher!r}: the fit's {q.what} {problem} ({start} after the initialisation, {q.end:.4e} at the "
+                f"end), so {out_file} was not written; {q.advice or 'fit again with other options'}"
+            )
+    meta = {**meta, "fit_quality": [asdict(q) for q in quality]}
+    out_file = Path(out_file)
+    atomic_write(out_file, lambda tmp: save_file(tensors, str(tmp), metadata={format_key: json.dumps(meta)}))
+    return out_file
+
+
 class Teacher(torch.nn.Module):
     """Base class of all teachers.
 
@@ -80,7 +146,9 @@ class Teacher(torch.nn.Module):
        (``student.geometry``), so targets line up with its frames.
     2. :meth:`needs_fit`; if True, :meth:`fit_plan` and
        ``fit(files, out_file, seed=, device=, progress=)``, then the teacher is
-       built again with ``teacher_file=out_file``.
+       built again with ``teacher_file=out_file``. A fit that measures its
+       quality writes through :func:`write_teacher_file`, which refuses a fit
+       that made its teacher worse.
     3. :meth:`target_spec`, once.
     4. Each micro-batch: ``targets(wave, generator=)`` (or
        ``targets_from_store(labels, generator=)`` with a label store), under
@@ -169,6 +237,11 @@ class Teacher(torch.nn.Module):
     def fit(self, files: list[Path], out_file: Path, *, seed: int = 0, device: str | torch.device | None = None,
             progress: bool = True) -> Path:
         """Fit the teacher on audio ``files``, save it to ``out_file`` and use it.
+
+        Write the file with :func:`write_teacher_file`, passing every quality
+        the fit measured (:class:`FitQuality`): a fit that ends worse than it
+        started, or non-finite, then fails with :class:`FitDiverged` and writes
+        nothing.
 
         Args:
             files: audio files, folders or manifests; or shard sources (URLs,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +22,12 @@ from torch import nn
 
 from mert_core import distributed
 from mert_core.checkpoint import (
-    LAST, STUDENT_FILE, load_checkpoint, lock_run_folder, point_last, remove_stale_temp_files, resume_config,
-    roll_back_to_checkpoint_before, save_checkpoint, save_student,
+    LAST, STUDENT_FILE, RunFolderTaken, clear_run_files, load_checkpoint, lock_run_folder, point_last, remove_stale_temp_files,
+    resume_config, roll_back_to_checkpoint_before, run_files, save_checkpoint, save_student,
 )
 from mert_core.config import TrainConfig
+from mert_core.data import CropBatches, make_loader
+from mert_core.files import atomic_write, naming_a_full_disk
 from mert_core.geometry import FrameGeometry
 from mert_core.heads import TargetHeads
 from mert_core.loss import MultiTargetLoss
@@ -31,7 +35,7 @@ from mert_core.components import valid_mask
 from mert_core.masking import compute_span_mask
 from mert_core.model import build_student
 from mert_core.registry import Registry, default_registry
-from mert_core.runconfig import with_data_paths
+from mert_core.runconfig import ConfigError, with_data_paths
 from mert_core.signals import CollapseWatch, feature_signals, target_signals
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher
 
@@ -116,15 +120,54 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+SCALE_STEPS = 10
+"""How many good steps at the start of a run measure its loss and conv-feature scales (:class:`ScaleBounds`)."""
+
+
+@dataclass
+class ScaleBounds:
+    """Whether a step's outputs are sane: its loss and conv-feature std (``std/conv``) within
+    ``growth`` times the largest of the run's first :data:`SCALE_STEPS` good steps.
+
+    Weights blown up by an lr far too high can give finite outputs (conv std 1e11, loss
+    1e26, a non-finite gradient); judged by finiteness alone they were kept as the last
+    good state, and every resume from them failed again. Healthy runs stay far inside the
+    default 1000x: at most 1.2x their start in loss and 3x in conv std (measured over
+    200-300 steps of the tiny student on real music, lr 5e-4 and 2e-3, with and without
+    the feature penalty). The start is kept in the checkpoint's counters, so a resume is
+    judged by the same bounds.
+
+    Args:
+        growth: ``config.max_scale_growth``.
+        start: ``{"steps": n, "loss": ..., "std/conv": ...}``, updated in place
+            (``counters["start_scales"]``); empty until the first good step.
+    """
+
+    growth: float
+    start: dict[str, float]
+
+    def within(self, loss: float, std_conv: float) -> bool:
+        """False for a loss or conv std beyond the bounds (or NaN); True before anything was measured."""
+        if not self.start:
+            return True
+        return loss <= self.growth * self.start["loss"] and std_conv <= self.growth * self.start["std/conv"]
+
+    def measure(self, loss: float, std_conv: float) -> None:
+        """Take a good step's scales into the start, during the first :data:`SCALE_STEPS` good steps."""
+        if self.start.get("steps", 0) < SCALE_STEPS:
+            self.start.update(steps=self.start.get("steps", 0) + 1, loss=max(self.start.get("loss", 0.0), loss),
+                              **{"std/conv": max(self.start.get("std/conv", 0.0), std_conv)})
+
+    def describe(self) -> str:
+        return (f"{self.growth:g}x the loss {self.start['loss']:.3g} or conv-feature std {self.start['std/conv']:.3g} "
+                f"of the run's first steps") if self.start else "no bounds yet"
+
+
 # -- building the parts from the config (the only code that reads it) ----------
 
 def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], geometry: FrameGeometry, dist_info, log,
                    device=None) -> dict[str, Teacher]:
     """Instantiate every teacher for the student's ``geometry``; fit the ones that need it (rank 0) first."""
-    names = [t.name for t in config.teachers]
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        raise ValueError(f"config field 'teachers': teacher {sorted(dupes)[0]!r} is listed twice; list each teacher once")
     teachers = {}
     for tc in config.teachers:
         teacher = registry.build("teacher", tc.name, tc.options, geometry=geometry)
@@ -201,20 +244,27 @@ class Run:
 
 
 def build_run(config: TrainConfig, registry: Registry | None, resume: bool, progress: bool,
-              log: Callable[[str], None] | None, run_scope: contextlib.ExitStack) -> Run:
+              log: Callable[[str], None] | None, run_scope: contextlib.ExitStack, overwrite: bool = False) -> Run:
     """Data, teachers, label stores, model, heads, optimiser and loader from
     ``config``, restored from ``last.pt`` (weights, optimiser, counters, RNG) on
-    resume. ``run_scope`` holds the run folder's lock until the run ends."""
+    resume. ``run_scope`` holds the run folder's lock until the run ends; a new
+    run into a folder holding another is refused unless ``overwrite`` (see :func:`_start_in`)."""
     from tqdm import tqdm
 
+    if resume and overwrite:
+        raise RunFolderTaken("--resume continues the run in --out, --overwrite deletes it: give one of them")
     registry = registry or default_registry()
     config = with_data_paths(config.model_copy(deep=True))
     dist_info, device = distributed.setup(config.device)
     say = (log or tqdm.write) if dist_info.is_main else (lambda msg: None)
     out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"config field 'out_dir' (--out): {out_dir} is a file; give a folder for the run")
     # one writer per run folder: an existing folder is claimed before its last.pt is read,
     # a new one only once the data is known to be usable (bad input leaves no empty folder)
     claimed = dist_info.is_main and out_dir.is_dir() and _claim_run_folder(out_dir, run_scope, say)
+    if claimed:
+        _start_in(out_dir, resume, overwrite, say)
     state, history = None, []
     if resume and (out_dir / LAST).exists():
         state = load_checkpoint(out_dir / LAST)
@@ -222,15 +272,21 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
         history = list(state.get("history", [])) + ([{"resumed_at_step": state["step"], "changed": changed}] if changed else [])
         say(f"resuming from {out_dir / LAST} at step {state['step']}"
             + "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
-    elif resume:
-        say(f"--resume: no {LAST} in {out_dir}; starting a new run")
 
-    manifest, usable = _scan_data(config, dist_info, progress, say)
-    if dist_info.is_main and not claimed:  # only now: bad input leaves no empty run folder behind
-        _claim_run_folder(out_dir, run_scope, say)
     # the student first: teachers frame their targets by the student that was built
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     student = build_student(config.model, sample_rate=config.data.sample_rate)
+    _check_crop(config, student)
+    manifest, usable = _scan_data(config, dist_info, progress, say)
+    from mert_core.shards import ShardCorpus
+
+    dataset = None if isinstance(manifest, ShardCorpus) else _crop_batches(config, manifest, dist_info)
+    if dataset is not None:
+        # the first batch, read here: files that pass the scan but none of which decode (NaN audio)
+        # fail now in one line, not in a loader worker after the run folder was made
+        dataset[(state["step"] if state is not None else 0) * config.optim.grad_accum]
+    if dist_info.is_main and not claimed:  # only now: bad input leaves no empty run folder behind
+        _claim_run_folder(out_dir, run_scope, say)
     # forked RNG: fitting a teacher must not shift the stream that initialises the heads
     with torch.random.fork_rng(devices=[]):
         teachers, specs, label_stores = _build_targets(config, registry, usable, student, dist_info, device, say)
@@ -252,12 +308,14 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     loss_fn = MultiTargetLoss(specs, weights, config.loss.feature_penalty)
     opt = config.optim
     # fairseq's Adam applies weight decay decoupled from the gradient, i.e. AdamW
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    # fused on CUDA: one kernel launch for all parameters instead of several per tensor (the same update)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
+                                  fused=device.type == "cuda")
     amp_dtype = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step = 0
-    counters = {"audio_seconds": 0.0, "bad_steps": 0, "elapsed_seconds": 0.0, "skipped_files": {}}
+    counters = {"audio_seconds": 0.0, "bad_steps": 0, "elapsed_seconds": 0.0, "data_wait_seconds": 0.0, "skipped_files": {}}
     if state is not None:
         model.load_state_dict({**_prefixed("student.", state["student"]), **_prefixed("heads.", state["heads"])})
         optimizer.load_state_dict(state["optimizer"])
@@ -276,7 +334,10 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     if config.compile:
         train_model = torch.compile(train_model)  # compiled on the first step; graph breaks at host syncs are fine
 
-    batches = _batches(config, manifest, dist_info, step, aligned=bool(label_stores), streams=state.get("data_stream") if state else None)
+    if dataset is None:  # shards: the stream continued from its saved state (one per rank)
+        batches = _shard_batches(config, manifest, dist_info, streams=state.get("data_stream") if state else None)
+    else:
+        batches = iter(make_loader(dataset, start_index=step * opt.grad_accum, num_workers=config.data.num_workers))
     # Seeded only now: starting a DataLoader iterator draws from the global RNG,
     # which would shift a resumed run's dropout stream by one draw.
     torch.manual_seed(config.seed + 1 + dist_info.rank)  # dropout/layerdrop stream, distinct per rank
@@ -288,9 +349,21 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
         config=config, registry=registry, dist_info=dist_info, device=device, say=say, out_dir=out_dir,
         manifest=manifest, usable=usable, teachers=teachers, specs=specs, label_stores=label_stores, augments=augments,
         student=student, model=model, train_model=train_model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
-        amp_dtype=amp_dtype, warmup_steps=opt.warmup_steps if opt.warmup_steps is not None else int(0.08 * opt.max_steps),
+        amp_dtype=amp_dtype, warmup_steps=opt.warmup_steps if opt.warmup_steps is not None else int(0.08 * (opt.decay_steps or opt.max_steps)),
         batches=batches, step=step, counters=counters, history=history, resumed=state is not None,
     )
+
+
+def _check_crop(config: TrainConfig, student) -> None:
+    """Refuse a crop too short to give the student one frame (every loss and signal would be empty)."""
+    crop = round(config.data.crop_seconds * config.data.sample_rate)
+    if student.num_frames(crop) < 1:
+        field = student.geometry.receptive_field
+        raise ConfigError(
+            f"config field 'data.crop_seconds': {config.data.crop_seconds:g} s is {crop} samples, shorter than the "
+            f"{config.model.preset} student's receptive field ({field} samples, {field / config.data.sample_rate:.3g} s): "
+            f"it gives no frame; use crops of seconds (MERT: 5 s)"
+        )
 
 
 def _scan_data(config: TrainConfig, dist_info, progress: bool, say) -> tuple[Any, list]:
@@ -350,24 +423,27 @@ def _build_targets(config: TrainConfig, registry: Registry, usable: list, studen
     return teachers, specs, label_stores
 
 
-def _batches(config: TrainConfig, manifest, dist_info, step: int, aligned: bool, streams: list | None) -> Iterator[dict[str, Any]]:
-    """The crop batches from ``step`` on: a pure function of (seed, index, rank);
-    from shards, the stream continued from its saved state (``streams``: one per rank)."""
-    from mert_core.data import CropBatches, make_loader
-    from mert_core.shards import ReadPolicy, ShardCorpus
+def _shard_batches(config: TrainConfig, manifest, dist_info, streams: list | None):
+    """The crop batches of this rank from shards, the stream continued from its saved state
+    (``streams``: one per rank). Crops are aligned to the label-store grid when a teacher reads a store."""
+    from mert_core.shards import ReadPolicy
+    from mert_core.streaming import ShardBatches, ShardStream
 
-    if isinstance(manifest, ShardCorpus):
-        from mert_core.streaming import ShardBatches, ShardStream
+    data, stream = config.data, config.data.stream
+    dataset = ShardStream(
+        manifest, data.batch_size, sample_rate=data.sample_rate, crop_seconds=data.crop_seconds, min_seconds=data.min_seconds,
+        seed=config.seed, rank=dist_info.rank, world_size=dist_info.world_size, lanes=stream.lanes, buffer_crops=stream.buffer_crops,
+        aligned=any(tc.label_store is not None for tc in config.teachers),
+        policy=ReadPolicy(stream.retries, stream.retry_seconds, stream.timeout_seconds),
+        state=streams[dist_info.rank] if streams else None,
+    )
+    return ShardBatches(dataset, num_workers=data.num_workers)
 
-        data, stream = config.data, config.data.stream
-        dataset = ShardStream(
-            manifest, data.batch_size, sample_rate=data.sample_rate, crop_seconds=data.crop_seconds, min_seconds=data.min_seconds,
-            seed=config.seed, rank=dist_info.rank, world_size=dist_info.world_size, lanes=stream.lanes, buffer_crops=stream.buffer_crops,
-            aligned=aligned, policy=ReadPolicy(stream.retries, stream.retry_seconds, stream.timeout_seconds),
-            state=streams[dist_info.rank] if streams else None,
-        )
-        return ShardBatches(dataset, num_workers=data.num_workers)
-    dataset = CropBatches(
+
+def _crop_batches(config: TrainConfig, manifest, dist_info) -> CropBatches:
+    """The crop batches of this rank: a pure function of (seed, index, rank). Crops are
+    aligned to the label-store grid when a teacher reads a store."""
+    return CropBatches(
         manifest,
         config.data.batch_size,
         sample_rate=config.data.sample_rate,
@@ -376,9 +452,8 @@ def _batches(config: TrainConfig, manifest, dist_info, step: int, aligned: bool,
         seed=config.seed,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
-        align_crops=aligned,
+        align_crops=any(tc.label_store is not None for tc in config.teachers),
     )
-    return iter(make_loader(dataset, start_index=step * config.optim.grad_accum, num_workers=config.data.num_workers))
 
 
 # -- the loop -------------------------------------------------------------------
@@ -389,22 +464,27 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Pretrain a student. See :class:`mert_core.config.TrainConfig`.
 
     Args:
         config: the run configuration (saved in every checkpoint).
         registry: plugins to use; default: every installed plugin.
-        resume: continue from ``config.out_dir/last.pt`` if it exists.
+        resume: continue from ``config.out_dir/last.pt``; without one, start
+            a new run there (what an earlier attempt left is removed).
         progress: show a progress bar (rank 0).
         log: where messages go (rank 0); default ``tqdm.write``.
+        overwrite: delete the run already in ``config.out_dir`` (checkpoints,
+            metrics, fitted teachers) and start a new one.
 
     Raises:
         RunFolderBusy: another run writes into ``config.out_dir``.
+        RunFolderTaken: ``config.out_dir`` holds a run, and neither ``resume`` nor ``overwrite`` is given.
         TrainingError: too many non-finite steps in a row.
     """
     with contextlib.ExitStack() as run_scope:  # the run folder's lock, released however the run ends
-        run = build_run(config, registry, resume, progress, log, run_scope)
+        run = build_run(config, registry, resume, progress, log, run_scope, overwrite)
         return run_loop(run, progress)
 
 
@@ -416,27 +496,37 @@ def run_loop(run: Run, progress: bool = True) -> TrainResult:
     out = _RunOutput(run, progress)
     window = _Window()
     run_start = time.perf_counter() - counters["elapsed_seconds"]
-    consecutive_bad = 0
-    weights_ok = True  # the current weights gave finite outputs on every step since the last update
+    consecutive_bad, skipped_here = 0, 0
+    weights_ok = True  # the current weights gave finite, sane outputs on every step since the last update
+    bounds = ScaleBounds(config.max_scale_growth, counters.setdefault("start_scales", {}))
     last_saved = step if run.resumed else -1
     for teacher in run.teachers.values():  # once before the first batch (the EMA teacher copies the student)
         teacher.on_step(run.student, step)
     try:
         while step < opt.max_steps:
-            lr = lr_at(step, opt.lr, run.warmup_steps, opt.max_steps)
+            lr = lr_at(step, opt.lr, run.warmup_steps, opt.decay_steps or opt.max_steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            step_loss_ok = True
+            step_loss_ok, measured = True, []
             for micro in range(opt.grad_accum):
+                waited = time.perf_counter()
                 batch = next(run.batches)
+                window.data_wait_seconds += time.perf_counter() - waited
                 for path, reason in batch.get("skipped", []):
                     if path not in counters["skipped_files"]:
                         counters["skipped_files"][path] = reason
                         say(f"skipped {path}: {reason}")
-                loss, outputs_finite = _micro_step(run, batch, step, micro, window)
-                step_loss_ok = step_loss_ok and bool(torch.isfinite(loss.detach()))  # host sync, once per micro-batch
+                loss, scales, outputs_finite = _micro_step(run, batch, step, micro, window)
+                loss_value, std_conv = scales.tolist()  # host sync, once per micro-batch
+                measured.append((loss_value, std_conv))
+                step_loss_ok = step_loss_ok and math.isfinite(loss_value) and bounds.within(loss_value, std_conv)
                 if not step_loss_ok and weights_ok:  # bad steps only: are the weights or the targets to blame?
-                    weights_ok = outputs_finite()
+                    # a loss or conv features beyond bounds come from the weights; a non-finite
+                    # loss from finite outputs within bounds, from the targets or the loss
+                    weights_ok = not math.isfinite(loss_value) and bounds.within(0.0, std_conv) and outputs_finite()
+            if run.dist_info.enabled:  # each rank judged its own batch: skip the step on every rank or on none
+                bad_ranks = torch.tensor(float(not step_loss_ok), device=run.device)
+                step_loss_ok = distributed.all_reduce_sum(bad_ranks, run.dist_info).item() == 0
 
             # step: clip, skip non-finite, update
             run.scaler.unscale_(run.optimizer)
@@ -448,12 +538,17 @@ def run_loop(run: Run, progress: bool = True) -> TrainResult:
             run.optimizer.zero_grad(set_to_none=True)
             if finite:
                 consecutive_bad, weights_ok = 0, True
+                bounds.measure(*map(max, zip(*measured)))
             else:
                 consecutive_bad += 1
+                skipped_here += 1
                 counters["bad_steps"] += 1
-                say(f"step {step}: non-finite loss or gradient, update skipped ({consecutive_bad} in a row)")
-                if consecutive_bad >= config.max_bad_steps:
-                    _stop_after_bad_steps(run, step, consecutive_bad, weights_ok, last_saved, counters, window, run_start)
+                say(f"step {step}: {_bad_step_reason(measured, grad_norm, bounds)}, update skipped ({consecutive_bad} in a row)")
+                # a run never ends on weights that gave bad outputs, nor as done when it skipped every step
+                ends = step + 1 >= opt.max_steps and (not weights_ok or skipped_here == step + 1 - run.step)
+                if consecutive_bad >= config.max_bad_steps or ends:
+                    _stop_after_bad_steps(run, step, consecutive_bad, weights_ok, last_saved, counters, window, run_start, bounds,
+                                          every_step=skipped_here == step + 1 - run.step)
             step += 1
             window.steps += 1
             out.bar.update(1)
@@ -489,13 +584,15 @@ class _Window:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
     audio_seconds: float = 0.0
+    data_wait_seconds: float = 0.0  # the step waited for the loader: data is the bottleneck
     start: float = field(default_factory=time.perf_counter)
 
 
 def _micro_step(run: Run, batch: dict[str, Any], step: int, micro: int, window: _Window):
     """One micro-batch: targets, augment, mask, forward, loss, backward.
 
-    Adds its loss terms and audio to ``window``. Returns the loss and a
+    Adds its loss terms and audio to ``window``. Returns the loss, the pair
+    (loss, ``std/conv``) as one tensor (read once, a device sync) and a
     function telling whether the model's outputs were all finite (called on
     bad steps only: it syncs with the device).
     """
@@ -538,7 +635,8 @@ def _micro_step(run: Run, batch: dict[str, Any], step: int, micro: int, window: 
         window.terms[k] = window.terms.get(k, 0.0) + v.float() / grad_accum
     window.terms["loss"] = window.terms.get("loss", 0.0) + loss.detach().float() / grad_accum
     window.audio_seconds += float(batch["lengths"].sum()) / config.data.sample_rate  # the CPU copy: no device sync
-    return loss, lambda: _all_finite([*predictions.values(), features_penalty])
+    scales = torch.stack([loss.detach().float(), signals["std/conv"].float()])
+    return loss, scales, lambda: _all_finite([*predictions.values(), features_penalty])
 
 
 def student_targets(teacher: Teacher, wave: torch.Tensor, num_frames: int, geometry: FrameGeometry,
@@ -573,45 +671,76 @@ def _targets(run: Run, batch: dict[str, Any], wave: torch.Tensor, num_frames: in
     return targets, valid_frames
 
 
+def _bad_step_reason(measured: list[tuple[float, float]], grad_norm: torch.Tensor, bounds: ScaleBounds) -> str:
+    """Why a step was skipped, from its micro-batches' (loss, conv std)."""
+    reasons = []
+    if not all(math.isfinite(v) for pair in measured for v in pair):
+        reasons.append("non-finite loss")
+    elif not all(bounds.within(*pair) for pair in measured):
+        loss, std_conv = map(max, zip(*measured))
+        reasons.append(f"loss {loss:.3g} / conv-feature std {std_conv:.3g} beyond {bounds.describe()}")
+    if not bool(torch.isfinite(grad_norm)):
+        reasons.append("non-finite gradient")
+    return ", ".join(reasons) or "bad step on another rank"
+
+
 def _stop_after_bad_steps(run: Run, step: int, consecutive_bad: int, weights_ok: bool, last_saved: int,
-                          counters: dict, window: _Window, run_start: float) -> None:
-    """Stop the run after ``max_bad_steps`` non-finite steps in a row, keeping
-    the last weights that gave finite outputs (a collective: every rank calls it)."""
+                          counters: dict, window: _Window, run_start: float, bounds: ScaleBounds, every_step: bool) -> None:
+    """Stop the run after bad steps (``max_bad_steps`` in a row, or a last step on bad weights,
+    or ``every_step`` of this run), keeping the last weights that gave finite, sane outputs
+    (a collective: every rank calls it)."""
     dist_info, out_dir = run.dist_info, run.out_dir
     rng, streams = _gather_rng(run.device, dist_info), _gather_streams(run)
     audio = counters["audio_seconds"] + _unlogged_audio(window.audio_seconds, dist_info)
     weights_ok = distributed.all_reduce_sum(torch.tensor(float(not weights_ok)), dist_info).item() == 0  # on every rank
     if not dist_info.is_main:
-        raise TrainingError(f"rank {dist_info.rank}: stopped with rank 0 after non-finite steps")
+        raise TrainingError(f"rank {dist_info.rank}: stopped with rank 0 after bad steps")
     if weights_ok:  # the targets or the loss were at fault, not the weights: keep them
         if last_saved != step:
             _save(run, step, {**counters, "audio_seconds": audio}, run_start, rng, streams)
-        good = step
+        advice = (f"The weights gave finite outputs within bounds, so the loss or the targets are at fault: check the data "
+                  f"and the teachers (or use fp32 or bf16 instead of fp16). {out_dir / LAST} holds them (step {step}); "
+                  f"resume with --resume once the cause is fixed")
     else:
         good = roll_back_to_checkpoint_before(out_dir, step - consecutive_bad + 1)
-    advice = (f"The last good weights (step {good}) are in {out_dir / LAST}; lower optim.lr "
-              f"(e.g. --set optim.lr={run.config.optim.lr / 10:.3g}), use fp32 or bf16, or check the data, then resume with --resume"
-              if good is not None else
-              f"No checkpoint holds weights that gave finite outputs; start again with a lower optim.lr, fp32 or bf16")
-    raise TrainingError(f"{consecutive_bad} non-finite steps in a row at step {step}: the run stopped. {advice}")
+        advice = (f"The weights diverged; {out_dir / LAST} holds the last that gave finite outputs within bounds "
+                  f"(step {good}): lower optim.lr (e.g. --set optim.lr={run.config.optim.lr / 10:.3g}) or use fp32 or bf16, "
+                  f"then resume with --resume" if good is not None else
+                  f"No checkpoint holds weights that gave finite outputs within bounds; start again with --overwrite "
+                  f"and a lower optim.lr, fp32 or bf16")
+    what = (f"all {consecutive_bad} steps of this run were bad" if every_step and consecutive_bad < run.config.max_bad_steps
+            else f"{consecutive_bad} bad steps in a row")
+    raise TrainingError(f"{what} at step {step} (non-finite, or beyond {bounds.describe()}): the run stopped. {advice}")
 
 
 class _RunOutput:
     """Where the run reports (rank 0): ``config.json``, ``metrics.jsonl``,
-    TensorBoard, the progress bar and the collapse watch."""
+    TensorBoard, the progress bar and the collapse watch.
+
+    A full disk is one line naming the file: ``config.json`` is written
+    atomically (never left empty), and TensorBoard's writer thread, which
+    meets the error first, stays quiet (see :func:`_quiet_tensorboard_threads`).
+    """
 
     def __init__(self, run: Run, progress: bool):
         from tqdm import tqdm
 
-        self.run, self.writer, self.metrics_file = run, None, None
+        self.run, self.writer, self.metrics_file, self.previous_hook = run, None, None, None
         config, is_main = run.config, run.is_main
+        self.tensorboard_dir, self.metrics_path = run.out_dir / "tensorboard", run.out_dir / "metrics.jsonl"
+        self.bar = tqdm(total=config.optim.max_steps, initial=run.step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run.out_dir / "tensorboard"))
-            (run.out_dir / "config.json").write_text(config.model_dump_json(indent=2))
-        self.metrics_file = open(run.out_dir / "metrics.jsonl", "a") if is_main else None
-        self.bar = tqdm(total=config.optim.max_steps, initial=run.step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
+            try:
+                atomic_write(run.out_dir / "config.json", lambda tmp: tmp.write_text(config.model_dump_json(indent=2)))
+                self.previous_hook, threading.excepthook = threading.excepthook, _quiet_tensorboard_threads(threading.excepthook)
+                with naming_a_full_disk(self.tensorboard_dir):
+                    self.writer = SummaryWriter(str(self.tensorboard_dir))
+                self.metrics_file = open(self.metrics_path, "a")
+            except BaseException:
+                self.close()
+                raise
         run.say(f"training a {config.model.preset} student ({sum(p.numel() for p in run.student.parameters()) / 1e6:.2f} M parameters) "
                 f"with teachers {', '.join(run.teachers)} on {run.device} ({run.dist_info.world_size} process(es)), "
                 f"{'fp32' if run.amp_dtype is None else str(run.amp_dtype).removeprefix('torch.')}")
@@ -623,25 +752,49 @@ class _RunOutput:
         elapsed = time.perf_counter() - window.start
         audio = distributed.all_reduce_sum(torch.tensor(window.audio_seconds, dtype=torch.float64), self.run.dist_info).item()
         counters["audio_seconds"] += audio
+        counters["data_wait_seconds"] += window.data_wait_seconds
         record = {"step": step, "lr": lr, "grad_norm": float(grad_norm)}
         record.update({k: float(v) / window.steps for k, v in window.terms.items()})
         record["audio_seconds_per_second"] = audio / max(elapsed, 1e-9)
         record["audio_hours_seen"] = counters["audio_seconds"] / 3600
+        record["data_wait_fraction"] = window.data_wait_seconds / max(elapsed, 1e-9)
         if self.run.is_main:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
-            for k, v in record.items():
-                if k != "step":
-                    self.writer.add_scalar(k, v, step)
+            with naming_a_full_disk(self.metrics_path):
+                self.metrics_file.write(json.dumps(record) + "\n")
+                self.metrics_file.flush()
+            with naming_a_full_disk(self.tensorboard_dir):
+                for k, v in record.items():
+                    if k != "step":
+                        self.writer.add_scalar(k, v, step)
             self.bar.set_postfix_str(_progress_text(record))
             self.watch.check(record)
 
     def close(self) -> None:
+        """Close everything, however the run ends (a failing last flush must not hide why it ended)."""
         self.bar.close()
-        if self.metrics_file is not None:
-            self.metrics_file.close()
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            if self.metrics_file is not None:
+                self.metrics_file.close()
+            if self.writer is not None:
+                self.writer.close()
+        except OSError as exc:
+            self.run.say(f"could not flush the last metrics ({exc.strerror}); metrics.jsonl and tensorboard/ may lack the last lines")
+        finally:
+            if self.previous_hook is not None:
+                threading.excepthook = self.previous_hook
+
+
+def _quiet_tensorboard_threads(previous):
+    """A ``threading.excepthook`` that drops the traceback of TensorBoard's writer thread when it
+    fails to write (a full disk): the main thread meets the same error at its next call to the
+    writer and reports it in one line, naming the folder. Every other thread's error goes to
+    ``previous``."""
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            previous(args)
+
+    return hook
 
 
 def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, Any]:
@@ -651,17 +804,20 @@ def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, 
     summary = {
         "steps": step,
         "audio_hours_seen": counters["audio_seconds"] / 3600,
-        **_data_summary(manifest, run.usable, counters["skipped_files"]),
+        **_data_summary(manifest, run.usable, counters["skipped_files"], run.config.data.min_seconds),
         "bad_steps": counters["bad_steps"],
         "elapsed_seconds": counters["elapsed_seconds"],
+        # of the logged steps' time, the share spent waiting for the loader (rank 0)
+        "data_wait_fraction": counters["data_wait_seconds"] / max(counters["elapsed_seconds"], 1e-9),
         "checkpoint": str(out_dir / LAST),
         "student": str(out_dir / STUDENT_FILE),
         "history": run.history,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     from mert_core.plots import plot_loss_curves
 
-    plot_loss_curves(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    with naming_a_full_disk(out_dir / "loss.png"):
+        plot_loss_curves(out_dir / "metrics.jsonl", out_dir / "loss.png")
     run.say(
         f"done: {step} steps, {summary['audio_hours_seen']:.3f} audio hours seen, "
         f"{summary['files_skipped']} files skipped, {summary['bad_steps']} steps skipped, "
@@ -670,18 +826,41 @@ def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, 
     return summary
 
 
-def _data_summary(manifest, usable: list, skipped_while_reading: dict[str, str]) -> dict[str, Any]:
+def _data_summary(manifest, usable: list, skipped_while_reading: dict[str, str], min_seconds: float) -> dict[str, Any]:
     """The data lines of ``summary.json``: what was used and skipped (path or ``shard#member`` -> why)."""
     from mert_core.shards import ShardCorpus
 
     if isinstance(manifest, ShardCorpus):  # members are met as the shards stream by: only the skipped ones are known
         return {"shards": len(manifest.urls), "files_skipped": len(skipped_while_reading), "skipped_files": dict(skipped_while_reading)}
+    too_short = {f.path: f.duration_seconds for f in manifest.split_by_duration(min_seconds)[1]}
     return {
-        "files_used": len(usable),
+        # long enough and never found unusable when read (a file is skipped for good once a read fails)
+        "files_used": sum(f.path not in skipped_while_reading for f in usable),
         "files_skipped": len(manifest.skipped) + len(skipped_while_reading),
         "skipped_files": {**manifest.skipped, **skipped_while_reading},  # path -> why
-        "files_too_short": len(manifest.files) - len(usable),
+        "files_too_short": len(too_short),
+        "too_short_files": too_short,  # path -> seconds (< data.min_seconds)
     }
+
+
+def _start_in(out_dir: Path, resume: bool, overwrite: bool, say) -> None:
+    """Make sure a run that starts afresh in ``out_dir`` (claimed) mixes with no earlier run:
+    refuse a folder holding one, or clear it with ``overwrite`` (or on ``resume`` with no
+    checkpoint to resume from: what is left of that run cannot be continued)."""
+    if resume and (out_dir / LAST).exists():
+        return
+    found = run_files(out_dir)
+    if not found:
+        return
+    names = ", ".join(p.name for p in found)
+    if not (resume or overwrite):
+        raise RunFolderTaken(
+            f"{out_dir} holds a run ({names}); continue it with --resume, or start a new one with another --out "
+            f"or with --overwrite (deletes that run's checkpoints, metrics and fitted teachers first)"
+        )
+    clear_run_files(out_dir)
+    say(f"--resume: no {LAST} in {out_dir}; starting a new run (removed {names} of the run that made no checkpoint)"
+        if resume else f"--overwrite: removed {names} from {out_dir}; starting a new run")
 
 
 def _claim_run_folder(out_dir: Path, run_scope: contextlib.ExitStack, say) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -77,8 +78,37 @@ def _garbage_meta(d):
     (d / "meta.json").write_text("{not json")
 
 
+def _edit_meta(d, **changes):
+    meta = json.loads((d / "meta.json").read_text())
+    meta.update({k: change(meta[k]) for k, change in changes.items()})
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def _reverse_layer_names(d):
+    _edit_meta(d, layer_names=lambda names: names[::-1])
+
+
+def _edit_layer_dims(d):
+    _edit_meta(d, layer_dims=lambda dims: [dims[0] + 8, *dims[1:]])
+
+
+def _edit_frame_rate(d):
+    _edit_meta(d, frame_rate_hz=lambda rate: rate * 2)
+
+
+def _edit_meta_and_its_hash(d):
+    # an accident cannot recompute the hash; this checks that the fields are also held against the entry's place
+    from mert_core.evaluation.extract import _meta_digest
+
+    meta = json.loads((d / "meta.json").read_text())
+    meta["split"] = "test"
+    meta["meta_sha256"] = _meta_digest(meta)
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize("damage", [_overwrite_rows, _nans, _edit_header_shape, _permute_index, _truncate, _delete_index,
-                                    _zero_bytes, _garbage_meta])
+                                    _zero_bytes, _garbage_meta, _reverse_layer_names, _edit_layer_dims, _edit_frame_rate,
+                                    _edit_meta_and_its_hash])
 def test_a_damaged_feature_cache_is_re_extracted_not_reused(damage, tone_dir, tmp_path, caplog):  # noqa: F811
     task = load_registry(extra_plugins=[tone_plugin]).build("task", "tone-class", {"data_dir": tone_dir})
     opts = ExtractOptions(audio_workers=0, batch_windows=4)
@@ -95,6 +125,24 @@ def test_a_damaged_feature_cache_is_re_extracted_not_reused(damage, tone_dir, tm
     # and the fresh entry verifies: a third call reuses it
     assert extract(HandcraftedUpstream(), task, "valid", opts, cache_dir=tmp_path, progress=False).reused
     assert not [p for p in first.directory.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_swapped_split_folders_are_re_extracted_not_scored_as_each_other(tone_dir, tmp_path, caplog):  # noqa: F811
+    task = load_registry(extra_plugins=[tone_plugin]).build("task", "tone-class", {"data_dir": tone_dir})
+    opts = ExtractOptions(audio_workers=0, batch_windows=4)
+    valid = extract(HandcraftedUpstream(), task, "valid", opts, cache_dir=tmp_path, progress=False)
+    test = extract(HandcraftedUpstream(), task, "test", opts, cache_dir=tmp_path, progress=False)
+    clean = {"valid": np.array(valid.features), "test": np.array(test.features)}
+    aside = tmp_path / "aside"
+    valid.directory.rename(aside)
+    test.directory.rename(valid.directory)
+    aside.rename(test.directory)
+    with caplog.at_level(logging.WARNING, logger="mert.evaluation"):
+        for split in ("valid", "test"):
+            again = extract(HandcraftedUpstream(), task, split, opts, cache_dir=tmp_path, progress=False)
+            assert not again.reused and again.meta["split"] == split
+            np.testing.assert_allclose(np.asarray(again.features), clean[split], rtol=0, atol=1e-6)
+    assert caplog.text.count("records split") == 2, caplog.text
 
 
 # -- 2. label stores ------------------------------------------------------------------------
@@ -263,16 +311,33 @@ def test_a_data_folder_without_usable_audio_is_exit_2_and_leaves_no_run_folder(t
     assert not out.exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MB tmpfs (root only; skipped where it cannot be mounted), unmounted afterwards."""
-    mount = tmp_path / "small-disk"
+def _tmpfs(mount, size: str):
+    """Mount a tmpfs of ``size`` at ``mount`` (root only; the test is skipped where it cannot be mounted)."""
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # lazy: a run stopped in-process may still hold a file open
+    return mount
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs, unmounted afterwards."""
+    yield _tmpfs(tmp_path / "small-disk", "4m")
+    subprocess.run(["umount", "--lazy", str(tmp_path / "small-disk")], check=True)  # lazy: a run stopped in-process may still hold a file open
+
+
+@pytest.fixture
+def run_disk(tmp_path):
+    """A 40 MB tmpfs: room for a tiny run, then filled up by the test."""
+    yield _tmpfs(tmp_path / "run-disk", "40m")
+    subprocess.run(["umount", "--lazy", str(tmp_path / "run-disk")], check=True)
+
+
+def _fill(disk, leave_bytes: int) -> None:
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(disk / "filler", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(free - leave_bytes, 1))
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_earlier_one(small_disk):
@@ -298,6 +363,35 @@ def test_a_full_disk_during_training_is_one_line(small_disk, music_dir):
             "--set", "data.batch_size=2", "--set", "data.num_workers=0", "--set", "data.crop_seconds=2.0", "--set", "data.min_seconds=1.0"]
     result = CliRunner().invoke(cli, args)
     assert_one_line_error(result, "no space left on device", str(out / "checkpoints" / "step_00000001.pt"), exit_code=1)
+
+
+def _train_in_a_process(out, music_dir, steps, *extra):
+    args = [sys.executable, "-m", "mert_cli.main", "train", "--teacher", "cqt", "--preset", "tiny", "--data", str(music_dir),
+            "--out", str(out), "--max-steps", str(steps), "--quiet", "--set", "data.batch_size=2", "--set", "data.num_workers=0",
+            "--set", "data.crop_seconds=1.0", "--set", "data.min_seconds=1.0", *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line_on_stderr(done, out):
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr
+    assert "no space left on device writing" in errors[0] and str(out) in errors[0], errors[0]
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("leave_bytes", [0, 1500], ids=["nothing-left", "room-for-a-little"])
+def test_a_full_disk_is_one_line_for_a_fresh_run_and_a_resume_and_leaves_no_empty_files(leave_bytes, run_disk, music_dir):
+    first = _train_in_a_process(run_disk / "run", music_dir, 1)
+    assert first.returncode == 0, first.stderr
+    _fill(run_disk, leave_bytes)
+    resumed = _train_in_a_process(run_disk / "run", music_dir, 2, "--resume")
+    _one_error_line_on_stderr(resumed, run_disk / "run")
+    assert json.loads((run_disk / "run" / "summary.json").read_text())["steps"] == 1  # the earlier run is intact
+    fresh = _train_in_a_process(run_disk / "fresh", music_dir, 1)
+    _one_error_line_on_stderr(fresh, run_disk / "fresh")
+    empty = [p for p in (run_disk / "fresh").rglob("*") if p.is_file() and p.stat().st_size == 0 and p.name != ".lock"]
+    config = run_disk / "fresh" / "config.json"
+    assert not empty and (not config.exists() or json.loads(config.read_text())["out_dir"])  # no config.json, or a whole one
 
 
 # -- 6. untrusted sizes in metadata -----------------------------------------------------------

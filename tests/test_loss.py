@@ -76,6 +76,23 @@ def test_lr_schedule_warms_up_then_decays_linearly_to_zero():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_decay_steps_trains_the_first_steps_of_a_longer_schedule(tmp_path, music_dir):
+    """optim.decay_steps: the lr reaches 0 there, not at max_steps, and the default warmup is 8 % of it,
+    so a run stopped at max_steps and resumed to a larger max_steps follows one schedule."""
+    import json
+
+    from mert_core import api
+
+    out = tmp_path / "run"
+    sets = ["optim.decay_steps=100", "log_every=1", "data.num_workers=0", "seed=3"]
+    config = api.make_train_config(teachers=["cqt"], preset="tiny", data=[music_dir], out_dir=out, max_steps=4, overrides=sets)
+    api.train(config, progress=False)
+    api.train(config.model_copy(update={"optim": config.optim.model_copy(update={"max_steps": 10})}), resume=True, progress=False)
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([lr_at(s, 5e-4, 8, 100) for s in range(10)])
+    assert lrs[-1] > 0.9 * 5e-4  # far from the end of the schedule
+
+
 def test_unmasked_frames_are_scored_only_when_weighted(tmp_path, music_dir):
     """HuBERT's pred_nomask_weight: 0 (MERT) scores masked frames only; > 0 adds
     the same losses at the valid unmasked frames, logged as unmasked_loss/*."""

@@ -364,6 +364,22 @@ def test_tiny_preset_is_small_and_keeps_the_real_hop():
     assert student.sample_rate == 24000
 
 
+def test_small_presets_share_a_transformer_and_differ_in_the_front_end():
+    """``small`` is the paper's conv stack at 256 channels under 4 x 256 layers; ``cpu-small`` the
+    same transformer on the ``cpu`` preset's filter bank (docs/scaling.md)."""
+    small, cpu_small = model_lib.mert_student(**student_args("small")), model_lib.mert_student(**student_args("cpu-small"))
+    assert (small.num_layers, small.embed_dim) == (cpu_small.num_layers, cpu_small.embed_dim) == (4, 256)
+    assert [c.conv.kernel_size[0] for c in small.feature_extractor.conv_layers] == [10, 3, 3, 3, 3, 2, 2]
+    assert small.geometry.receptive_field == 400 and small.geometry.lead_frames == 0
+    assert cpu_small.geometry.receptive_field == 1840 and cpu_small.geometry.lead_frames == 2
+    assert small.hop_samples == cpu_small.hop_samples == 320
+    assert 4e6 < sum(p.numel() for p in small.parameters()) < 6e6
+    wave = torch.randn(2, 24000)
+    with torch.no_grad():
+        assert small.eval()(wave).last_hidden.shape == (2, small.num_frames(24000), 256)
+        assert cpu_small.eval()(wave).last_hidden.shape == (2, cpu_small.num_frames(24000), 256)
+
+
 def test_build_student_reads_the_config_and_names_bad_overrides():
     student = build_student(ModelConfig(preset="tiny", overrides={"num_layers": 3, "embed_dim": 96, "num_heads": 3}))
     assert student.num_layers == 3 and student.embed_dim == 96

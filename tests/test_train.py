@@ -92,13 +92,14 @@ def test_smoke_run_writes_metrics_checkpoints_plots_and_summary(tmp_path, music_
     result = api.train(_config(out, music_dir, "checkpoint_every=2"), progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all({"loss", "loss/cqt", "loss/features_penalty", "lr", "audio_seconds_per_second"} <= r.keys() for r in rows)
+    assert all({"loss", "loss/cqt", "loss/features_penalty", "lr", "audio_seconds_per_second", "data_wait_fraction"} <= r.keys() for r in rows)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(0 <= r["data_wait_fraction"] <= 1 for r in rows)
     for name in ("loss.png", "summary.json", "config.json", "last.pt", "student.safetensors"):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").iterdir())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["audio_hours_seen"] > 0
+    assert summary["steps"] == 4 and summary["audio_hours_seen"] > 0 and 0 <= summary["data_wait_fraction"] <= 1
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 4 and state["config"]["teachers"][0]["name"] == "cqt"
     assert "mert-toolkit" in state["plugin_versions"]
@@ -130,11 +131,22 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_p
     out = tmp_path / "run"
     config = _config(out, music_dir, "teacher.clean-check.nan_after_step=3", "max_bad_steps=3", "checkpoint_every=100",
                      teachers=("clean-check",), steps=10, registry=registry)
-    with pytest.raises(TrainingError, match="3 non-finite steps in a row at step 4"):
+    with pytest.raises(TrainingError, match="3 bad steps in a row at step 4.*the loss or the targets are at fault"):
         api.train(config, registry=registry, progress=False)
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["counters"]["bad_steps"] == 3 and state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_a_run_whose_every_step_was_skipped_does_not_end_as_done(tmp_path, music_dir, check_plugins):
+    registry = load_registry()
+    out = tmp_path / "run"
+    # a short run on targets that are all NaN: fewer bad steps than max_bad_steps, yet nothing learned
+    config = _config(out, music_dir, "teacher.clean-check.nan_after_step=0", teachers=("clean-check",), steps=2, registry=registry)
+    messages = []
+    with pytest.raises(TrainingError, match=r"all 2 steps of this run were bad at step 1.*the loss or the targets are at fault"):
+        api.train(config, registry=registry, progress=False, log=messages.append)
+    assert not any(m.startswith("done") for m in messages) and not (out / "summary.json").exists(), messages
 
 
 def test_bad_files_are_skipped_and_counted(tmp_path, music_dir):

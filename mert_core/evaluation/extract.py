@@ -11,20 +11,26 @@ Features of one (upstream, task, split, settings) live in::
 
 ``features.npy`` is opened memory-mapped, so a probe reads only what it uses.
 The folder is written under a temporary name and renamed when complete, so
-a crash never leaves a half-written cache that a later run would trust. The
-settings hash covers the task's file list (a changed dataset is re-extracted)
-and everything that changes the numbers (window length, dtype).
+a crash never leaves a half-written cache that a later run would trust.
+Features that are NaN or infinite (as computed, or in the storage dtype) stop
+the extraction with an error naming the upstream and layer: nothing is cached.
+The settings hash covers the task's file list (a changed dataset is re-extracted)
+and everything that changes the numbers (window length, dtype, the version of
+the feature code); the upstream's id covers its weights and configuration.
 
-An entry is self-verifying: ``meta.json``, written last, records each data
-file's size, array shape and content hash. Before a cached entry is reused
-they are checked (sizes and shapes first, then one streamed hash of the data);
-an entry that does not verify (edited, truncated, deleted or permuted files)
-is logged, removed and extracted again, so a damaged cache never changes a
-score.
+An entry is self-verifying: ``meta.json``, written last, names the entry
+(upstream id, task, split, settings, layer names and sizes), records each data
+file's size, array shape and content hash, and holds a hash of itself. Before
+a cached entry is reused they are checked against the entry asked for (where
+it was found), then the data (sizes and shapes first, then one streamed hash);
+an entry that does not verify (edited, truncated, deleted, permuted or swapped
+files, an edited ``meta.json``) is logged, removed and extracted again, so a
+damaged cache never changes a score.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,23 +48,30 @@ from tqdm.auto import tqdm
 
 from mert_core.audio import AudioError, load_audio
 from mert_core.checkpoint import file_digest
+from mert_core.evaluation.upstreams import FEATURES_VERSION
 from mert_core.files import publish_folder
 from mert_core.paths import cache_root
 from mert_core.tasks import Task, TaskDataError
 
 log = logging.getLogger("mert.evaluation")
-FORMAT = "mert-features-v2"  # v2: meta.json holds the data files' sizes, shapes and hashes
+FORMAT = "mert-features-v3"  # v2: meta.json holds the data files' sizes, shapes and hashes; v3: features checked finite
 DATA_FILES = ("features.npy", "index.npy", "offsets.npy")
 
 
 class ExtractOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    window_seconds: float = Field(30.0, gt=0, description="Long audio is cut into windows this long (MARBLE: 30 s); clip features average them.")
+    window_seconds: float = Field(
+        30.0, ge=1.0, description="Long audio is cut into windows this long (MARBLE: 30 s; at least 1 s: shorter windows "
+                                  "starve the model of the context it was trained with); clip features average them.")
     batch_windows: int = Field(8, ge=1, description="Windows per forward pass of a student upstream.")
     feature_dtype: Literal["auto", "float32", "float16"] = Field(
         "auto", description="Storage type; auto = float32 for clip-level, float16 for frame-level (halves the disk they need).")
     audio_workers: int = Field(2, ge=0, description="Threads decoding audio ahead of the model (0: decode in the main thread).")
+
+
+class NonFiniteFeatures(RuntimeError):
+    """An upstream made NaN or infinite features; the message names it, the layer and the file."""
 
 
 class _NpyAppender:
@@ -153,6 +166,7 @@ def settings_for(upstream, task: Task, split: str, options: ExtractOptions) -> d
         dtype = "float16" if task.level == "frame" else "float32"
     return {
         "format": FORMAT,
+        "features_version": FEATURES_VERSION,
         "task_fingerprint": task.fingerprint(split),
         "level": task.level,
         "sample_rate": upstream.sample_rate,
@@ -162,8 +176,6 @@ def settings_for(upstream, task: Task, split: str, options: ExtractOptions) -> d
 
 
 def feature_dir(upstream, task: Task, split: str, options: ExtractOptions, cache_dir: str | Path | None = None) -> Path:
-    import hashlib
-
     settings = settings_for(upstream, task, split, options)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root(cache_dir) / "features" / upstream.id / task.name / split / digest
@@ -181,8 +193,10 @@ def extract(upstream, task: Task, split: str, options: ExtractOptions | None = N
     """
     options = options or ExtractOptions()
     final = feature_dir(upstream, task, split, options, cache_dir)
+    settings = settings_for(upstream, task, split, options)
+    identity = entry_identity(upstream, task, split, settings)
     if final.exists():
-        problem = verify_cache_entry(final)
+        problem = verify_cache_entry(final, identity)
         if problem is None:
             log.info("reusing cached features at %s", final)
             return FeatureSet.open(final, reused=True)
@@ -190,14 +204,14 @@ def extract(upstream, task: Task, split: str, options: ExtractOptions | None = N
         _remove(final)
 
     examples = task.examples(split)
-    settings = settings_for(upstream, task, split, options)
     log.info("extracting %s features of %s/%s (%d examples) into %s", upstream.name, task.name, split, len(examples), final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        meta = _extract_into(tmp, upstream, task, split, examples, settings, options, progress)
+        meta = {**_extract_into(tmp, upstream, task, split, examples, settings, options, progress), **identity}
         meta["files"] = _describe_files(tmp)
+        meta["meta_sha256"] = _meta_digest(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: its presence means the rest is complete
         if not publish_folder(tmp, final, replace=False):  # another process finished the same extraction first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
@@ -218,13 +232,35 @@ def _describe_files(directory: Path) -> dict[str, dict]:
     return out
 
 
-def verify_cache_entry(directory: Path) -> str | None:
+def entry_identity(upstream, task: Task, split: str, settings: dict) -> dict:
+    """What the ``meta.json`` of the entry for (``upstream``, ``task``, ``split``, ``settings``)
+    must record about itself, so that an entry found in another entry's place (swapped
+    split folders) or with edited layers is not reused."""
+    return {
+        "upstream_id": upstream.id,
+        "task_name": task.name,
+        "split": split,
+        "settings": settings,
+        "layer_names": list(upstream.layer_names),
+        "layer_dims": list(upstream.layer_dims_for(task.level)),
+    }
+
+
+def _meta_digest(meta: dict) -> str:
+    """sha256 (16 hex digits) of ``meta`` without its own ``meta_sha256``."""
+    payload = json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def verify_cache_entry(directory: Path, identity: dict | None = None) -> str | None:
     """Why the cache entry in ``directory`` cannot be trusted, or None if it verifies.
 
-    Checks, cheapest first: ``meta.json`` parses and is of this format; every
-    data file it lists exists with the recorded size, array shape and dtype;
-    the index and offsets are consistent; and the content hash of each file
-    (one streamed read) matches the one recorded when it was written.
+    Checks, cheapest first: ``meta.json`` parses, is of this format and
+    matches its own hash; it is the entry ``identity`` describes (upstream,
+    task, split, settings, layer names and sizes: see :func:`entry_identity`);
+    every data file it lists exists with the recorded size, array shape and
+    dtype; the index and offsets are consistent; and the content hash of each
+    file (one streamed read) matches the one recorded when it was written.
     """
     try:
         meta = json.loads((directory / "meta.json").read_text())
@@ -234,6 +270,11 @@ def verify_cache_entry(directory: Path) -> str | None:
         return f"meta.json unreadable: {exc}"
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
         return f"meta.json is not a {FORMAT} entry"
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        return "meta.json differs from the hash recorded when it was written"
+    for key, want in (identity or {}).items():
+        if meta.get(key) != want:
+            return f"meta.json records {key} {meta.get(key)!r}, this entry is for {want!r}"
     files = meta["files"]
     wanted = {"features.npy", "index.npy"} | ({"offsets.npy"} if meta.get("level") == "frame" else set())
     if set(files) != wanted:
@@ -282,6 +323,26 @@ def _load(upstream, ex):
         return exc
 
 
+def _check_finite(upstream, stored: np.ndarray, computed: np.ndarray, path) -> None:
+    """Refuse features that are not finite, naming the upstream, the layers and the file.
+
+    Args:
+        stored: ``(T, L, D)`` features in the cache's dtype.
+        computed: the same as the upstream returned them (float32), to tell an
+            overflow of the storage type from a model that diverged.
+    """
+    finite = np.isfinite(stored).all(axis=(0, 2))  # L
+    if finite.all():
+        return
+    layers = [upstream.layer_names[j] for j in np.flatnonzero(~finite)]
+    cause = (f"their values pass {stored.dtype}'s range: extract with --set feature_dtype=float32"
+             if np.isfinite(computed).all() else "the model's computation overflows: its weights are finite but the run that wrote them diverged")
+    raise NonFiniteFeatures(
+        f"upstream {upstream.name} ({upstream.id}): {', '.join(layers)} features of {path} are NaN or infinite; "
+        f"{cause}; nothing was cached"
+    )
+
+
 def _extract_into(tmp: Path, upstream, task: Task, split: str, examples, settings: dict, options: ExtractOptions, progress: bool) -> dict:
     frame_level = task.level == "frame"
     dims = upstream.layer_dims_for(task.level)
@@ -309,7 +370,10 @@ def _extract_into(tmp: Path, upstream, task: Task, split: str, examples, setting
                 waves = [w for _, w in good]
                 feats = upstream.frame_features(waves) if frame_level else upstream.clip_features(waves)
                 for (i, _), f in zip(good, feats):
-                    writer.append(f if frame_level else f[None])
+                    with np.errstate(over="ignore"):  # an overflow of the storage type is named below
+                        stored = np.asarray(f if frame_level else f[None], dtype=writer.dtype)  # what the cache would hold
+                    _check_finite(upstream, stored, f, examples[i].path)
+                    writer.append(stored)
                     kept.append(i)
                     if frame_level:
                         offsets.append(offsets[-1] + f.shape[0])
@@ -334,8 +398,6 @@ def _extract_into(tmp: Path, upstream, task: Task, split: str, examples, setting
         "split": split,
         "level": task.level,
         "settings": settings,
-        "layer_names": list(upstream.layer_names),
-        "layer_dims": list(dims),
         "frame_rate_hz": upstream.frame_rate_hz,
         "num_examples": len(examples),
         "num_kept": len(kept),

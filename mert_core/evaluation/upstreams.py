@@ -8,8 +8,9 @@ An upstream turns waveforms into features of every "layer":
 - :class:`HandcraftedUpstream` is MARBLE's handcrafted baseline: MFCC,
   chroma and CQT, one "layer" per feature family plus their concatenation.
 
-Every upstream has a stable ``id`` (a content hash or the seed of its random
-weights): feature caches are keyed by it.
+Every upstream has a stable ``id`` (a content hash of every file it is built
+from, or the seed of its random weights): feature caches are keyed by it, with
+the extraction settings and :data:`FEATURES_VERSION`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ import numpy as np
 import torch
 
 log = logging.getLogger("mert.evaluation")
+
+FEATURES_VERSION = 1
+"""The version of the code that turns audio into features (windows, lead, pooling, the
+handcrafted families): bump it when a change here changes the numbers an upstream
+makes; feature caches are keyed by it."""
 
 
 class Upstream:
@@ -248,17 +254,14 @@ def hf_upstream(folder: str | Path, device: str = "cpu", name: str | None = None
     Raises:
         ValueError: the folder holds no ``config.json``.
     """
-    from mert_core.checkpoint import file_digest
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"--hf-model {folder}: expected a Hugging Face model folder with config.json and model.safetensors "
                          f"or pytorch_model.bin (save_pretrained output or a downloaded snapshot)")
-    from mert_core.convert import load_hf_hubert
+    from mert_core.convert import hf_fingerprint, load_hf_hubert
 
     student = load_hf_hubert(folder)
-    weights = next((p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.exists()), folder / "config.json")
-    return StudentUpstream(student, id="hf-" + file_digest(weights), name=name or folder.name, kind="hf", device=device, **kwargs)
+    return StudentUpstream(student, id=hf_fingerprint(folder), name=name or folder.name, kind="hf", device=device, **kwargs)
 
 
 def random_upstream(like: Any = "tiny", seed: int = 0, device: str = "cpu", name: str | None = None, **kwargs) -> StudentUpstream:

@@ -16,19 +16,17 @@ self-describing safetensors file, read back with
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from safetensors.torch import save_file
 from torch import nn
 
-from mert_core.teacher import TeacherOptions
+from mert_core.teacher import FitQuality, TeacherOptions, write_teacher_file
 from mert_plugins.teachers._features import FrameFeatures, LogMelFeatures
 from mert_plugins.teachers.kmeans import SamplePlan, library_versions, measure_frame_stats, plan_sample
 
@@ -127,15 +125,13 @@ def fit_sample(options: StackedMelOptions, files: list[Path], sample_rate: int, 
     return plan_sample(files, sample_rate, options.chunk_seconds, options.sample_fraction, options.sample_hours, seed, progress)
 
 
-def save_artifact(out_file: Path, artifact_format: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``tensors`` with JSON ``meta`` (plus library versions and the time) atomically."""
-    from mert_core.checkpoint import atomic_write
-
+def save_artifact(out_file: Path, artifact_format: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  quality: Iterable[FitQuality] = ()) -> Path:
+    """Write ``tensors`` with JSON ``meta`` (plus library versions and the time) atomically, unless a
+    ``quality`` the fit measured ended worse than it started (see :func:`~mert_core.teacher.write_teacher_file`)."""
     meta = {**meta, "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
-    out_file = Path(out_file)
-    atomic_write(out_file, lambda tmp: save_file(tensors, str(tmp), metadata={artifact_format: json.dumps(meta)}))
-    return out_file
+    return write_teacher_file(Path(out_file), tensors, artifact_format, meta, quality, meta["teacher"])
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
-from mert_core.teacher import TargetSpec, Teacher, TeacherOptions
+from mert_core.teacher import TargetSpec, Teacher, TeacherOptions, write_teacher_file
 
 log = logging.getLogger("mert.teachers.cqt")
 
@@ -357,9 +357,6 @@ class CQTTeacher(Teacher):
             progress: show a progress bar.
             device: where to compute the CQT (default: the teacher's device).
         """
-        from safetensors.torch import save_file
-
-        from mert_core.checkpoint import atomic_write
         from mert_plugins.teachers.kmeans import measure_frame_stats, plan_sample
 
         device = torch.device(device) if device is not None else self.bin_mean.device
@@ -367,7 +364,7 @@ class CQTTeacher(Teacher):
         mean, std, frames, _ = measure_frame_stats(self._compressed, plan, self.sample_rate, 8, device, "cqt", progress, min_std=1e-6)
         meta = {**self._stats_settings(), "frames": frames, "hours": plan.sample_hours, "seed": seed}
         tensors = {"bin_mean": mean.float().contiguous(), "bin_std": std.float().contiguous()}
-        atomic_write(Path(out_file), lambda tmp: save_file(tensors, str(tmp), metadata={STATS_FORMAT: json.dumps(meta)}))
+        write_teacher_file(Path(out_file), tensors, STATS_FORMAT, meta, quality=(), teacher=self.name)  # statistics: nothing to get worse
         log.info("cqt: per-bin statistics of %d frames (%.3g h) -> %s", frames, plan.sample_hours, out_file)
         self.options = self.options.model_copy(update={"teacher_file": Path(out_file)})
         self._load_stats(Path(out_file))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import Field
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,7 +41,7 @@ from mert_core import library_versions
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.runconfig import ConfigError
-from mert_core.teacher import TargetSpec, Teacher, TeacherOptions
+from mert_core.teacher import FitQuality, TargetSpec, Teacher, TeacherOptions, write_teacher_file
 from mert_plugins.teachers._features import (
     ChromaFeatures,
     FrameFeatures,
@@ -599,8 +599,6 @@ class KMeansTeacher(Teacher):
         return (time.perf_counter() - t0) / seconds if seconds else 0.0
 
     def _fit(self, files: list[Path], out_file: Path, seed: int, progress: bool) -> Path:
-        from mert_core.checkpoint import atomic_write
-
         opts = self.options
         seed = opts.seed if opts.seed is not None else seed
         device = self._device()
@@ -693,7 +691,12 @@ class KMeansTeacher(Teacher):
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         out_file = Path(out_file)
-        atomic_write(out_file, lambda tmp: save_file(tensors, str(tmp), metadata={ARTIFACT_FORMAT: json.dumps(meta)}))
+        quality = [
+            FitQuality(f"inertia per frame (stream {name})", r.history[0] if r.history else None, r.mean_inertia,
+                       advice="a non-finite inertia means non-finite features: check the audio and the feature options")
+            for name, r in results.items()
+        ]  # history[0]: the initial centroids on the whole sample
+        write_teacher_file(out_file, tensors, ARTIFACT_FORMAT, meta, quality, self.name)
         log.info("%s: saved %s (%.1f s)", self.name, out_file, time.perf_counter() - started)
         self.options = self.options.model_copy(update={"teacher_file": out_file})
         self.fit_info = meta

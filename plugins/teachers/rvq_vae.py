@@ -114,11 +114,13 @@ def build_encodec(state_dict: dict | None = None, source: str = "state dict"):
 
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint saved like the official one (``torch.save`` of a state dict)."""
+    from mert_core.checkpoint import describe_load_error
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file
         raise EncodecWeightsError(
-            f"rvq-vae: cannot read EnCodec weights {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"rvq-vae: cannot read EnCodec weights {path} ({describe_load_error(exc)}); "
             f"the file is corrupt or truncated: download {CHECKPOINT_NAME} again from {CHECKPOINT_URL}"
         ) from None
     if not isinstance(state, dict):
