@@ -35,10 +35,12 @@ def _usage_types():
     from mert_core.registry import PluginError
     from mert_core.runconfig import ConfigError
     from mert_core.scaffold import ScaffoldError
+    from mert_core.shards import ShardError
+    from mert_core.streaming import StreamError
     from mert_core.tasks import TaskDataError
 
     return (ConfigError, PluginError, LabelStoreError, DataError, CheckpointError, RunFolderTaken, HFConversionError, TaskDataError,
-            ScaffoldError)
+            ScaffoldError, ShardError, StreamError)
 
 
 def one_line(exc: BaseException) -> click.ClickException | None:

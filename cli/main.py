@@ -34,14 +34,16 @@ def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> N
 def cli():
     """mert: self-supervised pretraining of music audio models, MERT-style.
 
-    Pretrain a student with swappable teachers (`mert train`), prepare
-    teacher labels (`mert teacher`), and judge what it learned on music
-    tasks (`mert eval`). `mert list-plugins` shows what is installed.
+    Pretrain a student with swappable teachers (`mert train`), pack large
+    corpora into shards (`mert data`), prepare teacher labels (`mert
+    teacher`), and judge what it learned on music tasks (`mert eval`).
+    `mert list-plugins` shows what is installed.
     """
 
 
 def _add_commands() -> None:
     from mert_cli.ablate import ablate_cmd
+    from mert_cli.data import data_group
     from mert_cli.export import export_cmd
     from mert_cli.new_plugin import new_plugin_cmd
     from mert_cli.plugins_cmd import list_plugins
@@ -50,7 +52,7 @@ def _add_commands() -> None:
     from mert_cli.evaluate import eval_cmd, extract_cmd, probe_cmd
     from mert_cli.teacher import teacher_group
 
-    for cmd in (train, teacher_group, extract_cmd, probe_cmd, eval_cmd, ablate_cmd, export_cmd, list_plugins, new_plugin_cmd):
+    for cmd in (train, data_group, teacher_group, extract_cmd, probe_cmd, eval_cmd, ablate_cmd, export_cmd, list_plugins, new_plugin_cmd):
         cli.add_command(cmd)
 
 

@@ -6,11 +6,31 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Iterable
 
 import click
 
 from mert_core.runconfig import parse_assignment
+
+
+class DataSource(click.ParamType):
+    """A ``--data`` value: an existing local path, or shards given as a URL (``https://``,
+    ``s3://``, ...) or a brace pattern, kept as written (a ``Path`` would fold ``//``)."""
+
+    name = "PATH_OR_URL"
+
+    def __init__(self, exists: bool = False):
+        self.exists = exists
+
+    def convert(self, value, param, ctx):
+        from mert_core.shards import is_remote_or_pattern
+
+        value = str(value)
+        if self.exists and not is_remote_or_pattern(value) and not Path(value).exists():
+            self.fail(f"{value!r} does not exist; give an audio folder, file, .tsv/.csv manifest, or shards "
+                      f"(an index.json, a brace pattern, a URL)", param, ctx)
+        return value
 
 
 def parse_pairs(items: Iterable[str], flag: str, example: str) -> list[tuple[str, Any]]:

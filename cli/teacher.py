@@ -11,12 +11,12 @@ from pathlib import Path
 import click
 
 from mert_cli.errors import ErrorHandlingGroup
-from mert_cli.options import parse_sets, setup_logging
+from mert_cli.options import DataSource, parse_sets, setup_logging
 
 
 _data = click.option(
-    "--data", "data", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
-    help="Audio folder (recursive), audio file or .tsv/.csv manifest (repeatable).",
+    "--data", "data", multiple=True, required=True, type=DataSource(exists=True),
+    help="Audio folder (recursive), audio file or .tsv/.csv manifest, or shards (an index.json, a URL or brace pattern; repeatable).",
 )
 _set = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Teacher option, e.g. n_clusters=2000 (repeatable).")
 _device = click.option("--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda, cuda:N.")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mert_cli.options import DataSource
 from mert_core.config import PRESET_NAMES
 
 
@@ -13,7 +14,7 @@ from mert_core.config import PRESET_NAMES
 @click.option("--teacher", "teachers", multiple=True, metavar="NAME", help="Teacher plugin (repeatable): cqt, rvq-vae, kmeans-mfcc, ... Replaces the recipe's teachers.")
 @click.option("--augment", "augment", multiple=True, metavar="NAME", help="Augmentation plugin (repeatable), e.g. inbatch-mixup.")
 @click.option("--recipe", metavar="NAME", help="Named bundle of teachers, augmentations and hyperparameters (mert list-plugins --kind recipe).")
-@click.option("--data", "data", multiple=True, type=click.Path(path_type=Path), help="Audio folder (recursive) or .tsv/.csv manifest (repeatable). Default: the built-in demo data.")
+@click.option("--data", "data", multiple=True, type=DataSource(), help="Audio folder (recursive), .tsv/.csv manifest, or shards: an index.json, a folder holding one, a URL or brace pattern of .tar shards (repeatable). Default: the built-in demo data.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run folder for checkpoints, metrics and plots. Default: runs/mert.")
 @click.option("--preset", type=click.Choice(PRESET_NAMES), help="Student size.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file of config fields.")
@@ -33,6 +34,8 @@ def train(teachers, augment, recipe, data, out_dir, preset, config_file, overrid
       mert train --teacher rvq-vae --teacher cqt --augment inbatch-mixup --data /music
       mert train --recipe mert-v1 --preset 95m --data /music --out runs/v1
       mert train --recipe mert-v1 --preset 95m --init-from MERT-v1-95M/ --data /music --out runs/cont
+      mert train --recipe cpu --data https://host/corpus/index.json
+      mert train --recipe cpu --data 's3://bucket/corpus/shard-{000000..000099}.tar'
       torchrun --nproc_per_node 4 -m mert_cli.main train --recipe mert-v1 --data /music
     """
     import mert_core.api as api

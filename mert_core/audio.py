@@ -3,10 +3,11 @@
 Every failure is an :class:`AudioError` naming the file, so that callers can
 skip and count bad files instead of crashing mid-run.
 
-Two ways in:
+Three ways in:
 
 * :func:`load_audio` reads a whole file (or a span given in seconds), for
   evaluation and feature extraction.
+* :func:`decode_audio` decodes a whole file held in memory (a shard member).
 * :func:`read_crop` reads ``num_samples`` samples starting at ``offset_samples``
   *in the target rate*, seeking in the file instead of decoding all of it. The
   result equals slicing the resampled whole file (to float rounding), which is
@@ -15,12 +16,14 @@ Two ways in:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -103,26 +106,30 @@ def _check_wav_complete(path: Path) -> None:
     Streaming writers put 0 or 0xFFFFFFFF as a placeholder size: those pass.
     """
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(12)
-            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-                return  # RF64, W64, ...: leave it to libsndfile
-            pos = 12
-            while pos + 8 <= size:
-                f.seek(pos)
-                chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
-                if chunk_id == b"data":
-                    present = size - (pos + 8)
-                    if chunk_size not in (0, 0xFFFFFFFF) and chunk_size < 0x7FFFFFFF and chunk_size > present:
-                        raise AudioError(
-                            f"{path}: truncated WAV: header declares {chunk_size} data bytes, file holds {present}; "
-                            "re-copy or remove the file"
-                        )
-                    return
-                pos += 8 + chunk_size + (chunk_size & 1)
+            _check_wav_chunks(f, os.path.getsize(path), path)
     except OSError as exc:
         raise AudioError(f"{path}: cannot read file ({_one_line(exc)})") from None
+
+
+def _check_wav_chunks(f: BinaryIO, size: int, name: str | Path) -> None:
+    """:func:`_check_wav_complete` on an open binary file of ``size`` bytes (a file or a shard member in memory)."""
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return  # RF64, W64, ...: leave it to libsndfile
+    pos = 12
+    while pos + 8 <= size:
+        f.seek(pos)
+        chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+        if chunk_id == b"data":
+            present = size - (pos + 8)
+            if chunk_size not in (0, 0xFFFFFFFF) and chunk_size < 0x7FFFFFFF and chunk_size > present:
+                raise AudioError(
+                    f"{name}: truncated WAV: header declares {chunk_size} data bytes, file holds {present}; "
+                    "re-copy or remove the file"
+                )
+            return
+        pos += 8 + chunk_size + (chunk_size & 1)
 
 
 def load_audio(path: str | Path, sample_rate: int, offset_seconds: float = 0.0, duration_seconds: float | None = None) -> np.ndarray:
@@ -158,11 +165,50 @@ def load_audio(path: str | Path, sample_rate: int, offset_seconds: float = 0.0, 
         raise
     except Exception as exc:  # noqa: BLE001 - soundfile raises several types
         raise AudioError(f"{path}: cannot decode audio ({_one_line(exc)}); check or remove the file") from None
+    return _mono_at(data, sr, sample_rate, path)
+
+
+def decode_audio(data: bytes, name: str, sample_rate: int) -> np.ndarray:
+    """Decode a whole audio file held in memory (a shard member) as mono float32 at ``sample_rate``.
+
+    The same decoder, checks and resampler as :func:`load_audio` of the whole
+    file, so the result equals ``load_audio(path, sample_rate)`` of the file
+    the bytes came from, sample for sample.
+
+    Args:
+        data: the file's bytes (wav, flac, ogg, mp3, ...).
+        name: what to call it in errors (a shard and member name).
+        sample_rate: target rate.
+
+    Returns:
+        ``(S,)`` float32 array.
+
+    Raises:
+        AudioError: as :func:`load_audio`.
+    """
+    if not data:
+        raise AudioError(f"{name}: no audio samples (empty member)")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            sr = f.samplerate
+            _check_rate(sr, name)
+            if f.format in ("WAV", "WAVEX"):
+                _check_wav_chunks(io.BytesIO(data), len(data), name)
+            decoded = f.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - soundfile raises several types
+        raise AudioError(f"{name}: cannot decode audio ({_one_line(exc)}); check or remove the file") from None
+    return _mono_at(decoded, sr, sample_rate, name)
+
+
+def _mono_at(data: np.ndarray, source_rate: int, sample_rate: int, name: str | Path) -> np.ndarray:
+    """Decoded ``(S, C)`` samples -> checked ``(S',)`` mono float32 at ``sample_rate``."""
     if data.shape[0] == 0:
-        raise AudioError(f"{path}: no audio samples (empty or truncated file)")
-    mono = _mono_usable(data, path)
-    if sr != sample_rate:
-        mono = soxr.resample(mono, sr, sample_rate, quality="HQ").astype(np.float32, copy=False)
+        raise AudioError(f"{name}: no audio samples (empty or truncated file)")
+    mono = _mono_usable(data, name)
+    if source_rate != sample_rate:
+        mono = soxr.resample(mono, source_rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
@@ -253,13 +299,13 @@ def _check_regular_file(path: Path) -> None:
         raise AudioError(f"{path}: not a regular file (a FIFO, socket, device or folder); pass an audio file")
 
 
-def _check_rate(sample_rate: int, path: Path) -> None:
+def _check_rate(sample_rate: int, path: str | Path) -> None:
     low, high = SAMPLE_RATE_RANGE
     if not low <= sample_rate <= high:
         raise AudioError(f"{path}: header says sample rate {sample_rate} Hz; expected {low}..{high} Hz (corrupt header?)")
 
 
-def _mono_usable(data: np.ndarray, path: Path) -> np.ndarray:
+def _mono_usable(data: np.ndarray, path: str | Path) -> np.ndarray:
     """``(S, C)`` -> ``(S,)`` channel mean; raise on NaN/inf or samples beyond :data:`MAX_ABS_SAMPLE`."""
     # One vectorised pass over every channel: the max of |x| is NaN if any
     # sample is, and a comparison with NaN is False.

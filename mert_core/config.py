@@ -12,9 +12,9 @@ keeps its settings.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 PresetName = Literal["tiny", "cpu", "small", "cpu-small", "95m", "330m"]
 """The student presets (``mert_core.model.PRESETS`` has one builder per name)."""
@@ -57,13 +57,42 @@ class AugmentConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="Augmentation options, validated by its Options model.")
 
 
+def _data_source(value: Any) -> Any:
+    """A local path as pathlib writes it (``music/`` -> ``music``); a URL or brace pattern as given."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, str) and "://" not in value:
+        return str(Path(value))
+    return value
+
+
+DataSource = Annotated[str, BeforeValidator(_data_source)]
+"""One ``--data`` entry: a local path, or a URL (``https://``, ``s3://``, ...) kept as written."""
+
+
+class StreamConfig(_Strict):
+    lanes: int = Field(4, ge=1, description="Shards only: independent shard streams per rank, read in turn; batch i comes from lane "
+                                            "i % lanes. The crops do not depend on data.num_workers, which must divide it.")
+    buffer_crops: int = Field(128, ge=1, description="Shards only: crops per lane shuffled together (a block; the reader holds up to "
+                                                     "two per lane: 2 x lanes x buffer_crops x crop_seconds of float32 audio per rank).")
+    retries: int = Field(3, ge=0, description="Shards only: new attempts at a shard after a failed request or a broken tar stream.")
+    retry_seconds: float = Field(1.0, ge=0, description="Shards only: wait before the first retry; doubles with each retry.")
+    timeout_seconds: float = Field(60.0, gt=0, description="Shards only: connect and read timeout of a shard request (HTTP, S3).")
+
+
 class DataConfig(_Strict):
-    paths: list[Path] = Field(default_factory=list, description="Audio folders (recursive) or manifest files (.tsv/.csv); empty = built-in demo data.")
+    paths: list[DataSource] = Field(
+        default_factory=list,
+        description="Audio folders (recursive), manifest files (.tsv/.csv) or audio files; or shards: an index.json (path or "
+                    "URL), a folder holding one, a brace pattern such as https://host/c/shard-{000000..000099}.tar, .tar "
+                    "files. Empty = built-in demo data.",
+    )
     sample_rate: int = Field(24000, ge=1000, le=1_000_000, description="Student sample rate (MERT: 24 kHz; 1 kHz to 1 MHz, like audio headers).")
     crop_seconds: float = Field(5.0, gt=0, description="Training crop length (MERT: 5 s; large 5.12 s).")
     min_seconds: float = Field(3.0, ge=0, description="Files shorter than this are not used (MERT: 3 s).")
     batch_size: int = Field(4, ge=1, description="Clips per micro-batch per process.")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes.")
+    stream: StreamConfig = Field(default_factory=StreamConfig, description="How shards are streamed (ignored for folders and manifests).")
 
 
 class MaskConfig(_Strict):

@@ -501,9 +501,7 @@ class CropBatches(Dataset):
         if index < 0:
             raise IndexError(f"CropBatches index must be >= 0, got {index}")
         B, S = self.batch_size, self.crop_samples
-        wave = np.zeros((B, S), dtype=np.float32)
-        lengths = np.zeros(B, dtype=np.int64)
-        paths, offsets, skipped = [], [], []
+        clips, paths, offsets, skipped = [], [], [], []
         for b in range(B):
             draw = index * B + b
             for attempt in range(len(self.files)):
@@ -522,17 +520,21 @@ class CropBatches(Dataset):
                     f"rank {self.rank}: none of the {len(self.files)} files of this shard could be read "
                     f"(e.g. {skipped[-1][0]}: {skipped[-1][1]}); check the data"
                 )
-            wave[b, : len(clip)] = clip
-            lengths[b] = len(clip)
+            clips.append(clip)
             paths.append(f.path)
             offsets.append(offset)
-        return {
-            "wave": torch.from_numpy(wave),
-            "lengths": torch.from_numpy(lengths),
-            "paths": paths,
-            "offsets": offsets,
-            "skipped": skipped,
-        }
+        return crop_batch(clips, S, paths, offsets, skipped)
+
+
+def crop_batch(clips: list[np.ndarray], crop_samples: int, paths: list[str], offsets: list[int],
+               skipped: list[tuple[str, str]]) -> dict[str, Any]:
+    """The batch dict every training loader yields (see :class:`CropBatches`) from ``B`` clips of up to ``crop_samples``."""
+    wave = np.zeros((len(clips), crop_samples), dtype=np.float32)
+    lengths = np.zeros(len(clips), dtype=np.int64)
+    for b, clip in enumerate(clips):
+        wave[b, : len(clip)] = clip
+        lengths[b] = len(clip)
+    return {"wave": torch.from_numpy(wave), "lengths": torch.from_numpy(lengths), "paths": paths, "offsets": offsets, "skipped": skipped}
 
 
 class _CountFrom(Sampler[int]):

@@ -45,7 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -200,14 +200,15 @@ def write_label_store(
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
     min_samples = _check_request(teacher, out_dir, window_samples, min_samples, overwrite)
-    labelling = dict(sample_rate=sample_rate, window_samples=window_samples, batch_size=batch_size, num_workers=num_workers)
+    labelling = dict(sample_rate=sample_rate, window_samples=window_samples, batch_size=batch_size, num_workers=num_workers,
+                     min_samples=min_samples)
     if dist_info is not None and dist_info.enabled:
-        return _write_sharded(teacher, list(files), out_dir, dist_info, min_samples, labelling, progress, started)
-    plan, skipped = _plan_windows(list(files), sample_rate, window_samples, min_samples, progress)
+        return _write_sharded(teacher, list(files), out_dir, dist_info, labelling, progress, started)
+    source = _plan_source(list(files), labelling, progress)
     tmp_dir = _fresh_tmp_dir(out_dir)
     try:
-        part = _label_part(teacher, plan, tmp_dir, progress=progress, **labelling)
-        return _publish_store(teacher, part, {**skipped, **part.skipped}, tmp_dir, out_dir, min_samples, sample_rate, window_samples, started)
+        part = source.label(teacher, source.units, tmp_dir, progress=progress, **labelling)
+        return _publish_store(teacher, part, source, tmp_dir, out_dir, labelling, started)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
@@ -228,6 +229,38 @@ def _check_request(teacher: Teacher, out_dir: Path, window_samples: int, min_sam
 
 
 Plan = list[tuple[str, list[tuple[int, int]]]]  # per file: path, (offset, length) of each window
+
+
+@dataclass
+class _Source:
+    """What a store labels, split into units ranks share: planned files, or shards.
+
+    ``units``: the plan (files with their windows) or the shard URLs; ``weights``:
+    the work in each unit (windows, members) to split ranks evenly; ``skipped``:
+    inputs known unusable before labelling; ``index_fields``: what index.json adds;
+    ``label``: labels a run of units into a part folder.
+    """
+
+    units: list
+    weights: list[int]
+    skipped: dict[str, str]
+    index_fields: dict[str, Any]
+    label: Callable[..., "_Part"]
+
+
+def _plan_source(files: list, labelling: dict[str, int], progress: bool) -> _Source:
+    """Scan files (their windows planned now), or list shards (members are met as they stream)."""
+    from mert_core.shards import is_shard_source, open_corpus
+
+    shards = [f for f in files if is_shard_source(f)]
+    if shards and len(shards) != len(files):
+        raise LabelStoreError("label store inputs mix shards with folders or manifests; label one kind into a store")
+    if shards:
+        corpus = open_corpus(shards)
+        return _Source(corpus.urls, corpus.members or [1] * len(corpus.urls), {},
+                       {"source": "shards", "shards": corpus.names}, _label_shards_part)
+    plan, skipped = _plan_windows(files, labelling["sample_rate"], labelling["window_samples"], labelling["min_samples"], progress)
+    return _Source(plan, [len(windows) for _, windows in plan], skipped, {"source": "files"}, _label_part)
 
 
 def _plan_windows(files: list, sample_rate: int, window_samples: int, min_samples: int, progress: bool) -> tuple[Plan, dict[str, str]]:
@@ -279,17 +312,77 @@ class _Part:
 
 
 def _label_part(teacher: Teacher, plan: Plan, folder: Path, sample_rate: int, window_samples: int, batch_size: int,
-                num_workers: int, progress: bool) -> _Part:
+                num_workers: int, min_samples: int, progress: bool) -> _Part:
     """Label the windows of ``plan`` into ``folder/labels.bin`` (``folder`` is created if missing)."""
+    reader = torch.utils.data.DataLoader(
+        _FileWindows(plan, sample_rate), batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_as_is,
+    )
+    skipped: dict[str, str] = {}
+    total = sum(len(w) for _, w in plan)
+    return _write_part(teacher, plan, reader, total, folder, window_samples, batch_size, skipped, _file_identity, progress)
+
+
+def _label_shards_part(teacher: Teacher, urls: list[str], folder: Path, sample_rate: int, window_samples: int, batch_size: int,
+                       num_workers: int, min_samples: int, progress: bool) -> _Part:
+    """Label every member of the shards ``urls``, in shard order, into ``folder/labels.bin``.
+
+    Each member is decoded whole (:func:`mert_core.audio.decode_audio`, as the
+    trainer's shard stream decodes it) and cut into windows on the grid
+    ``k * window_samples``; an entry is keyed ``<shard file name>#<member key>``.
+    Members that cannot be read or decoded, and shards that cannot be fetched
+    after retries, are skipped and listed.
+    """
+    from mert_core.audio import decode_audio
+    from mert_core.shards import Skipped, read_members, stored_member_name
+
+    plan: Plan = []  # grows as members are read: the writer reads it by index
+    skipped: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+
+    def members():
+        for url in urls:
+            for item in read_members(url):
+                if isinstance(item, Skipped):
+                    skipped[item.what] = item.reason
+                    continue
+                if not item.is_audio():
+                    continue
+                try:
+                    ext, data = item.audio()
+                    audio = decode_audio(data, f"{item.id}.{ext}", sample_rate)
+                except AudioError as exc:
+                    skipped[item.id] = str(exc)
+                    continue
+                windows = _windows_of(len(audio), window_samples, min_samples)
+                if not windows:
+                    skipped[item.id] = f"shorter than {min_samples} samples at {sample_rate} Hz: nothing to label"
+                    continue
+                name = stored_member_name(item.id)
+                plan.append((name, windows))
+                sizes[name] = len(data)
+                yield len(plan) - 1, [audio[start : start + length] for start, length in windows], None
+
+    return _write_part(teacher, plan, members(), None, folder, window_samples, batch_size, skipped,
+                       lambda name: {"size": sizes[name], "mtime_ns": 0}, progress)
+
+
+def _write_part(teacher: Teacher, plan: Plan, items, total_windows: int | None, folder: Path, window_samples: int, batch_size: int,
+                skipped: dict[str, str], identity: Callable[[str], dict[str, int]], progress: bool) -> _Part:
+    """Label ``items`` (``(plan index, windows or None, error)``) into ``folder/labels.bin`` (created if missing)."""
     folder.mkdir(parents=True, exist_ok=True)
     device = next((t.device for t in itertools.chain(teacher.buffers(), teacher.parameters())), torch.device("cpu"))
-    skipped: dict[str, str] = {}
     with open(folder / LABELS_FILE, "wb") as labels_out:
-        writer = _LabelWriter(teacher, plan, labels_out, device)
-        _label_windows(writer, plan, sample_rate, window_samples, batch_size, num_workers, skipped, progress)
+        writer = _LabelWriter(teacher, plan, labels_out, device, identity)
+        _label_windows(writer, items, total_windows, window_samples, batch_size, skipped, progress)
         labels_out.flush()
         os.fsync(labels_out.fileno())
     return _Part(writer.entries, writer.total_frames, writer.total_windows, skipped)
+
+
+def _file_identity(path: str) -> dict[str, int]:
+    """What a store records to notice a changed file."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def merge_label_parts(part_dirs: list[Path], out_dir: Path) -> _Part:
@@ -341,9 +434,11 @@ def shard_ranges(window_counts: list[int], world_size: int) -> list[range]:
     return [range(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def _publish_store(teacher: Teacher, part: _Part, skipped: dict[str, str], tmp_dir: Path, out_dir: Path, min_samples: int,
-                   sample_rate: int, window_samples: int, started: float) -> LabelStoreSummary:
+def _publish_store(teacher: Teacher, part: _Part, source: _Source, tmp_dir: Path, out_dir: Path, labelling: dict[str, int],
+                   started: float) -> LabelStoreSummary:
     """Write index.json beside ``tmp_dir/labels.bin`` and rename ``tmp_dir`` to ``out_dir``."""
+    skipped = {**source.skipped, **part.skipped}
+    min_samples, sample_rate, window_samples = labelling["min_samples"], labelling["sample_rate"], labelling["window_samples"]
     spec = teacher.target_spec()
     dtype, C, hop = label_dtype(spec.num_classes), spec.num_codebooks, teacher.hop_samples
     index = {
@@ -362,6 +457,7 @@ def _publish_store(teacher: Teacher, part: _Part, skipped: dict[str, str], tmp_d
         "num_classes": spec.num_classes,
         "dtype": dtype.name,
         "total_frames": part.total_frames,
+        **source.index_fields,
         "files": part.entries,
         "skipped": skipped,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -395,29 +491,28 @@ def _publish_store(teacher: Teacher, part: _Part, skipped: dict[str, str], tmp_d
 # -- sharded labelling under torchrun -------------------------------------------------
 
 
-def _write_sharded(teacher: Teacher, files: list, out_dir: Path, info: DistInfo, min_samples: int, labelling: dict[str, int],
+def _write_sharded(teacher: Teacher, files: list, out_dir: Path, info: DistInfo, labelling: dict[str, int],
                    progress: bool, started: float) -> LabelStoreSummary:
     """:func:`write_label_store` on every rank of a torchrun launch.
 
-    Rank 0 scans the audio once and hands every rank the plan; each rank labels
-    its consecutive run of files into ``part-RANK`` of one temporary folder;
-    once all are done, rank 0 merges the parts and publishes the store. If any
-    rank fails, every rank raises naming it and nothing is published.
+    Rank 0 plans the source once (scans the audio, or lists the shards) and
+    hands every rank the plan; each rank labels its consecutive run of files
+    (or shards) into ``part-RANK`` of one temporary folder; once all are done,
+    rank 0 merges the parts and publishes the store. If any rank fails, every
+    rank raises naming it and nothing is published.
     """
     progress = progress and info.is_main
-    sample_rate, window_samples = labelling["sample_rate"], labelling["window_samples"]
 
     def plan_on_rank0():
-        plan, skipped = _plan_windows(files, sample_rate, window_samples, min_samples, progress)
-        return plan, skipped, _fresh_tmp_dir(out_dir)
+        return _plan_source(files, labelling, progress), _fresh_tmp_dir(out_dir)
 
-    plan, skipped, tmp_dir = _from_rank0(plan_on_rank0, info, "scanning the audio")
+    source, tmp_dir = _from_rank0(plan_on_rank0, info, "planning the labelling")
     try:
-        share = shard_ranges([len(windows) for _, windows in plan], info.world_size)[info.rank]
+        share = shard_ranges(source.weights, info.world_size)[info.rank]
         failure = None
         try:
             part_dir = tmp_dir / f"part-{info.rank:05d}"
-            _label_part(teacher, plan[share.start : share.stop], part_dir, progress=progress, **labelling).save(part_dir)
+            source.label(teacher, source.units[share.start : share.stop], part_dir, progress=progress, **labelling).save(part_dir)
         except Exception as exc:  # every rank must reach the gather below, or the others wait forever
             failure = exc
         failures = _gather(None if failure is None else f"{type(failure).__name__}: {failure}", info)
@@ -436,7 +531,7 @@ def _write_sharded(teacher: Teacher, files: list, out_dir: Path, info: DistInfo,
         def merge_on_rank0():
             try:
                 part = merge_label_parts([tmp_dir / f"part-{r:05d}" for r in range(info.world_size)], tmp_dir)
-                return _publish_store(teacher, part, {**skipped, **part.skipped}, tmp_dir, out_dir, min_samples, sample_rate, window_samples, started)
+                return _publish_store(teacher, part, source, tmp_dir, out_dir, labelling, started)
             finally:  # before the other ranks hear the outcome (see above)
                 if tmp_dir.exists():
                     shutil.rmtree(tmp_dir)
@@ -486,8 +581,8 @@ class _LabelWriter:
     ``results`` (a bounded number: fewer than a batch of windows is pending).
     """
 
-    def __init__(self, teacher: Teacher, plan: Plan, labels_out, device: torch.device):
-        self.teacher, self.plan, self.labels_out, self.device = teacher, plan, labels_out, device
+    def __init__(self, teacher: Teacher, plan: Plan, labels_out, device: torch.device, identity: Callable[[str], dict[str, int]]):
+        self.teacher, self.plan, self.labels_out, self.device, self.identity = teacher, plan, labels_out, device, identity
         self.spec = teacher.target_spec()
         self.dtype = label_dtype(self.spec.num_classes)
         self.results: dict[int, dict[int, np.ndarray]] = {}
@@ -538,24 +633,20 @@ class _LabelWriter:
                     rows.append([self.total_frames, int(lab.shape[0])])
                     self.total_frames += int(lab.shape[0])
                 self.total_windows += len(windows)
-                st = os.stat(path)
                 num_samples = windows[-1][0] + windows[-1][1]
-                self.entries.append({"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "num_samples": num_samples, "windows": rows})
+                self.entries.append({"path": path, **self.identity(path), "num_samples": num_samples, "windows": rows})
             self.next_file += 1
 
 
-def _label_windows(writer: _LabelWriter, plan, sample_rate: int, window_samples: int, batch_size: int,
-                   num_workers: int, skipped: dict[str, str], progress: bool) -> None:
-    """Read every planned window (in ``num_workers`` processes) and label it:
-    full windows in batches of ``batch_size``, a last, partial one on its own.
-    Unreadable files go to ``skipped``."""
-    reader = torch.utils.data.DataLoader(
-        _FileWindows(plan, sample_rate), batch_size=None, shuffle=False, num_workers=num_workers,
-        collate_fn=_as_is,
-    )
+def _label_windows(writer: _LabelWriter, items, total_windows: int | None, window_samples: int, batch_size: int,
+                   skipped: dict[str, str], progress: bool) -> None:
+    """Label the windows of ``items`` (``(plan index, windows, None)``, or ``(plan index,
+    None, error)`` for an unreadable file): full windows in batches of
+    ``batch_size``, a last, partial one on its own. Unreadable files go to ``skipped``."""
+    plan = writer.plan
     pending: list[tuple[int, int, np.ndarray]] = []  # (file index, window index, wave) of full windows
-    bar = tqdm(total=sum(len(w) for _, w in plan), desc=f"labelling with {writer.teacher.name}", unit="window", disable=not progress)
-    for fi, waves, error in reader:
+    bar = tqdm(total=total_windows, desc=f"labelling with {writer.teacher.name}", unit="window", disable=not progress)
+    for fi, waves, error in items:
         if error is not None:
             skipped[plan[fi][0]] = error
             writer.skip(fi)
@@ -642,6 +733,7 @@ class LabelStore:
         self.window_samples: int = index["window_samples"]
         self.num_codebooks: int = index["num_codebooks"]
         self._files = {e["path"]: e for e in index["files"]}
+        self.from_shards = index.get("source") == "shards"  # entries are shard members, not files to stat
 
     @classmethod
     def open(cls, path: str | Path) -> "LabelStore":
@@ -742,7 +834,9 @@ class LabelStore:
                 f"Re-run `mert teacher label {teacher.name} --data AUDIO --out DIR` with this teacher and crop length, "
                 f"or drop label_store to compute labels online"
             )
-        if files is not None:
+        if files is not None and self.from_shards:
+            self._check_shards([str(f) for f in files])
+        elif files is not None:
             bad = []
             for p in files:
                 try:
@@ -752,7 +846,28 @@ class LabelStore:
             if bad:
                 raise LabelStoreMismatch(f"label store {self.root} does not cover this run's audio ({len(bad)} files), e.g. {bad[0]}")
 
+    def _check_shards(self, sources: list[str]) -> None:
+        """Every shard the run reads must have been labelled into this store (by file name)."""
+        from mert_core.shards import is_shard_source, open_corpus
+
+        if not all(is_shard_source(s) for s in sources):
+            raise LabelStoreMismatch(f"label store {self.root} was made from shards, this run reads files ({', '.join(sources)}); "
+                                     f"label the files with `mert teacher label`, or train on the shards")
+        names = set(self.index.get("shards", []))
+        missing = [n for n in open_corpus(sources, check=False).names if n not in names]
+        if missing:
+            raise LabelStoreMismatch(f"label store {self.root} does not cover this run's shards ({len(missing)} missing, e.g. {missing[0]}); "
+                                     f"re-run `mert teacher label` on these shards")
+
     def _entry(self, path: str) -> dict[str, Any]:
+        if self.from_shards:
+            from mert_core.shards import stored_member_name
+
+            entry = self._files.get(stored_member_name(path))
+            if entry is None:
+                raise LabelStoreError(f"{path}: not in label store {self.root} ({len(self._files)} members); the shard changed since it "
+                                      f"was labelled, or the member could not be read then: re-run `mert teacher label` on these shards")
+            return entry
         entry = self._files.get(os.path.abspath(path))
         if entry is None:
             raise LabelStoreError(
@@ -827,7 +942,8 @@ def fit_teacher(
 
     Args:
         name: a registered teacher that needs fitting (``kmeans-mfcc``, ...).
-        data_paths: audio folders, files or manifests.
+        data_paths: audio folders, files or manifests, or shards (a fit reads a
+            bounded sample of them: :func:`mert_core.shards.local_sample`).
         out_file: the artifact to write (``.safetensors``).
         options: teacher options (validated by the teacher's ``Options``).
         registry: default: the installed plugins.
@@ -852,7 +968,10 @@ def fit_teacher(
                          f"teachers that can fit: {', '.join(fittable) or 'none'}")
     device = torch.device(resolve_device(device))
     teacher.to(device)
-    return teacher.fit([Path(p) for p in data_paths], Path(out_file), seed=seed, device=device, progress=progress)
+    from mert_core.shards import is_shard_source
+
+    inputs = [str(p) if is_shard_source(p) else Path(p) for p in data_paths]  # a URL is no Path
+    return teacher.fit(inputs, Path(out_file), seed=seed, device=device, progress=progress)
 
 
 def label_data(

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from mert_core.config import TrainConfig, format_validation_error
 from mert_core.registry import Registry, default_registry
+from mert_core.shards import is_remote_or_pattern, is_shard_source
 
 
 class ConfigError(ValueError):
@@ -175,8 +176,11 @@ def make_train_config(
     for a in config.augment:
         registry.options("augment", a.name, a.options)
     for p in config.data.paths:
-        if not Path(p).exists():
-            raise ConfigError(f"config field 'data.paths': {p} does not exist; give audio folders or .tsv/.csv manifests")
+        if not is_remote_or_pattern(p) and not Path(p).exists():
+            raise ConfigError(f"config field 'data.paths': {p} does not exist; give audio folders, .tsv/.csv manifests or shards")
+    if len({is_shard_source(p) for p in config.data.paths}) > 1:
+        raise ConfigError(f"config field 'data.paths': {', '.join(config.data.paths)} mixes shards with folders or manifests; "
+                          f"train on one kind (pack the folders with `mert data pack`)")
     if config.model.init_from is not None and not config.model.init_from.exists():
         raise ConfigError(f"config field 'model.init_from': {config.model.init_from} does not exist; give a Hugging Face "
                           f"HuBERT/MERT folder, a mert run folder, a .pt or a student.safetensors")

@@ -244,7 +244,11 @@ class Teacher(torch.nn.Module):
         nothing.
 
         Args:
-            files: audio files, folders or manifests.
+            files: audio files, folders or manifests; or shard sources (URLs,
+                index.json, brace patterns, as strings), which
+                :func:`mert_core.shards.local_sample` turns into local files
+                holding a bounded sample (the built-in fits call it through
+                ``plan_sample``; a fit reading audio itself calls it first).
             out_file: the artifact to write (atomically); the teacher later
                 loads it through its ``teacher_file`` option.
             seed: seed of every random choice of the fit.

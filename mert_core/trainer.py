@@ -218,8 +218,8 @@ class Run:
     device: torch.device
     say: Callable[[str], None]
     out_dir: Path
-    manifest: Any  # data.Manifest
-    usable: list  # the manifest's files long enough to crop
+    manifest: Any  # data.Manifest, or shards.ShardCorpus for a streamed run
+    usable: list  # the manifest's files long enough to crop (none for shards)
     teachers: dict[str, Teacher]
     specs: dict[str, TargetSpec]
     label_stores: dict[str, Any]  # teacher name -> labels.LabelStore
@@ -278,10 +278,13 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     student = build_student(config.model, sample_rate=config.data.sample_rate)
     _check_crop(config, student)
     manifest, usable = _scan_data(config, dist_info, progress, say)
-    dataset = _crop_batches(config, manifest, dist_info)
-    # the first batch, read here: files that pass the scan but none of which decode (NaN audio)
-    # fail now in one line, not in a loader worker after the run folder was made
-    dataset[(state["step"] if state is not None else 0) * config.optim.grad_accum]
+    from mert_core.shards import ShardCorpus
+
+    dataset = None if isinstance(manifest, ShardCorpus) else _crop_batches(config, manifest, dist_info)
+    if dataset is not None:
+        # the first batch, read here: files that pass the scan but none of which decode (NaN audio)
+        # fail now in one line, not in a loader worker after the run folder was made
+        dataset[(state["step"] if state is not None else 0) * config.optim.grad_accum]
     if dist_info.is_main and not claimed:  # only now: bad input leaves no empty run folder behind
         _claim_run_folder(out_dir, run_scope, say)
     # forked RNG: fitting a teacher must not shift the stream that initialises the heads
@@ -331,7 +334,10 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     if config.compile:
         train_model = torch.compile(train_model)  # compiled on the first step; graph breaks at host syncs are fine
 
-    batches = iter(make_loader(dataset, start_index=step * opt.grad_accum, num_workers=config.data.num_workers))
+    if dataset is None:  # shards: the stream continued from its saved state (one per rank)
+        batches = _shard_batches(config, manifest, dist_info, streams=state.get("data_stream") if state else None)
+    else:
+        batches = iter(make_loader(dataset, start_index=step * opt.grad_accum, num_workers=config.data.num_workers))
     # Seeded only now: starting a DataLoader iterator draws from the global RNG,
     # which would shift a resumed run's dropout stream by one draw.
     torch.manual_seed(config.seed + 1 + dist_info.rank)  # dropout/layerdrop stream, distinct per rank
@@ -362,9 +368,15 @@ def _check_crop(config: TrainConfig, student) -> None:
 
 def _scan_data(config: TrainConfig, dist_info, progress: bool, say) -> tuple[Any, list]:
     """The manifest of ``config.data.paths`` (one scan, cached; bad files are
-    listed, never fatal) and its files long enough to use."""
+    listed, never fatal) and its files long enough to use; for shards, the
+    :class:`~mert_core.shards.ShardCorpus` and no files."""
     from mert_core.data import DataError, scan_audio
+    from mert_core.shards import is_shard_source, open_corpus
 
+    if any(is_shard_source(p) for p in config.data.paths):  # streamed: nothing to scan, the shards are read as they come
+        corpus = open_corpus(config.data.paths)
+        say(f"data: {corpus.describe()}, streamed")
+        return corpus, []
     data_paths = [Path(p) for p in config.data.paths]
     if dist_info.is_main:
         manifest = scan_audio(data_paths, progress=progress)
@@ -388,7 +400,9 @@ def _build_targets(config: TrainConfig, registry: Registry, usable: list, studen
     training device, never trained), their target specs, and the label stores
     of the teachers that read one."""
     sr = config.data.sample_rate
-    teachers = build_teachers(config, registry, [f.path for f in usable], student.geometry, dist_info, say, device)
+    # shards: a fit reads a bounded sample of them (mert_core.shards.local_sample)
+    files = [f.path for f in usable] if usable else list(config.data.paths)
+    teachers = build_teachers(config, registry, files, student.geometry, dist_info, say, device)
     for t in teachers.values():
         t.attach(student)
     specs = {name: t.target_spec() for name, t in teachers.items()}
@@ -404,9 +418,26 @@ def _build_targets(config: TrainConfig, registry: Registry, usable: list, studen
 
             store = LabelStore.open(tc.label_store)
             # every training file must be in the store and unchanged: refused now, not at hour 3
-            store.check(teachers[tc.name], window_samples=int(round(config.data.crop_seconds * sr)), files=[f.path for f in usable])
+            store.check(teachers[tc.name], window_samples=int(round(config.data.crop_seconds * sr)), files=files)
             label_stores[tc.name] = store
     return teachers, specs, label_stores
+
+
+def _shard_batches(config: TrainConfig, manifest, dist_info, streams: list | None):
+    """The crop batches of this rank from shards, the stream continued from its saved state
+    (``streams``: one per rank). Crops are aligned to the label-store grid when a teacher reads a store."""
+    from mert_core.shards import ReadPolicy
+    from mert_core.streaming import ShardBatches, ShardStream
+
+    data, stream = config.data, config.data.stream
+    dataset = ShardStream(
+        manifest, data.batch_size, sample_rate=data.sample_rate, crop_seconds=data.crop_seconds, min_seconds=data.min_seconds,
+        seed=config.seed, rank=dist_info.rank, world_size=dist_info.world_size, lanes=stream.lanes, buffer_crops=stream.buffer_crops,
+        aligned=any(tc.label_store is not None for tc in config.teachers),
+        policy=ReadPolicy(stream.retries, stream.retry_seconds, stream.timeout_seconds),
+        state=streams[dist_info.rank] if streams else None,
+    )
+    return ShardBatches(dataset, num_workers=data.num_workers)
 
 
 def _crop_batches(config: TrainConfig, manifest, dist_info) -> CropBatches:
@@ -532,10 +563,10 @@ def run_loop(run: Run, progress: bool = True) -> TrainResult:
             # checkpoint (every rank takes part: the RNG states of all ranks are saved)
             # (not after a non-finite step: the weights did not change, and an older checkpoint is worth keeping)
             if (step % config.checkpoint_every == 0 and finite) or step == opt.max_steps:
-                rng = _gather_rng(run.device, run.dist_info)
+                rng, streams = _gather_rng(run.device, run.dist_info), _gather_streams(run)
                 audio = counters["audio_seconds"] + _unlogged_audio(window.audio_seconds, run.dist_info)
                 if run.is_main:
-                    _save(run, step, {**counters, "audio_seconds": audio}, run_start, rng)
+                    _save(run, step, {**counters, "audio_seconds": audio}, run_start, rng, streams)
                 last_saved = step
                 distributed.barrier(run.dist_info)
     finally:
@@ -659,14 +690,14 @@ def _stop_after_bad_steps(run: Run, step: int, consecutive_bad: int, weights_ok:
     or ``every_step`` of this run), keeping the last weights that gave finite, sane outputs
     (a collective: every rank calls it)."""
     dist_info, out_dir = run.dist_info, run.out_dir
-    rng = _gather_rng(run.device, dist_info)
+    rng, streams = _gather_rng(run.device, dist_info), _gather_streams(run)
     audio = counters["audio_seconds"] + _unlogged_audio(window.audio_seconds, dist_info)
     weights_ok = distributed.all_reduce_sum(torch.tensor(float(not weights_ok)), dist_info).item() == 0  # on every rank
     if not dist_info.is_main:
         raise TrainingError(f"rank {dist_info.rank}: stopped with rank 0 after bad steps")
     if weights_ok:  # the targets or the loss were at fault, not the weights: keep them
         if last_saved != step:
-            _save(run, step, {**counters, "audio_seconds": audio}, run_start, rng)
+            _save(run, step, {**counters, "audio_seconds": audio}, run_start, rng, streams)
         advice = (f"The weights gave finite outputs within bounds, so the loss or the targets are at fault: check the data "
                   f"and the teachers (or use fp32 or bf16 instead of fp16). {out_dir / LAST} holds them (step {step}); "
                   f"resume with --resume once the cause is fixed")
@@ -770,16 +801,10 @@ def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, 
     """Write ``summary.json`` and the loss curve, say what the run did (rank 0)."""
     out_dir, manifest = run.out_dir, run.manifest
     counters["elapsed_seconds"] = time.perf_counter() - run_start
-    too_short = {f.path: f.duration_seconds for f in manifest.split_by_duration(run.config.data.min_seconds)[1]}
     summary = {
         "steps": step,
         "audio_hours_seen": counters["audio_seconds"] / 3600,
-        # long enough and never found unusable when read (a file is skipped for good once a read fails)
-        "files_used": sum(f.path not in counters["skipped_files"] for f in run.usable),
-        "files_skipped": len(manifest.skipped) + len(counters["skipped_files"]),
-        "skipped_files": {**manifest.skipped, **counters["skipped_files"]},  # path -> why
-        "files_too_short": len(too_short),
-        "too_short_files": too_short,  # path -> seconds (< data.min_seconds)
+        **_data_summary(manifest, run.usable, counters["skipped_files"], run.config.data.min_seconds),
         "bad_steps": counters["bad_steps"],
         "elapsed_seconds": counters["elapsed_seconds"],
         # of the logged steps' time, the share spent waiting for the loader (rank 0)
@@ -799,6 +824,23 @@ def _finish(run: Run, step: int, counters: dict, run_start: float) -> dict[str, 
         f"{summary['elapsed_seconds']:.0f} s; weights in {out_dir / STUDENT_FILE}, loss curve in {out_dir / 'loss.png'}"
     )
     return summary
+
+
+def _data_summary(manifest, usable: list, skipped_while_reading: dict[str, str], min_seconds: float) -> dict[str, Any]:
+    """The data lines of ``summary.json``: what was used and skipped (path or ``shard#member`` -> why)."""
+    from mert_core.shards import ShardCorpus
+
+    if isinstance(manifest, ShardCorpus):  # members are met as the shards stream by: only the skipped ones are known
+        return {"shards": len(manifest.urls), "files_skipped": len(skipped_while_reading), "skipped_files": dict(skipped_while_reading)}
+    too_short = {f.path: f.duration_seconds for f in manifest.split_by_duration(min_seconds)[1]}
+    return {
+        # long enough and never found unusable when read (a file is skipped for good once a read fails)
+        "files_used": sum(f.path not in skipped_while_reading for f in usable),
+        "files_skipped": len(manifest.skipped) + len(skipped_while_reading),
+        "skipped_files": {**manifest.skipped, **skipped_while_reading},  # path -> why
+        "files_too_short": len(too_short),
+        "too_short_files": too_short,  # path -> seconds (< data.min_seconds)
+    }
 
 
 def _start_in(out_dir: Path, resume: bool, overwrite: bool, say) -> None:
@@ -859,6 +901,22 @@ def _gather_rng(device: torch.device, dist_info) -> dict[str, list[torch.Tensor]
     return {k: [r[k] for r in everyone] for k in local}
 
 
+def _gather_streams(run: Run) -> list[dict[str, Any]] | None:
+    """Every rank's shard-stream state, in rank order (a collective: all ranks call it); None for folders."""
+    from mert_core.streaming import ShardBatches
+
+    if not isinstance(run.batches, ShardBatches):
+        return None
+    local = run.batches.state_dict()
+    if not run.dist_info.enabled:
+        return [local]
+    import torch.distributed as dist
+
+    everyone = [None] * run.dist_info.world_size
+    dist.all_gather_object(everyone, local)
+    return everyone
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
 
@@ -869,8 +927,9 @@ def _unlogged_audio(window_audio: float, dist_info) -> float:
     return distributed.all_reduce_sum(torch.tensor(window_audio, dtype=torch.float64), dist_info).item()
 
 
-def _save(run: Run, step: int, counters: dict, run_start: float, rng: dict) -> None:
-    """Write ``step_N.pt``, point ``last.pt`` at it, export the student (rank 0)."""
+def _save(run: Run, step: int, counters: dict, run_start: float, rng: dict, streams: list | None = None) -> None:
+    """Write ``step_N.pt``, point ``last.pt`` at it, export the student (rank 0).
+    ``streams``: every rank's shard-stream state (None for folders)."""
     config, model, out_dir = run.config, run.model, run.out_dir
     counters = {**counters, "elapsed_seconds": time.perf_counter() - run_start}
     state = {
@@ -888,6 +947,7 @@ def _save(run: Run, step: int, counters: dict, run_start: float, rng: dict) -> N
         "teacher_states": {name: t.training_state() for name, t in run.teachers.items() if t.follows_student},
         "world_size": len(rng["torch"]),
         "history": run.history,  # changes made on resume, e.g. a lowered optim.lr
+        "data_stream": streams,  # where each rank's shard stream stands (its batches are not a function of the step)
     }
     ckpt_dir = out_dir / "checkpoints"
     numbered = ckpt_dir / f"step_{step:08d}.pt"

@@ -371,21 +371,22 @@ def mixed_data(audio_dir, tmp_path):
 @pytest.mark.parametrize("world_size", [2, 3, 8])  # 8: more ranks than files, some parts empty
 def test_merged_parts_equal_the_single_process_store(registry, mixed_data, tmp_path, world_size):
     """What each rank of a torchrun launch does, one after another in this process."""
-    from mert_core.labels import STUDENT_WINDOW_SAMPLES, _label_part, _plan_windows, _publish_store
+    from mert_core.labels import STUDENT_WINDOW_SAMPLES, _plan_source, _publish_store
 
     t = teacher(registry, "test-loudness")
     labelling = dict(sample_rate=SR, window_samples=W, batch_size=3, num_workers=0)
     single = write_label_store(t, [mixed_data], tmp_path / "single", progress=False, **labelling)
 
-    plan, skipped = _plan_windows([mixed_data], SR, W, STUDENT_WINDOW_SAMPLES, progress=False)
+    labelling["min_samples"] = STUDENT_WINDOW_SAMPLES
+    source = _plan_source([mixed_data], labelling, progress=False)
     tmp = tmp_path / "merged"
     tmp.mkdir()
     parts = []
-    for rank, share in enumerate(shard_ranges([len(w) for _, w in plan], world_size)):
+    for rank, share in enumerate(shard_ranges(source.weights, world_size)):
         parts.append(tmp / f"part-{rank}")
-        _label_part(t, plan[share.start : share.stop], parts[-1], progress=False, **labelling).save(parts[-1])
+        source.label(t, source.units[share.start : share.stop], parts[-1], progress=False, **labelling).save(parts[-1])
     part = merge_label_parts(parts, tmp)
-    merged = _publish_store(t, part, {**skipped, **part.skipped}, tmp, tmp_path / "store", STUDENT_WINDOW_SAMPLES, SR, W, started=0.0)
+    merged = _publish_store(t, part, source, tmp, tmp_path / "store", labelling, started=0.0)
 
     assert not any(p.exists() for p in parts)
     assert_same_store(tmp_path / "single", tmp_path / "store")

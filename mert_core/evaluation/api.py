@@ -37,10 +37,19 @@ def _options(model, value):
 
 
 def build_task(task: str | Task, options: dict[str, Any] | None = None, registry: Registry | None = None) -> Task:
-    """A task by registered name (options validated by its ``Options``), or a Task as is."""
+    """A task by registered name (options validated by its ``Options``), or a Task as is.
+
+    A folder option (``*_dir``) may name shards packed with ``mert data pack --all-files``
+    (an index.json, a URL, a brace pattern): the dataset is fetched once into the cache
+    (:func:`mert_core.shards.fetched_tree`) and the task reads that folder.
+    """
     if isinstance(task, Task):
         return task
-    return (registry or default_registry()).build("task", task, options or {})
+    from mert_core.shards import fetched_tree, is_shard_source
+
+    options = {k: str(fetched_tree(v)) if k.endswith("_dir") and isinstance(v, str) and is_shard_source(v) else v
+               for k, v in (options or {}).items()}
+    return (registry or default_registry()).build("task", task, options)
 
 
 def build_upstreams(checkpoints: Iterable[str | Path] = (), baselines: Iterable[str] = (), hf_models: Iterable[str | Path] = (),

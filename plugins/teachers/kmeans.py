@@ -196,9 +196,13 @@ def plan_sample(
     progress: bool = True,
 ) -> SamplePlan:
     """Draw the chunks a fit reads: every file cut into ``chunk_seconds`` pieces,
-    shuffled with ``seed``, taken until the fraction (or the hours bound) is reached."""
+    shuffled with ``seed``, taken until the fraction (or the hours bound) is reached.
+    Shards among ``files`` are first sampled whole, within the same bound, into
+    local files (:func:`mert_core.shards.local_sample`): a fit never reads the whole corpus."""
     from mert_core.data import scan_audio
+    from mert_core.shards import local_sample
 
+    files = local_sample(files, sample_hours, sample_fraction, seed)
     manifest = scan_audio([Path(f) for f in files], progress=progress)
     chunk = max(1, round(chunk_seconds * sample_rate))
     candidates = []
