@@ -155,9 +155,34 @@ def run_variant(preset: str, batch: int, seconds: float, device: torch.device, v
     return row
 
 
+def throughput_table(preset: str, batch: int, seconds: float, device: torch.device, variants: list[str], steps: int,
+                     warmup: int, threads: int | None = None) -> list[str]:
+    """The table's lines (a header, then one row per variant), as ``main`` prints them."""
+    peak = bf16_peak(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads or torch.get_num_threads()} threads"
+    memory = "peak mem GB" if device.type == "cuda" else "activations MB"
+    lines = [f"preset {preset}, batch {batch} x {seconds:g} s, {name}, "
+             f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, median of {steps} steps after {warmup} warm-up",
+             f"| variant | step s | process CPU s | audio h/h | tokens/s | {memory} | MFU | warm-up s |",
+             "|---|---|---|---|---|---|---|---|"]
+    flops = step_flops(Setup(preset, batch, seconds, device, False, False))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for variant in variants:
+        row = run_variant(preset, batch, seconds, device, variant, steps, warmup)
+        mfu = f"{flops / row['step_s'] / peak:.1%}" if peak else "n/a"
+        mem = row.get("peak_mem_gb", row.get("activations_mb"))
+        lines.append(f"| {variant} | {row['step_s']:.3f} | {row['cpu_s']:.3f} | {row['audio_h_per_h']:.1f} | {row['tokens_per_s']:.0f} "
+                     f"| {mem:.2f} | {mfu} | {row['warmup_s']:.1f} |")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    lines.append(f"model FLOPs per step: {flops / 1e12:.3f} TFLOP (forward + backward)")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "95m", "330m"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "cpu", "small", "cpu-small", "95m", "330m"])
     parser.add_argument("--batch", type=int, default=2, help="crops per step")
     parser.add_argument("--seconds", type=float, default=5.0, help="crop length (the paper: 5 s; 5.12 s for 330m)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
@@ -172,24 +197,8 @@ def main() -> None:
     torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
     variants = (opts.variants or ("eager,eager+ckpt,compiled,compiled+ckpt" if device.type == "cuda" else "eager,eager+ckpt")).split(",")
-    peak = bf16_peak(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {opts.threads} threads"
-    print(f"preset {opts.preset}, batch {opts.batch} x {opts.seconds:g} s, {name}, "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, median of {opts.steps} steps after {opts.warmup} warm-up")
-    memory = "peak mem GB" if device.type == "cuda" else "activations MB"
-    print(f"| variant | step s | process CPU s | audio h/h | tokens/s | {memory} | MFU | warm-up s |")
-    print("|---|---|---|---|---|---|---|---|")
-    flops = step_flops(Setup(opts.preset, opts.batch, opts.seconds, device, False, False))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    for variant in variants:
-        row = run_variant(opts.preset, opts.batch, opts.seconds, device, variant, opts.steps, opts.warmup)
-        mfu = f"{flops / row['step_s'] / peak:.1%}" if peak else "n/a"
-        mem = row.get("peak_mem_gb", row.get("activations_mb"))
-        print(f"| {variant} | {row['step_s']:.3f} | {row['cpu_s']:.3f} | {row['audio_h_per_h']:.1f} | {row['tokens_per_s']:.0f} | {mem:.2f} | {mfu} | {row['warmup_s']:.1f} |")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(f"model FLOPs per step: {flops / 1e12:.3f} TFLOP (forward + backward)")
+    for line in throughput_table(opts.preset, opts.batch, opts.seconds, device, variants, opts.steps, opts.warmup, opts.threads):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
