@@ -55,7 +55,7 @@ from mert_core import distributed, library_versions
 from mert_core.audio import AudioError, read_crop
 from mert_core.checkpoint import file_digest
 from mert_core.distributed import DistInfo
-from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry, frames_for
+from mert_core.geometry import TARGET_GRID, FrameGeometry, frames_for
 from mert_core.files import atomic_write, publish_folder
 from mert_core.paths import resolve_device
 from mert_core.registry import Registry
@@ -67,7 +67,7 @@ FORMAT = "mert-label-store"
 FORMAT_VERSION = 2  # 2: index.json holds labels_sha256 and index_sha256
 LABELS_FILE = "labels.bin"
 INDEX_FILE = "index.json"
-STUDENT_WINDOW_SAMPLES = STUDENT_GEOMETRY.receptive_field  # one student frame: the least a window can hold
+STUDENT_WINDOW_SAMPLES = TARGET_GRID.receptive_field  # one frame of the target grid: the least a window can hold
 DEFAULT_WINDOW_SAMPLES = 120000  # the MERT paper's 5 s crops at 24 kHz
 LABEL_WAIT_TIMEOUT = timedelta(hours=6)  # longest a rank waits for the others under torchrun
 
@@ -86,8 +86,8 @@ class MissingTeacherFile(ValueError):
 
 
 def student_frames(num_samples: int) -> int:
-    """Frames the paper's conv stack makes from ``num_samples`` samples (:data:`~mert_core.geometry.STUDENT_GEOMETRY`): the grid of every stored label."""
-    return STUDENT_GEOMETRY.num_frames(num_samples)
+    """Frames of the target grid (:data:`~mert_core.geometry.TARGET_GRID`) in ``num_samples`` samples: the grid of every stored label."""
+    return TARGET_GRID.num_frames(num_samples)
 
 
 def label_dtype(num_classes: int) -> np.dtype:

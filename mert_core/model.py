@@ -165,7 +165,8 @@ class MertStudent(nn.Module):
 
         Returns:
             a ``StudentOutput``. Input shorter than ``receptive_field`` (400
-            samples) gives well-defined empty outputs with T = 0.
+            samples for the paper's stack, 1840 for the ``cpu`` presets) gives
+            well-defined empty outputs with T = 0.
         """
         if wave.dim() != 2 or not wave.is_floating_point():
             raise ValueError(f"MertStudent wave: expected a float tensor of shape (batch, samples), got {wave.dtype} {tuple(wave.shape)}")
@@ -387,8 +388,9 @@ semitone below ~1 kHz, so a small student must assemble pitch across frames, whi
 it does not learn in a CPU budget (it learns the loudness envelope and probes below
 its random twin). Here the first conv is a 1600-sample (67 ms) filter bank at a
 hop of 80, and a second conv pools 4 of them: hop 320 (75 Hz) as in the paper,
-receptive field 1840 samples; teachers' targets are aligned through
-``FrameGeometry.lead_frames``."""
+receptive field 1840 samples. Teachers still make their targets on the paper's
+400-sample grid (``FrameGeometry.target_grid``); the trainer shifts them onto these
+frames (``FrameGeometry.shift_from``: 2 leading targets dropped)."""
 
 SMALL_ARGS: dict[str, Any] = dict(
     TINY_ARGS, conv_channels=256, embed_dim=256, num_layers=4, num_heads=4, ffn_dim=1024,

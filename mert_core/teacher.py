@@ -1,8 +1,13 @@
 """The teacher contract: what a plugin implements to make training targets.
 
 A teacher turns a batch of clean 24 kHz waveforms into per-frame targets at the
-student's frame rate. It declares those targets with a :class:`TargetSpec`;
-the core builds the prediction head and the loss from that declaration.
+student's frame rate, on its :attr:`Teacher.grid`: the paper's 400-sample
+frames (the target grid, :attr:`FrameGeometry.target_grid`) for every teacher
+but one that follows the student, which frames audio with the student itself.
+The core shifts them onto the student's frames
+(:meth:`FrameGeometry.shift_from`). It declares those targets with a
+:class:`TargetSpec`; the core builds the prediction head and the loss from that
+declaration.
 
 Everything the core hands a teacher, and everything it calls, is a method or
 argument of :class:`Teacher` below, with a default where it is optional; the
@@ -142,8 +147,9 @@ class Teacher(torch.nn.Module):
 
     What the core calls, in the order of a run:
 
-    1. ``Teacher(options, geometry)``: ``geometry`` is the student's
-       (``student.geometry``), so targets line up with its frames.
+    1. ``Teacher(options, geometry)``: ``geometry`` is the student's frames
+       (``student.geometry``); the teacher makes its targets on :attr:`grid`,
+       which the core shifts onto those frames.
     2. :meth:`needs_fit`; if True, :meth:`fit_plan` and
        ``fit(files, out_file, seed=, device=, progress=)``, then the teacher is
        built again with ``teacher_file=out_file``. A fit that measures its
@@ -157,8 +163,9 @@ class Teacher(torch.nn.Module):
 
     Args:
         options: a validated instance of ``self.Options``.
-        geometry: the student's frame geometry (24 kHz, hop 320, receptive
-            field 400 for every preset).
+        geometry: the student's frames (24 kHz, hop 320; receptive field 400
+            for the paper's conv stack, 1840 for the ``cpu`` presets). Targets are
+            made on :attr:`grid`, not on these frames.
     """
 
     name: ClassVar[str] = ""
@@ -169,6 +176,13 @@ class Teacher(torch.nn.Module):
         super().__init__()
         self.options = options
         self.geometry = geometry
+
+    @property
+    def grid(self) -> FrameGeometry:
+        """The grid this teacher makes its targets on: the paper's 400-sample frames
+        (``geometry.target_grid``, the same for every student), or the student's own
+        frames for a teacher that ``follows_student``."""
+        return self.geometry if self.follows_student else self.geometry.target_grid
 
     @property
     def sample_rate(self) -> int:
@@ -203,7 +217,8 @@ class Teacher(torch.nn.Module):
         Returns:
             discrete: ``(B, T, num_codebooks)`` int64 labels (``IGNORE_LABEL``
             where there is no target); continuous: ``(B, T, dim)`` float32.
-            ``T`` is within one frame of ``geometry.num_frames(S)``.
+            ``T`` is within one frame of ``self.grid.num_frames(S)`` (the
+            target grid's frames, not the student's).
         """
         raise NotImplementedError
 

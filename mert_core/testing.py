@@ -86,16 +86,36 @@ def check_options(plugin: type, base: type[BaseModel]) -> None:
         _fail(what, f"{options.__name__} accepts unknown options; keep the base's model_config (extra='forbid')")
 
 
+def tiny_student_for(geometry: FrameGeometry) -> torch.nn.Module:
+    """A small student (``tiny`` width, random weights) on the conv stack of the first preset
+    with the frames ``geometry`` describes; ``tiny`` at ``geometry.sample_rate`` when none has them."""
+    from mert_core.model import PRESETS, mert_student, student_args
+
+    for preset in PRESETS:
+        stack = student_args(preset)
+        student = mert_student(**student_args("tiny", conv_kernels=stack["conv_kernels"], conv_strides=stack["conv_strides"],
+                                              sample_rate=geometry.sample_rate))
+        if student.geometry == geometry:
+            return student
+    return mert_student(**student_args("tiny", sample_rate=geometry.sample_rate))
+
+
 def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[str | Path] | str | Path | None = None,
-                  geometry: FrameGeometry = STUDENT_GEOMETRY) -> Teacher:
+                  geometry: FrameGeometry = STUDENT_GEOMETRY, student: torch.nn.Module | None = None) -> Teacher:
     """Check a teacher against the contract of :class:`mert_core.teacher.Teacher`.
+
+    Targets are checked on the teacher's :attr:`~mert_core.teacher.Teacher.grid` (the
+    paper's 400-sample target grid, or the student's frames for a teacher that follows
+    the student), and must shift onto the student's frames the way the trainer does it.
 
     Args:
         factory: the Teacher subclass (built with default options), or a
             callable ``geometry -> Teacher`` (e.g. ``lambda g: registry.build("teacher", NAME, {...}, geometry=g)``).
         audio: audio files or folders to fit on, needed when the teacher
             ``needs_fit()`` (:func:`write_test_audio` makes some).
-        geometry: the student geometry to build it for.
+        geometry: the student's frames to build it for (``student.geometry``: a preset's,
+            e.g. the ``cpu`` preset's receptive field of 1840 samples).
+        student: the student it attaches to; None: :func:`tiny_student_for` ``geometry``.
 
     Returns:
         The teacher, fitted when it needed fitting.
@@ -120,9 +140,7 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
             _fail(what, "still needs_fit() after fit(); a fit must load what it wrote")
 
     # the trainer's order: attach(student), target_spec(), on_step(student, start), then targets per batch
-    from mert_core.model import tiny
-
-    student = tiny(sample_rate=geometry.sample_rate)
+    student = tiny_student_for(geometry) if student is None else student
     before = {k: v.clone() for k, v in student.state_dict().items()}
     if teacher.attach(student) is not None:
         _fail(what, "attach(student) must return None")
@@ -136,9 +154,9 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
 
     for num_samples in (geometry.receptive_field, geometry.sample_rate + 123, 2 * geometry.sample_rate):
         wave = synthetic_wave(geometry, num_samples)
-        _check_targets(what, spec, teacher.targets(wave), wave, geometry)
+        _check_targets(what, spec, teacher.targets(wave), wave, teacher.grid, geometry)
         first = teacher.targets(wave, generator=torch.Generator().manual_seed(7))
-        _check_targets(what, spec, first, wave, geometry)
+        _check_targets(what, spec, first, wave, teacher.grid, geometry)
         if not torch.equal(first, teacher.targets(wave, generator=torch.Generator().manual_seed(7))):
             _fail(what, "targets(wave, generator=g) differ for two generators with the same seed; draw every random choice from `generator`")
         if spec.kind == "discrete":
@@ -158,16 +176,23 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
     return teacher
 
 
-def _check_targets(what: str, spec: TargetSpec, targets: Any, wave: torch.Tensor, geometry: FrameGeometry) -> None:
+def _check_targets(what: str, spec: TargetSpec, targets: Any, wave: torch.Tensor, grid: FrameGeometry,
+                   geometry: FrameGeometry) -> None:
+    """``targets`` of ``wave`` are on ``grid`` and shift onto the student's frames (``geometry``) as the trainer does."""
     S = wave.shape[1]
-    want_frames = geometry.num_frames(S)
+    want_frames = grid.num_frames(S)
     per_frame = spec.num_codebooks if spec.kind == "discrete" else spec.dim
     if not isinstance(targets, torch.Tensor) or targets.dim() != 3:
         _fail(what, f"targets of a {tuple(wave.shape)} wave must be a (B, T, {per_frame}) tensor, got {getattr(targets, 'shape', type(targets))}")
     B, T, C = targets.shape
     if B != wave.shape[0] or C != per_frame or abs(T - want_frames) > 1:
         _fail(what, f"targets of a {tuple(wave.shape)} wave have shape {tuple(targets.shape)}; expected "
-                    f"({wave.shape[0]}, {want_frames} +/- 1, {per_frame}) (T = geometry.num_frames(S), C from the TargetSpec)")
+                    f"({wave.shape[0]}, {want_frames} +/- 1, {per_frame}) (T = self.grid.num_frames(S), C from the TargetSpec)")
+    shift = geometry.shift_from(grid)
+    student_frames = geometry.num_frames(S)
+    if not -1 <= (T - shift.lead_frames) - student_frames <= 1 + shift.trailing_frames:
+        _fail(what, f"{T} targets on {grid} do not line up with the student's {student_frames} frames of {geometry} "
+                    f"after dropping {shift.lead_frames} leading ones; make targets on self.grid")
     if spec.kind == "discrete":
         if targets.dtype != torch.int64:
             _fail(what, f"discrete targets must be int64, got {targets.dtype}")

@@ -645,13 +645,12 @@ def student_targets(teacher: Teacher, wave: torch.Tensor, num_frames: int, geome
     """One teacher's targets for ``wave`` (``B, S``), frame ``t`` for the student's frame ``t``
     (trimmed or padded to ``num_frames`` by :func:`align_targets`).
 
-    Teachers frame audio on the paper student's grid (400-sample frames at ``t * hop``);
-    a student with a longer receptive field has its first frame ``geometry.lead_frames``
-    later, so that many leading targets are dropped.
-    A teacher that ``follows_student`` is already in the student's frames.
+    A teacher makes its targets on ``teacher.grid`` (the paper's 400-sample frames, or the
+    student's own for a teacher that follows it); the leading ones before the student's
+    first frame (``geometry.shift_from(teacher.grid).lead_frames``) are dropped.
     With ``store`` (a ``LabelStore``), the stored labels of ``paths`` at ``offsets``.
     """
-    lead = 0 if teacher.follows_student else geometry.lead_frames
+    lead = geometry.shift_from(teacher.grid).lead_frames
     if store is not None:
         stored = store.targets(paths, offsets, num_frames, lead).to(wave.device)
         return teacher.targets_from_store(stored, generator=generator)
@@ -665,7 +664,7 @@ def _targets(run: Run, batch: dict[str, Any], wave: torch.Tensor, num_frames: in
     with torch.no_grad():
         for name, teacher in run.teachers.items():
             t = student_targets(teacher, wave, num_frames, geometry, run.label_stores.get(name), batch["paths"], batch["offsets"], generator)
-            trailing = 0 if teacher.follows_student else geometry.trailing_frames
+            trailing = geometry.shift_from(teacher.grid).trailing_frames
             targets[name], have = align_targets(name, t, num_frames, run.specs[name], batch["paths"], trailing)
             valid_frames = min(valid_frames, have)
     return targets, valid_frames

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from mert_core.geometry import STUDENT_GEOMETRY
+from mert_core.geometry import TARGET_GRID
 
-STUDENT_WINDOW_SAMPLES = STUDENT_GEOMETRY.receptive_field
-"""Receptive field of the student's conv stack (400: kernels 10,3,3,3,3,2,2; strides 5,2,2,2,2,2,2)."""
+STUDENT_WINDOW_SAMPLES = TARGET_GRID.receptive_field
+"""Samples of one frame of the grid targets are made on (400: the paper's conv stack), whatever the student's."""
 
 LOG_OFFSET = 1e-6
 """Added to mel energies before the log (torchaudio's MFCC uses the same)."""
