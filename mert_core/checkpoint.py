@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from mert_core.config import TrainConfig
+from mert_core.errors import CheckpointError, RunFolderBusy, RunFolderTaken  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.files import atomic_write, naming_a_full_disk, remove_stale_temp_files  # noqa: F401 - re-exported: the run folder's writes
 from mert_core.model import MertStudent
 
@@ -38,17 +39,6 @@ LAST = "last.pt"
 LOCK_FILE = ".lock"
 
 log = logging.getLogger(__name__)
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with the path and what to do."""
-
-
-class RunFolderBusy(RuntimeError):
-    """Another process is writing into the same run folder."""
-
-
-class RunFolderTaken(ValueError):
-    """A new run was asked for in a folder that holds another run's files."""
 
 
 RUN_FILES = (LAST, STUDENT_FILE, "checkpoints", "config.json", "metrics.jsonl", "summary.json", "loss.png", "tensorboard")

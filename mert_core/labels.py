@@ -55,6 +55,7 @@ from mert_core import distributed, library_versions
 from mert_core.audio import AudioError, read_crop
 from mert_core.checkpoint import file_digest
 from mert_core.distributed import DistInfo
+from mert_core.errors import ConfigError, LabelStoreError, LabelStoreMismatch, MissingTeacherFile  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.geometry import TARGET_GRID, FrameGeometry, frames_for
 from mert_core.files import atomic_write, publish_folder
 from mert_core.paths import resolve_device
@@ -70,19 +71,6 @@ INDEX_FILE = "index.json"
 STUDENT_WINDOW_SAMPLES = TARGET_GRID.receptive_field  # one frame of the target grid: the least a window can hold
 DEFAULT_WINDOW_SAMPLES = 120000  # the MERT paper's 5 s crops at 24 kHz
 LABEL_WAIT_TIMEOUT = timedelta(hours=6)  # longest a rank waits for the others under torchrun
-
-
-class LabelStoreError(ValueError):
-    """A label store that cannot serve a request: file not labelled or changed,
-    crop off the grid, frame counts that disagree, or a damaged store."""
-
-
-class LabelStoreMismatch(LabelStoreError):
-    """A label store made by another teacher configuration or window size."""
-
-
-class MissingTeacherFile(ValueError):
-    """A teacher that must be fitted was given no fitted file."""
 
 
 def student_frames(num_samples: int) -> int:
@@ -960,11 +948,11 @@ def fit_teacher(
     registry = registry or default_registry()
     options = dict(options or {})
     if options.get("teacher_file") is not None:
-        raise ValueError(f"option 'teacher_file' is what fitting writes (--out); drop it from the options of {name!r}")
+        raise ConfigError(f"option 'teacher_file' is what fitting writes (--out); drop it from the options of {name!r}")
     teacher = registry.build("teacher", name, options, geometry=FrameGeometry(sample_rate=sample_rate))
     if type(teacher).fit is Teacher.fit or not teacher.needs_fit():
         fittable = [n for n in registry.names("teacher") if registry.get("teacher", n).obj.fit is not Teacher.fit]
-        raise ValueError(f"teacher {name!r} has nothing to fit with these options (e.g. cqt fits only with normalize=per-bin); "
+        raise ConfigError(f"teacher {name!r} has nothing to fit with these options (e.g. cqt fits only with normalize=per-bin); "
                          f"teachers that can fit: {', '.join(fittable) or 'none'}")
     device = torch.device(resolve_device(device))
     teacher.to(device)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Iterable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from mert_core.errors import CheckpointError, FitDiverged  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 
 IGNORE_LABEL = -1
@@ -100,10 +101,6 @@ class FitQuality:
 
 FIT_QUALITY_TOLERANCE = 1e-6
 """How much worse than its start (relatively) a fit may end: only rounding."""
-
-
-class FitDiverged(RuntimeError):
-    """A fit ended with a worse or non-finite quality than it started with; nothing was written."""
 
 
 def write_teacher_file(out_file: Path, tensors: dict[str, torch.Tensor], format_key: str, meta: dict[str, Any],
@@ -305,7 +302,7 @@ class Teacher(torch.nn.Module):
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`training_state` returned (default: nothing to restore)."""
         if state:
-            raise ValueError(f"teacher {self.name!r} keeps no training state, but the checkpoint holds {sorted(state)[:3]}")
+            raise CheckpointError(f"teacher {self.name!r} keeps no training state, but the checkpoint holds {sorted(state)[:3]}")
 
     def on_step(self, student: torch.nn.Module, step: int) -> None:
         """Called by the trainer once before the first batch and after every

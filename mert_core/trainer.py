@@ -27,6 +27,7 @@ from mert_core.checkpoint import (
 )
 from mert_core.config import TrainConfig
 from mert_core.data import CropBatches, make_loader
+from mert_core.errors import ConfigError, PluginError, TargetLengthError, TrainingError  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.files import atomic_write, naming_a_full_disk
 from mert_core.geometry import FrameGeometry
 from mert_core.heads import TargetHeads
@@ -38,14 +39,6 @@ from mert_core.registry import Registry, default_registry
 from mert_core.runconfig import ConfigError, with_data_paths
 from mert_core.signals import CollapseWatch, feature_signals, target_signals
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on; the message says why and what was saved."""
-
-
-class TargetLengthError(ValueError):
-    """A teacher's targets do not line up with the student's frames."""
 
 
 # -- small pure helpers ---------------------------------------------------------
@@ -186,7 +179,7 @@ def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], g
             tc.options = {**tc.options, "teacher_file": str(out_file)}
             teacher = registry.build("teacher", tc.name, tc.options, geometry=geometry)
         elif teacher.needs_fit():
-            raise ValueError(f"teacher {tc.name!r}: a label store is given but no teacher_file; pass the fitted teacher file it was made with")
+            raise ConfigError(f"teacher {tc.name!r}: a label store is given but no teacher_file; pass the fitted teacher file it was made with")
         teachers[tc.name] = teacher
     return teachers
 
@@ -198,7 +191,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp32":
         return None
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("config field 'precision': fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+        raise ConfigError("config field 'precision': fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
@@ -408,7 +401,7 @@ def _build_targets(config: TrainConfig, registry: Registry, usable: list, studen
     specs = {name: t.target_spec() for name, t in teachers.items()}
     for name, spec in specs.items():
         if abs(spec.frame_rate_hz - student.geometry.frame_rate_hz) > 1e-6:
-            raise ValueError(f"teacher {name!r} delivers targets at {spec.frame_rate_hz:g} Hz; the student runs at {student.geometry.frame_rate_hz:g} Hz")
+            raise PluginError(f"teacher {name!r} delivers targets at {spec.frame_rate_hz:g} Hz; the student runs at {student.geometry.frame_rate_hz:g} Hz")
     for t in teachers.values():
         t.to(device).eval()
     label_stores = {}

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from mert_core.errors import BadInputError
 from mert_core.evaluation.extract import FeatureSet
 from mert_core.tasks import Task
 
@@ -247,7 +248,7 @@ def _resolve_layers(options: ProbeOptions, fs: FeatureSet) -> list[int]:
         return list(range(num_layers))
     bad = [i for i in options.layers if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"probe option 'layers': {bad} out of range; this upstream has layers 0..{num_layers - 1}")
+        raise BadInputError(f"probe option 'layers': {bad} out of range; this upstream has layers 0..{num_layers - 1}")
     return list(options.layers)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from mert_core.errors import ConfigError, NotFittedError, TeacherFileError
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import TargetSpec, Teacher, TeacherOptions, write_teacher_file
@@ -134,7 +135,7 @@ def checked_frequencies(sample_rate: int, fmin_hz: float, n_bins: int, bins_per_
     """:func:`cqt_frequencies`, refused unless the top bin lies below the Nyquist frequency."""
     freqs_hz = cqt_frequencies(fmin_hz, n_bins, bins_per_octave)
     if freqs_hz[-1] >= sample_rate / 2:
-        raise ValueError(
+        raise ConfigError(
             f"cqt options: the top bin ({freqs_hz[-1]:.1f} Hz from fmin_hz={fmin_hz}, n_bins={n_bins}, "
             f"bins_per_octave={bins_per_octave}) must lie below the Nyquist frequency ({sample_rate / 2:g} Hz); "
             f"lower n_bins or fmin_hz"
@@ -240,7 +241,7 @@ class FastCQT(torch.nn.Module):
         if num_frames == 0 or batch == 0:
             return x.new_zeros((batch, self.n_bins, num_frames))
         if self.pad_mode == "reflect" and samples <= pad:
-            raise ValueError(
+            raise ConfigError(
                 f"cqt: pad_mode='reflect' needs clips longer than {pad} samples "
                 f"({pad / self.sample_rate:.2f} s, half the lowest bin's kernel), got {samples}; "
                 f"use pad_mode='constant' (MERT's choice) or longer clips"
@@ -375,19 +376,19 @@ class CQTTeacher(Teacher):
         from safetensors.torch import load_file
 
         if not path.is_file():
-            raise ValueError(f"teacher 'cqt' option teacher_file {path}: no such file; fit it with `mert teacher fit cqt --set normalize=per-bin --data AUDIO --out {path}`")
+            raise TeacherFileError(f"teacher 'cqt' option teacher_file {path}: no such file; fit it with `mert teacher fit cqt --set normalize=per-bin --data AUDIO --out {path}`")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get(STATS_FORMAT, "null"))
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"teacher 'cqt' option teacher_file {path}: cannot read it ({exc}); fit it again") from None
+            raise TeacherFileError(f"teacher 'cqt' option teacher_file {path}: cannot read it ({exc}); fit it again") from None
         if meta is None or set(tensors) != {"bin_mean", "bin_std"}:
-            raise ValueError(f"teacher 'cqt' option teacher_file {path}: not a file of CQT per-bin statistics; fit one with `mert teacher fit cqt`")
+            raise TeacherFileError(f"teacher 'cqt' option teacher_file {path}: not a file of CQT per-bin statistics; fit one with `mert teacher fit cqt`")
         mine = self._stats_settings()
         for key, value in mine.items():
             if meta.get(key) != value:
-                raise ValueError(f"teacher 'cqt' option teacher_file {path}: measured with {key}={meta.get(key)!r}, this run uses {value!r}; fit it again for this run")
+                raise TeacherFileError(f"teacher 'cqt' option teacher_file {path}: measured with {key}={meta.get(key)!r}, this run uses {value!r}; fit it again for this run")
         self.bin_mean.copy_(tensors["bin_mean"])
         self.bin_std.copy_(tensors["bin_std"])
 
@@ -434,7 +435,7 @@ class CQTTeacher(Teacher):
         mag = self._compressed(wave)
         if self.options.normalize == "per-bin":
             if self.needs_fit():
-                raise ValueError("teacher 'cqt' with normalize='per-bin' has no statistics: pass option teacher_file (made by `mert teacher fit cqt`)")
+                raise NotFittedError("teacher 'cqt' with normalize='per-bin' has no statistics: pass option teacher_file (made by `mert teacher fit cqt`)")
             mag = (mag - self.bin_mean) / self.bin_std
         return mag.contiguous()
 

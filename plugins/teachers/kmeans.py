@@ -38,9 +38,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mert_core import library_versions
+from mert_core.errors import FitError, NotFittedError, TeacherFileError  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
-from mert_core.runconfig import ConfigError
 from mert_core.teacher import FitQuality, TargetSpec, Teacher, TeacherOptions, write_teacher_file
 from mert_plugins.teachers._features import (
     ChromaFeatures,
@@ -58,15 +58,6 @@ log = logging.getLogger("mert.teachers.kmeans")
 
 ARTIFACT_FORMAT = "mert-kmeans-teacher"
 ARTIFACT_VERSION = 1
-
-
-class TeacherFileError(ConfigError):
-    """A fitted teacher file that is missing, unreadable or does not fit the options
-    (a bad ``teacher_file`` option: the CLI reports it in one line with exit code 2)."""
-
-
-class NotFittedError(ValueError):
-    """Targets were asked of a k-means teacher that has no centroids yet."""
 
 
 # -- options ------------------------------------------------------------------------
@@ -214,7 +205,7 @@ def plan_sample(
                 candidates.append(Chunk(f.path, start, length))
     total = sum(c.num_samples for c in candidates)
     if not candidates:
-        raise ValueError(
+        raise FitError(
             f"no usable audio to fit on: {len(manifest.files)} readable files, {len(manifest.skipped)} unreadable "
             f"(e.g. {next(iter(manifest.skipped.items()), ('-', '-'))}); pass folders of wav/flac/ogg/mp3 files"
         )
@@ -261,7 +252,7 @@ def measure_frame_stats(
         total_sq = x.square().sum(0) if total_sq is None else total_sq + x.square().sum(0)
         frames += x.shape[0]
     if frames < 2:
-        raise ValueError(f"{name}: no readable audio to measure per-bin statistics on ({len(plan.chunks)} chunks, "
+        raise FitError(f"{name}: no readable audio to measure per-bin statistics on ({len(plan.chunks)} chunks, "
                          f"{len(failures)} unreadable files); check --data")
     mean = total / frames
     std = (total_sq / frames - mean.square()).clamp(min=0).sqrt().clamp(min=min_std)

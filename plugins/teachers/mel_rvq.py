@@ -30,6 +30,7 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from mert_core.errors import FitError, NotFittedError, TeacherFileError
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import FitQuality, TargetSpec, Teacher
@@ -44,8 +45,6 @@ from mert_plugins.teachers._stacked_mel import (
 )
 from mert_plugins.teachers._streaming_kmeans import FeatureCache, kmeans_plusplus
 from mert_plugins.teachers.kmeans import (
-    NotFittedError,
-    TeacherFileError,
     adopt_settings,
     artifact_header,
     centroid_digest,
@@ -277,7 +276,7 @@ class MelRVQTeacher(Teacher):
                             cache.append(self.features(batch).reshape(-1, self.features.dim))
                     cache.finish()
                     if cache.rows < 2:
-                        raise ValueError(f"{self.name}: only {cache.rows} frames in the fit sample; pass more audio with --data")
+                        raise FitError(f"{self.name}: only {cache.rows} frames in the fit sample; pass more audio with --data")
                     identity = {
                         "features": self.feature_settings(), "seed": seed, "sample": plan.describe(),
                         "stats": centroid_digest({"bin_mean": mean, "bin_std": std}),
