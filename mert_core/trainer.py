@@ -22,8 +22,8 @@ from torch import nn
 
 from mert_core import distributed
 from mert_core.checkpoint import (
-    LAST, STUDENT_FILE, RunFolderTaken, clear_run_files, load_checkpoint, lock_run_folder, point_last, remove_stale_temp_files,
-    resume_config, roll_back_to_checkpoint_before, run_files, save_checkpoint, save_student,
+    LAST, STUDENT_FILE, RunFolderTaken, TrainingState, clear_run_files, lock_run_folder, point_last, remove_stale_temp_files,
+    restore_rng, restore_training, resume_from, roll_back_to_checkpoint_before, run_files, save_checkpoint, save_student,
 )
 from mert_core.config import TrainConfig
 from mert_core.data import CropBatches, make_loader
@@ -260,11 +260,8 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
         _start_in(out_dir, resume, overwrite, say)
     state, history = None, []
     if resume and (out_dir / LAST).exists():
-        state = load_checkpoint(out_dir / LAST)
-        config, changed = resume_config(config, state, out_dir)
-        history = list(state.get("history", [])) + ([{"resumed_at_step": state["step"], "changed": changed}] if changed else [])
-        say(f"resuming from {out_dir / LAST} at step {state['step']}"
-            + "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+        state, config, history, message = resume_from(out_dir, config)
+        say(message)
 
     # the student first: teachers frame their targets by the student that was built
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
@@ -310,14 +307,8 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     step = 0
     counters = {"audio_seconds": 0.0, "bad_steps": 0, "elapsed_seconds": 0.0, "data_wait_seconds": 0.0, "skipped_files": {}}
     if state is not None:
-        model.load_state_dict({**_prefixed("student.", state["student"]), **_prefixed("heads.", state["heads"])})
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        counters.update(state["counters"])
-        for name, t in teachers.items():  # e.g. the EMA teacher's weights
-            t.load_training_state(state.get("teacher_states", {}).get(name, {}))
+        step, saved_counters = restore_training(state, model, optimizer, scaler, teachers)
+        counters.update(saved_counters)
     train_model: nn.Module = model
     if dist_info.enabled:
         # layerdrop and one-random-codebook runs leave parameters unused on some steps
@@ -335,9 +326,7 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     # which would shift a resumed run's dropout stream by one draw.
     torch.manual_seed(config.seed + 1 + dist_info.rank)  # dropout/layerdrop stream, distinct per rank
     if state is not None:
-        torch.set_rng_state(state["rng"]["torch"][dist_info.rank % len(state["rng"]["torch"])])
-        if device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state(state["rng"]["cuda"][dist_info.rank % len(state["rng"]["cuda"])])
+        restore_rng(state, dist_info.rank, device)
     return Run(
         config=config, registry=registry, dist_info=dist_info, device=device, say=say, out_dir=out_dir,
         manifest=manifest, usable=usable, teachers=teachers, specs=specs, label_stores=label_stores, augments=augments,
@@ -924,23 +913,23 @@ def _save(run: Run, step: int, counters: dict, run_start: float, rng: dict, stre
     ``streams``: every rank's shard-stream state (None for folders)."""
     config, model, out_dir = run.config, run.model, run.out_dir
     counters = {**counters, "elapsed_seconds": time.perf_counter() - run_start}
-    state = {
-        "step": step,
-        "config": config.model_dump(mode="json"),
-        "model_args": model.student.args,
-        "student": model.student.state_dict(),
-        "heads": model.heads.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
-        "rng": rng,
-        "counters": counters,
-        "plugin_versions": run.registry.versions(),
-        "teacher_hashes": {name: t.config_hash() for name, t in run.teachers.items()},
-        "teacher_states": {name: t.training_state() for name, t in run.teachers.items() if t.follows_student},
-        "world_size": len(rng["torch"]),
-        "history": run.history,  # changes made on resume, e.g. a lowered optim.lr
-        "data_stream": streams,  # where each rank's shard stream stands (its batches are not a function of the step)
-    }
+    state = TrainingState(
+        step=step,
+        config=config.model_dump(mode="json"),
+        model_args=model.student.args,
+        student=model.student.state_dict(),
+        heads=model.heads.state_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {},
+        rng=rng,
+        counters=counters,
+        plugin_versions=run.registry.versions(),
+        teacher_hashes={name: t.config_hash() for name, t in run.teachers.items()},
+        teacher_states={name: t.training_state() for name, t in run.teachers.items() if t.follows_student},
+        world_size=len(rng["torch"]),
+        history=run.history,
+        data_stream=streams,
+    ).as_dict()
     ckpt_dir = out_dir / "checkpoints"
     numbered = ckpt_dir / f"step_{step:08d}.pt"
     save_checkpoint(state, numbered)
@@ -950,6 +939,4 @@ def _save(run: Run, step: int, counters: dict, run_start: float, rng: dict, stre
     save_student(model.student, out_dir / STUDENT_FILE, config.model_dump(mode="json"))
 
 
-def _prefixed(prefix: str, sd: dict) -> dict:
-    return {prefix + k: v for k, v in sd.items()}
 
