@@ -33,6 +33,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from mert_core.config import TrainConfig
 from mert_core.errors import CheckpointError, ConfigError, RunFolderBusy, RunFolderTaken  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.files import atomic_write, naming_a_full_disk, remove_stale_temp_files  # noqa: F401 - re-exported: the run folder's writes
+from mert_core.fitting import teacher_file_of, with_teacher_file, without_teacher_file
 from mert_core.model import MertStudent
 
 FORMAT = "mert-checkpoint-v1"
@@ -463,8 +464,8 @@ def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[Trai
     # a teacher fitted by the first run has its artifact recorded in the saved config only
     for flat, given in ((old, new), (new, old)):
         for saved_t, given_t in zip(flat.get("teachers", []), given.get("teachers", [])):
-            if "teacher_file" not in given_t["options"]:
-                saved_t["options"] = {k: v for k, v in saved_t["options"].items() if k != "teacher_file"}
+            if teacher_file_of(given_t["options"]) is None:
+                saved_t["options"] = without_teacher_file(saved_t["options"])
     changed = {}
     for key in sorted(set(new) | set(old)):
         if new.get(key) != old.get(key) and key in RESUMABLE_FIELDS:
@@ -540,9 +541,9 @@ def _moved(saved: TrainConfig, out_dir: Path) -> TrainConfig:
         return saved
     saved = saved.model_copy(deep=True)
     for tc in saved.teachers:
-        fitted = tc.options.get("teacher_file")
+        fitted = teacher_file_of(tc.options)
         if fitted is not None and Path(fitted).is_relative_to(old):
-            tc.options = {**tc.options, "teacher_file": str(out_dir / Path(fitted).relative_to(old))}
+            tc.options = with_teacher_file(tc.options, out_dir / Path(fitted).relative_to(old))
     return saved
 
 

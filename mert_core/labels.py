@@ -55,7 +55,8 @@ from mert_core import distributed, library_versions
 from mert_core.audio import AudioError, read_crop
 from mert_core.checkpoint import file_digest
 from mert_core.distributed import DistInfo
-from mert_core.errors import ConfigError, LabelStoreError, LabelStoreMismatch, MissingTeacherFile  # noqa: F401 - re-exported: raised here, imported from here
+from mert_core.errors import LabelStoreError, LabelStoreMismatch, MissingTeacherFile  # noqa: F401 - re-exported: raised here, imported from here
+from mert_core.fitting import fit_teacher, with_teacher_file  # noqa: F401 - fit_teacher: re-exported, it lived here
 from mert_core.geometry import TARGET_GRID, FrameGeometry, frames_for
 from mert_core.files import atomic_write, publish_folder
 from mert_core.paths import resolve_device
@@ -915,53 +916,6 @@ class LabelStore:
 # -- the Python API behind `mert teacher fit` / `mert teacher label` ---------------------
 
 
-def fit_teacher(
-    name: str,
-    data_paths: Iterable[str | Path],
-    out_file: str | Path,
-    options: dict[str, Any] | None = None,
-    registry: Registry | None = None,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    sample_rate: int = 24000,
-    progress: bool = True,
-) -> Path:
-    """Fit teacher ``name`` on audio under ``data_paths`` and save it to ``out_file``.
-
-    Args:
-        name: a registered teacher that needs fitting (``kmeans-mfcc``, ...).
-        data_paths: audio folders, files or manifests, or shards (a fit reads a
-            bounded sample of them: :func:`mert_core.shards.local_sample`).
-        out_file: the artifact to write (``.safetensors``).
-        options: teacher options (validated by the teacher's ``Options``).
-        registry: default: the installed plugins.
-        seed: seed of the sample and initialisation (unless ``options['seed']``).
-        device: ``auto`` (CUDA if available), ``cpu``, ``cuda:0``, ...
-        sample_rate: the student's rate.
-        progress: show progress bars.
-
-    Returns:
-        ``out_file``.
-    """
-    from mert_core.registry import default_registry
-
-    registry = registry or default_registry()
-    options = dict(options or {})
-    if options.get("teacher_file") is not None:
-        raise ConfigError(f"option 'teacher_file' is what fitting writes (--out); drop it from the options of {name!r}")
-    teacher = registry.build("teacher", name, options, geometry=FrameGeometry(sample_rate=sample_rate))
-    if type(teacher).fit is Teacher.fit or not teacher.needs_fit():
-        fittable = [n for n in registry.names("teacher") if registry.get("teacher", n).obj.fit is not Teacher.fit]
-        raise ConfigError(f"teacher {name!r} has nothing to fit with these options (e.g. cqt fits only with normalize=per-bin); "
-                         f"teachers that can fit: {', '.join(fittable) or 'none'}")
-    device = torch.device(resolve_device(device))
-    teacher.to(device)
-    from mert_core.shards import is_shard_source
-
-    inputs = [str(p) if is_shard_source(p) else Path(p) for p in data_paths]  # a URL is no Path
-    return teacher.fit(inputs, Path(out_file), seed=seed, device=device, progress=progress)
-
-
 def label_data(
     name: str,
     data_paths: Iterable[str | Path],
@@ -992,7 +946,7 @@ def label_data(
     registry = registry or default_registry()
     options = dict(options or {})
     if teacher_file is not None:
-        options["teacher_file"] = str(teacher_file)
+        options = with_teacher_file(options, teacher_file)
     teacher = registry.build("teacher", name, options, geometry=FrameGeometry(sample_rate=sample_rate))
     if teacher.needs_fit():
         raise MissingTeacherFile(f"teacher {name!r} must be fitted first: pass --teacher-file FILE (made by `mert teacher fit {name} --data AUDIO --out FILE`)")

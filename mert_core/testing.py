@@ -3,7 +3,7 @@
 Each ``check_*`` function builds a plugin, exercises every part of its
 contract that the core relies on (shapes, dtypes, frame rate against the
 student's geometry, generator determinism, the ``fit`` keywords, the step
-hook, described options) and fails the calling test with one message naming
+hook, described options, the fitting contract) and fails the calling test with one message naming
 what is wrong and what the contract asks::
 
     from mert_core.testing import check_teacher, write_test_audio
@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel
 
 from mert_core.augment import Augmentation, AugmentOptions
+from mert_core.fitting import FittedTeacherOptions
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.tasks import SPLITS, BeatTaskOptions, Example, Task, TaskOptions
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher, TeacherOptions
@@ -128,6 +129,11 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
     if teacher.geometry != geometry:
         _fail(what, f"was built for {geometry} but reports {teacher.geometry}; pass `geometry` on to Teacher.__init__")
 
+    if teacher.needs_fit() and not teacher.fittable:
+        _fail(what, "needs_fit() is True but the class does not declare `fittable = True`; `mert teacher fit` fits only a teacher that declares it")
+    if teacher.fittable and not issubclass(type(teacher).Options, FittedTeacherOptions):
+        _fail(what, "declares fittable = True, so its Options must subclass mert_core.fitting.FittedTeacherOptions "
+                    "(the `teacher_file` option a fitted file comes back through)")
     if teacher.needs_fit():
         if audio is None:
             _fail(what, "needs fitting: pass audio=[files or folders] (mert_core.testing.write_test_audio makes some)")
@@ -136,6 +142,10 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
             out = teacher.fit(files, Path(tmp) / "fitted.safetensors", seed=0, device="cpu", progress=False)
             if not Path(out).exists():
                 _fail(what, f"fit() returned {out}, which does not exist; write the artifact to out_file and return it")
+            rebuilt = type(teacher)(teacher.options.model_copy(update={"teacher_file": Path(out)}), geometry)
+            if rebuilt.needs_fit():
+                _fail(what, f"built again with teacher_file={out} (what `mert train` does after a fit), it still needs_fit(); "
+                            "load the fitted file through the `teacher_file` option")
         if teacher.needs_fit():
             _fail(what, "still needs_fit() after fit(); a fit must load what it wrote")
 

@@ -28,6 +28,7 @@ from mert_core.checkpoint import (
 from mert_core.config import TrainConfig
 from mert_core.data import CropBatches, make_loader
 from mert_core.errors import ConfigError, PluginError, TargetLengthError, TrainingError  # noqa: F401 - re-exported: raised here, imported from here
+from mert_core.fitting import with_teacher_file
 from mert_core.files import atomic_write, naming_a_full_disk
 from mert_core.geometry import FrameGeometry
 from mert_core.heads import TargetHeads
@@ -176,7 +177,7 @@ def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], g
                 teacher.fit(files, out_file, seed=config.seed, device=device)
             distributed.barrier(dist_info)
             # recorded in the config, so the checkpoint is self-contained and a resume reloads it
-            tc.options = {**tc.options, "teacher_file": str(out_file)}
+            tc.options = with_teacher_file(tc.options, out_file)
             teacher = registry.build("teacher", tc.name, tc.options, geometry=geometry)
         elif teacher.needs_fit():
             raise ConfigError(f"teacher {tc.name!r}: a label store is given but no teacher_file; pass the fitted teacher file it was made with")

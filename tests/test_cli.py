@@ -114,12 +114,18 @@ def test_every_user_facing_error_is_one_line_with_its_exit_code_and_a_bug_is_not
 
 
 BUGGY_TEACHER = '''
+from mert_core.fitting import FittedTeacherOptions
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import Teacher, TargetSpec
+
+class BuggyOptions(FittedTeacherOptions):
+    pass
 
 class Buggy(Teacher):
     name = "buggy"
     description = "a teacher whose fit has a bug"
+    fittable = True
+    Options = BuggyOptions
     def target_spec(self):
         return TargetSpec(kind="continuous", dim=2, frame_rate_hz=self.frame_rate_hz)
     def needs_fit(self):

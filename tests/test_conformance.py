@@ -135,3 +135,41 @@ def test_every_task_honours_the_contract(name, task_data):
         check_task(REGISTRY.build("task", name, task_data[name]), splits=("train", "valid", "test"))
     else:
         check_task(REGISTRY.build("task", name), splits=())
+
+
+FITTABLE = [name for name in REGISTRY.names("teacher") if REGISTRY.get("teacher", name).obj.fittable]
+
+
+def test_fittable_is_declared_by_every_built_in_fitted_teacher():
+    assert {"kmeans-mfcc", "kmeans-logmel-chroma", "kmeans-hidden", "best-rq", "mel-rvq", "cqt"} <= set(FITTABLE)
+    assert not {"ema", "rvq-vae"} & set(FITTABLE)
+
+
+@pytest.mark.parametrize("name", FITTABLE)
+def test_every_fit_records_its_provenance_the_same_way(name, audio, teacher_files, tmp_path):
+    """Each fitted file carries fit_provenance() (library versions, time) in its metadata, written by the core."""
+    import json
+
+    from safetensors import safe_open
+
+    from mert_core.fitting import fit_provenance, fit_teacher
+
+    options = {**SMALL_TEACHER_OPTIONS.get(name, {}), **teacher_files.get(name, {})}
+    out = fit_teacher(name, [audio], tmp_path / "fitted.safetensors", options, registry=REGISTRY, device="cpu", progress=False)
+    with safe_open(str(out), framework="pt") as f:
+        (meta,) = [json.loads(v) for v in (f.metadata() or {}).values()]
+    assert meta["versions"] == fit_provenance()["versions"] and meta["created"]
+
+
+def test_the_core_imports_no_plugin():
+    """Built-in plugins are plugins: mert_core never imports mert_plugins (a service several plugins
+    need lives in the core; the core asks a plugin through the registry)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "mert_core"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(root.parent)}: {n}" for n in names if n.split(".")[0] == "mert_plugins"]
+    assert not offenders, offenders

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mert_core.errors import ConfigError, NotFittedError, TeacherFileError
+from mert_core.fitting import FittedTeacherOptions, measure_frame_stats, plan_sample, write_teacher_file
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
-from mert_core.teacher import TargetSpec, Teacher, TeacherOptions, write_teacher_file
+from mert_core.teacher import TargetSpec, Teacher
 
 log = logging.getLogger("mert.teachers.cqt")
 
@@ -42,7 +43,7 @@ MAX_FRAMES_PER_CHUNK = 2048
 which bounds memory and the number of cached kernel sets."""
 
 
-class CQTOptions(TeacherOptions):
+class CQTOptions(FittedTeacherOptions):
     fmin_hz: float = Field(32.7, gt=0, description="Centre frequency of the lowest bin in Hz (the MERT paper: 32.7 Hz, C1).")
     n_bins: int = Field(336, ge=1, description="Number of CQT bins = target size (the MERT paper: 336 = 7 octaves x 48).")
     bins_per_octave: int = Field(48, ge=1, description="Bins per octave (the MERT paper: 48).")
@@ -325,6 +326,7 @@ class CQTTeacher(Teacher):
     name = "cqt"
     description = "Constant-Q spectrum of the clean audio, 336 bins at 75 Hz, MSE target (MERT's musical teacher)"
     Options = CQTOptions
+    fittable = True  # with normalize='per-bin'
 
     def __init__(self, options: CQTOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
         super().__init__(options, geometry)
@@ -358,8 +360,6 @@ class CQTTeacher(Teacher):
             progress: show a progress bar.
             device: where to compute the CQT (default: the teacher's device).
         """
-        from mert_plugins.teachers.kmeans import measure_frame_stats, plan_sample
-
         device = torch.device(device) if device is not None else self.bin_mean.device
         plan = plan_sample(files, self.sample_rate, 5.0, 1.0, self.options.stats_hours, seed, progress)
         mean, std, frames, _ = measure_frame_stats(self._compressed, plan, self.sample_rate, 8, device, "cqt", progress, min_std=1e-6)
