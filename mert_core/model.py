@@ -425,6 +425,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+PRESET_FINAL_DIMS: dict[str, int] = {"tiny": 64, "cpu": 64, "small": 64, "cpu-small": 64, "95m": 64, "330m": 128}
+"""Each preset's projection size of the discrete target heads (MERT: 64 for the base model, 128 for the
+large one), used when ``loss.final_dim`` is not set."""
+
+
 def student_args(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
     """The full builder arguments of a preset with ``overrides`` applied.
 

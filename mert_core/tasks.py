@@ -39,6 +39,10 @@ from mert_core.scoring import score_beats, score_clips
 
 Level = Literal["clip", "frame"]
 Problem = Literal["multiclass", "multilabel", "regression", "beat"]
+
+PROBLEM_LEVELS: dict[str, Level] = {"multiclass": "clip", "multilabel": "clip", "regression": "clip", "beat": "frame"}
+"""Each problem type and the level a task of that type is probed at (features pooled per clip, or
+kept per frame): the one place the pairing is decided (``check_task`` and the probe read it)."""
 SPLITS = ("train", "valid", "test")
 
 

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from mert_core.augment import Augmentation, AugmentOptions
 from mert_core.fitting import FittedTeacherOptions
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
-from mert_core.tasks import SPLITS, BeatTaskOptions, Example, Task, TaskOptions
+from mert_core.tasks import PROBLEM_LEVELS, SPLITS, BeatTaskOptions, Example, Task, TaskOptions
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher, TeacherOptions
 
 TeacherFactory = Callable[[FrameGeometry], Teacher]
@@ -235,9 +235,9 @@ def check_task(task: Task | type[Task], *, splits: Sequence[str] = ("train",), f
         _fail(repr(task), f"expected a mert_core.tasks.Task, got {type(task).__name__}")
     what = f"task {task.name!r}"
     check_options(type(task), BeatTaskOptions if task.problem == "beat" else TaskOptions)
-    if task.level not in ("clip", "frame") or task.problem not in ("multiclass", "multilabel", "regression", "beat"):
-        _fail(what, f"level {task.level!r} / problem {task.problem!r}: expected clip|frame and multiclass|multilabel|regression|beat")
-    if (task.level == "frame") != (task.problem == "beat"):
+    if task.level not in ("clip", "frame") or task.problem not in PROBLEM_LEVELS:
+        _fail(what, f"level {task.level!r} / problem {task.problem!r}: expected clip|frame and {'|'.join(PROBLEM_LEVELS)}")
+    if task.level != PROBLEM_LEVELS[task.problem]:
         _fail(what, f"level {task.level!r} with problem {task.problem!r}: frame level goes with beat tracking, clip level with the rest")
     if not task.metrics:
         _fail(what, "declare at least one metric (the first selects the learning rate and the layer)")

@@ -35,7 +35,7 @@ from mert_core.heads import TargetHeads
 from mert_core.loss import MultiTargetLoss
 from mert_core.components import valid_mask
 from mert_core.masking import compute_span_mask
-from mert_core.model import build_student
+from mert_core.model import PRESET_FINAL_DIMS, build_student
 from mert_core.registry import Registry, default_registry
 from mert_core.runconfig import ConfigError, with_data_paths
 from mert_core.signals import CollapseWatch, feature_signals, target_signals
@@ -157,7 +157,7 @@ class ScaleBounds:
                 f"of the run's first steps") if self.start else "no bounds yet"
 
 
-# -- building the parts from the config (the only code that reads it) ----------
+# -- building the parts from the config (the loop reads only its run-wide settings) ----------
 
 def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], geometry: FrameGeometry, dist_info, log,
                    device=None) -> dict[str, Teacher]:
@@ -284,7 +284,7 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     augments = [registry.build("augment", a.name, a.options, sample_rate=config.data.sample_rate).to(device) for a in config.augment]
 
     # heads, loss, optimizer
-    final_dim = config.loss.final_dim or (128 if config.model.preset == "330m" else 64)
+    final_dim = config.loss.final_dim or PRESET_FINAL_DIMS[config.model.preset]
     heads = TargetHeads(specs, student.embed_dim, final_dim, config.loss.logit_temperature)
     if state is None and config.model.init_from is not None:
         from mert_core.init_from import init_student
