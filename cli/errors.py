@@ -3,7 +3,9 @@
 Bad input (options, config fields, plugin names, data folders, damaged or
 malformed files) exits with code 2 and one line, ``Error: ...``, naming the
 file or field; problems met while running (diverged training, a full disk)
-exit 1. Set MERT_DEBUG=1 to see the traceback.
+exit 1. Which errors those are is declared in :mod:`mert_core.errors`; any
+other exception is a bug and keeps its traceback. Set MERT_DEBUG=1 to see the
+traceback of a one-line error too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import click
 from pydantic import ValidationError
 
 from mert_core.config import format_validation_error
+from mert_core.errors import MertError
 
 
 class InputError(click.UsageError):
@@ -27,33 +30,23 @@ class InputError(click.UsageError):
     show = click.ClickException.show
 
 
-def _usage_types():
-    from mert_core.checkpoint import CheckpointError, RunFolderTaken
-    from mert_core.convert import HFConversionError
-    from mert_core.data import DataError
-    from mert_core.labels import LabelStoreError
-    from mert_core.registry import PluginError
-    from mert_core.runconfig import ConfigError
-    from mert_core.scaffold import ScaffoldError
-    from mert_core.shards import ShardError
-    from mert_core.streaming import StreamError
-    from mert_core.tasks import TaskDataError
-
-    return (ConfigError, PluginError, LabelStoreError, DataError, CheckpointError, RunFolderTaken, HFConversionError, TaskDataError,
-            ScaffoldError, ShardError, StreamError)
-
-
 def one_line(exc: BaseException) -> click.ClickException | None:
-    """The one-line CLI error for ``exc``, or None for an unexpected error (a bug: keep its traceback)."""
+    """The one-line CLI error for ``exc``, or None for an unexpected error (a bug: keep its traceback).
+
+    One line for the user-facing errors of :mod:`mert_core.errors` (exit 2 for bad input, 1 for a
+    failure while running), a config that does not validate, and an operating-system error (a file
+    that cannot be opened, a full disk); a plain ``ValueError``, ``KeyError`` or ``RuntimeError`` is
+    a bug and keeps its traceback.
+    """
     if isinstance(exc, ValidationError):
         return InputError(format_validation_error(exc))
-    if isinstance(exc, _usage_types()):
-        return InputError(str(exc))
+    if isinstance(exc, MertError):
+        return InputError(str(exc)) if exc.exit_code == 2 else click.ClickException(str(exc))
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = f" writing {exc.filename}" if exc.filename else ""
         return click.ClickException(f"no space left on device{where}; free some space and run again (earlier files are intact)")
-    if isinstance(exc, (ValueError, RuntimeError, OSError, KeyError)):
-        return click.ClickException(f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc))
+    if isinstance(exc, OSError):
+        return click.ClickException(str(exc))
     return None
 
 
@@ -72,7 +65,7 @@ def one_line_errors() -> Iterator[None]:
         raise InputError(exc.format_message() + where) from None
     except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
         raise
-    except Exception as exc:  # noqa: BLE001 - everything known becomes one line
+    except Exception as exc:  # noqa: BLE001 - the user-facing errors become one line, the rest re-raised
         if os.environ.get("MERT_DEBUG"):
             raise
         error = one_line(exc)

@@ -15,6 +15,7 @@ import click
 from mert_cli.errors import InputError, usage_errors
 from mert_cli.options import setup_eval_logging, split_eval_options, task_options
 from mert_core.config import PRESET_NAMES
+from mert_core.errors import MertError
 from mert_core.tasks import SPLITS
 
 
@@ -37,7 +38,7 @@ def _prepare(checkpoints, hf_models, baselines, preset, tasks, task_sets, overri
             t.examples(s)
     try:
         ups = api.build_upstreams(checkpoints, baselines, hf_models, preset=preset, device=device, seed=seed, extract_options=xo)
-    except ValueError as exc:  # a missing or unreadable checkpoint, a random baseline without a size: bad input
+    except MertError as exc:  # a missing or unreadable checkpoint, a random baseline without a size: bad input
         raise InputError(str(exc)) from exc
     return ups, task_objs, po, xo
 

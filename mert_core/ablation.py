@@ -82,11 +82,20 @@ def default_arms(encodec_available: bool) -> list[Arm]:
     return arms
 
 
-def encodec_weights_available() -> bool:
-    """True when the rvq-vae teacher finds EnCodec weights without options."""
-    from mert_plugins.teachers.rvq_vae import default_weights_path
+def encodec_weights_available(registry: Registry | None = None) -> bool:
+    """True when the ``rvq-vae`` teacher is installed and builds without options (it finds the
+    EnCodec weights); asked of the teacher through the registry, like any plugin."""
+    from mert_core.errors import MertError
+    from mert_core.registry import default_registry
 
-    return default_weights_path().is_file()
+    registry = registry or default_registry()
+    if "rvq-vae" not in registry.names("teacher"):
+        return False
+    try:
+        registry.build("teacher", "rvq-vae", {})
+    except MertError:  # the weights are missing or unreadable: the message says where to put them
+        return False
+    return True
 
 
 @dataclass
@@ -219,7 +228,7 @@ def _arm_config(arm: Arm, seed: int, data, out: Path, max_steps: int, base_recip
 
 def share_fitted_teachers(configs, teacher_dir: Path, data, registry, device, progress, log) -> None:
     """Fit each k-means-like teacher once and point every config at the file."""
-    from mert_core.labels import fit_teacher
+    from mert_core.fitting import fit_teacher, with_teacher_file
 
     for config in configs:
         for tc in config.teachers:
@@ -232,7 +241,7 @@ def share_fitted_teachers(configs, teacher_dir: Path, data, registry, device, pr
                 log(f"ablation: fitting teacher {tc.name!r} once for every arm that uses it -> {path}")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fit_teacher(tc.name, data, path, options=tc.options, registry=registry, device=device, progress=progress)
-            tc.options = {**tc.options, "teacher_file": str(path)}
+            tc.options = with_teacher_file(tc.options, path)
 
 
 def _finished(run_dir: Path, max_steps: int) -> bool:

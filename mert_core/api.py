@@ -18,7 +18,8 @@ from mert_core.checkpoint import load_student, save_student
 from mert_core.config import TrainConfig
 from mert_core.evaluation.api import build_task, build_upstreams, evaluate, extract_task, probe_task
 from mert_core.export import export_hf
-from mert_core.labels import fit_teacher, label_data
+from mert_core.fitting import fit_teacher
+from mert_core.labels import label_data
 from mert_core.registry import default_registry, load_registry
 from mert_core.runconfig import ConfigError, make_train_config
 from mert_core.trainer import TrainResult, train

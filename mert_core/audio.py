@@ -28,6 +28,7 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf
 import soxr
+from mert_core.errors import AudioError  # noqa: F401 - re-exported: raised here, imported from here
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
 """What libsndfile (through soundfile) decodes: Ogg holds Vorbis or Opus; AIFF as Apple writes it."""
@@ -47,11 +48,6 @@ as float, or garbage around 1e30) that would turn every batch non-finite."""
 SAMPLE_RATE_RANGE = (1000, 1_000_000)
 """Header sample rates accepted, in Hz. Outside it the header is corrupt, and
 resampling a 1 Hz "file" to 24 kHz would allocate 24000 samples per frame."""
-
-
-class AudioError(ValueError):
-    """A file that cannot be used: unreadable, empty, truncated, a corrupt
-    header, or samples that are not finite or far outside [-1, 1]."""
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Checkpoints: atomic writes, ``torch.load(weights_only=True)``-safe contents,
 and a safetensors export of the student.
 
-A training checkpoint (``.pt``) is a dict of tensors and plain data:
-``format, step, config (TrainConfig as JSON data), model_args, student, heads,
-optimizer, scaler, rng, counters, plugin_versions, teacher_hashes, history``
-(``history``: what each ``--resume`` changed, e.g. ``optim.lr``).
+A training checkpoint (``.pt``) is a dict of tensors and plain data: ``format``,
+the fields of :class:`TrainingState` (the one declaration of what it holds) and
+a content hash. :func:`resume_from` reads one for ``--resume``, with the config
+fields a resume may change declared in :data:`RESUMABLE_FIELDS`;
+:func:`restore_training` and :func:`restore_rng` put it back into a run.
 The student export (``student.safetensors``) holds the student's weights with
 ``model_args`` and ``config`` as JSON in the safetensors metadata.
 
@@ -22,14 +23,17 @@ import logging
 import os
 import pickle
 import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from mert_core.config import TrainConfig
+from mert_core.errors import CheckpointError, ConfigError, RunFolderBusy, RunFolderTaken  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.files import atomic_write, naming_a_full_disk, remove_stale_temp_files  # noqa: F401 - re-exported: the run folder's writes
+from mert_core.fitting import teacher_file_of, with_teacher_file, without_teacher_file
 from mert_core.model import MertStudent
 
 FORMAT = "mert-checkpoint-v1"
@@ -38,17 +42,6 @@ LAST = "last.pt"
 LOCK_FILE = ".lock"
 
 log = logging.getLogger(__name__)
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with the path and what to do."""
-
-
-class RunFolderBusy(RuntimeError):
-    """Another process is writing into the same run folder."""
-
-
-class RunFolderTaken(ValueError):
-    """A new run was asked for in a folder that holds another run's files."""
 
 
 RUN_FILES = (LAST, STUDENT_FILE, "checkpoints", "config.json", "metrics.jsonl", "summary.json", "loss.png", "tensorboard")
@@ -386,20 +379,83 @@ def point_last(out_dir: Path, numbered: Path, state: dict) -> None:
         save_checkpoint(state, out_dir / LAST)
 
 
-# init_from only starts a run: a resume takes the weights from the checkpoint and keeps the recorded source;
-# activation checkpointing and compile change how a step runs, not what it computes; the peak lr may
-# change (the non-finite stop advises lowering it), recorded in the run's history
-_RESUMABLE_CHANGES = {
-    "model.init_from", "model.init_from_hash", "model.activation_checkpointing", "compile", "optim.lr",
-    "optim.max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "max_bad_steps", "max_scale_growth",
-    "device", "out_dir",  # a run folder copied or moved elsewhere resumes there
+@dataclass
+class TrainingState:
+    """What a training checkpoint holds: everything a resumed run needs to continue bit for bit.
+
+    Written by the trainer (:meth:`as_dict` into :func:`save_checkpoint`), read back by
+    :func:`resume_from` (a plain dict: checkpoints of older versions lack the later fields).
+
+    Attributes:
+        step: optimizer steps taken.
+        config: the run's ``TrainConfig`` as JSON data (fitted teacher files included).
+        model_args: the student's builder arguments (``MertStudent.args``).
+        student, heads: their state dicts.
+        optimizer: the AdamW state dict.
+        scaler: the fp16 GradScaler's state dict ({} when not in use).
+        rng: every rank's RNG states, in rank order: ``{"torch": [...], "cuda": [...]}``.
+        counters: audio seconds, bad steps, elapsed and data-wait seconds, skipped files.
+        plugin_versions: distribution -> version of every loaded plugin.
+        teacher_hashes: teacher name -> ``config_hash()`` (what made the targets).
+        teacher_states: ``training_state()`` of each teacher that follows the student (EMA).
+        world_size: ranks that wrote it.
+        history: what each ``--resume`` changed, e.g. ``optim.lr``.
+        data_stream: every rank's shard-stream state (None for folders: their batches are a
+            function of the step).
+    """
+
+    step: int
+    config: dict[str, Any]
+    model_args: dict[str, Any]
+    student: dict[str, torch.Tensor]
+    heads: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+    rng: dict[str, list[torch.Tensor]]
+    counters: dict[str, Any]
+    plugin_versions: dict[str, str]
+    teacher_hashes: dict[str, str]
+    teacher_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    world_size: int = 1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    data_stream: list | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The checkpoint's dict (no copies of the tensors)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+RESUMABLE_FIELDS: dict[str, Literal["new", "saved"]] = {
+    # init_from only starts a run: a resume takes the weights from the checkpoint and keeps the recorded source
+    "model.init_from": "saved",
+    "model.init_from_hash": "saved",
+    # how a step runs, not what it computes
+    "model.activation_checkpointing": "new",
+    "compile": "new",
+    "data.num_workers": "new",
+    "device": "new",
+    # the peak lr may change (the non-finite stop advises lowering it), recorded in the run's history
+    "optim.lr": "new",
+    "optim.max_steps": "new",
+    "log_every": "new",
+    "checkpoint_every": "new",
+    "keep_checkpoints": "new",
+    "max_bad_steps": "new",
+    "max_scale_growth": "new",
+    "out_dir": "new",  # a run folder copied or moved elsewhere resumes there
 }
+"""Config fields a ``--resume`` may change (any other change is refused), and whose value the
+resumed run uses: ``"new"``, the one given now, or ``"saved"``, the checkpoint's (the change is
+accepted and recorded in the history, not applied)."""
 
 
 def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[TrainConfig, dict[str, list]]:
-    """The saved config, except for fields that may change on resume (the
-    peak lr among them, as the non-finite stop advises), and those changes as
-    ``{field: [saved, new]}``."""
+    """The saved config with the :data:`RESUMABLE_FIELDS` that take the ``"new"`` value from
+    ``config``, and every change as ``{field: [saved, new]}``.
+
+    Raises:
+        ConfigError: a field outside :data:`RESUMABLE_FIELDS` differs.
+    """
     from mert_core.runconfig import with_data_paths
 
     # runs saved before the demo default was resolved in the config recorded no data paths: the demo's
@@ -408,26 +464,73 @@ def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[Trai
     # a teacher fitted by the first run has its artifact recorded in the saved config only
     for flat, given in ((old, new), (new, old)):
         for saved_t, given_t in zip(flat.get("teachers", []), given.get("teachers", [])):
-            if "teacher_file" not in given_t["options"]:
-                saved_t["options"] = {k: v for k, v in saved_t["options"].items() if k != "teacher_file"}
+            if teacher_file_of(given_t["options"]) is None:
+                saved_t["options"] = without_teacher_file(saved_t["options"])
     changed = {}
     for key in sorted(set(new) | set(old)):
-        if new.get(key) != old.get(key) and key in _RESUMABLE_CHANGES:
+        if new.get(key) != old.get(key) and key in RESUMABLE_FIELDS:
             changed[key] = [old.get(key), new.get(key)]
         elif new.get(key) != old.get(key):
-            raise ValueError(
+            raise ConfigError(
                 f"--resume: config field {key!r} is {new.get(key)!r} but the run in {out_dir} used {old.get(key)!r}; "
                 f"resume with the same settings or use a new --out"
             )
-    return saved.model_copy(update={
-        "model": saved.model.model_copy(update={"activation_checkpointing": config.model.activation_checkpointing}),
-        "compile": config.compile,
-        "optim": saved.optim.model_copy(update={"max_steps": config.optim.max_steps, "lr": config.optim.lr}),
-        "log_every": config.log_every, "checkpoint_every": config.checkpoint_every,
-        "keep_checkpoints": config.keep_checkpoints, "max_bad_steps": config.max_bad_steps, "max_scale_growth": config.max_scale_growth,
-        "data": saved.data.model_copy(update={"num_workers": config.data.num_workers}),
-        "device": config.device, "out_dir": config.out_dir,
-    }), changed
+    return _with_fields(saved, config, [key for key, use in RESUMABLE_FIELDS.items() if use == "new"]), changed
+
+
+def _with_fields(saved: TrainConfig, given: TrainConfig, keys: list[str]) -> TrainConfig:
+    """``saved`` with the fields ``keys`` (``"field"`` or ``"section.field"``) taken from ``given``."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, _, name = key.rpartition(".")
+        if section:
+            sections.setdefault(section, {})[name] = getattr(getattr(given, section), name)
+        else:
+            top[name] = getattr(given, name)
+    top.update({section: getattr(saved, section).model_copy(update=values) for section, values in sections.items()})
+    return saved.model_copy(update=top)
+
+
+def resume_from(out_dir: Path, config: TrainConfig) -> tuple[dict[str, Any], TrainConfig, list[dict], str]:
+    """Read ``out_dir/last.pt`` for a ``--resume`` of ``config``.
+
+    Returns:
+        The checkpoint (a :class:`TrainingState` dict), the config to run (:func:`resume_config`),
+        the run's history with this resume's changes appended, and a line saying so.
+    """
+    state = load_checkpoint(out_dir / LAST)
+    config, changed = resume_config(config, state, out_dir)
+    history = list(state.get("history", [])) + ([{"resumed_at_step": state["step"], "changed": changed}] if changed else [])
+    message = (f"resuming from {out_dir / LAST} at step {state['step']}"
+               + "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    return state, config, history, message
+
+
+def restore_training(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler,
+                     teachers: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Put a checkpoint's weights (``model``: student and heads as ``student.`` / ``heads.``),
+    optimizer, scaler and teacher training states back; return its step and counters."""
+    model.load_state_dict({**_prefixed("student.", state["student"]), **_prefixed("heads.", state["heads"])})
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    for name, teacher in teachers.items():  # e.g. the EMA teacher's weights
+        teacher.load_training_state(state.get("teacher_states", {}).get(name, {}))
+    return state["step"], state["counters"]
+
+
+def restore_rng(state: dict[str, Any], rank: int, device: torch.device) -> None:
+    """Continue this rank's RNG streams where the checkpoint left them (a checkpoint written
+    by fewer ranks hands rank ``r`` the state of rank ``r % world_size``)."""
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"][rank % len(rng["torch"])])
+    if device.type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
+
+
+def _prefixed(prefix: str, sd: dict) -> dict:
+    return {prefix + k: v for k, v in sd.items()}
 
 
 def _moved(saved: TrainConfig, out_dir: Path) -> TrainConfig:
@@ -438,9 +541,9 @@ def _moved(saved: TrainConfig, out_dir: Path) -> TrainConfig:
         return saved
     saved = saved.model_copy(deep=True)
     for tc in saved.teachers:
-        fitted = tc.options.get("teacher_file")
+        fitted = teacher_file_of(tc.options)
         if fitted is not None and Path(fitted).is_relative_to(old):
-            tc.options = {**tc.options, "teacher_file": str(out_dir / Path(fitted).relative_to(old))}
+            tc.options = with_teacher_file(tc.options, out_dir / Path(fitted).relative_to(old))
     return saved
 
 

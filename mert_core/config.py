@@ -119,7 +119,7 @@ class LossConfig(_Strict):
     unmasked_weight: float = Field(
         0.0, ge=0, description="Weight of the same losses at the unmasked frames (HuBERT's pred_nomask_weight; MERT: 0, masked frames only).")
     logit_temperature: float = Field(0.1, gt=0, description="Cosine-logit temperature of discrete heads (MERT 0.1).")
-    final_dim: int | None = Field(None, ge=1, description="Discrete head projection size; None: 64 for tiny/95m, 128 for 330m.")
+    final_dim: int | None = Field(None, ge=1, description="Discrete head projection size; None: the preset's (model.PRESET_FINAL_DIMS: 64, 128 for 330m).")
 
 
 class TrainConfig(_Strict):

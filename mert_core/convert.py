@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from mert_core.errors import HFConversionError  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.model import MertStudent
 
 HUBERT_MODEL_TYPES = ("hubert", "mert_model", "music2vec")
@@ -35,10 +36,6 @@ _HF_DEFAULTS: dict[str, Any] = {
     "do_stable_layer_norm": False, "attention_relax": -1.0, "feature_extractor_cqt": False, "deepnorm": False,
     "sample_rate": 24000, "mask_time_prob": 0.05,
 }
-
-
-class HFConversionError(ValueError):
-    """The folder or state dict is not a HuBERT model this student can hold."""
 
 
 def hf_config_to_args(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:

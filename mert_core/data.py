@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from mert_core.audio import AUDIO_EXTENSIONS, AudioError, audio_info, read_crop, resampled_length
+from mert_core.errors import DataError  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.files import atomic_write
 from mert_core.paths import cache_root
 
@@ -41,10 +42,6 @@ MANIFEST_EXTENSIONS = (".tsv", ".csv")
 _CACHE_VERSION = "v1"
 _MANIFEST_COLUMNS = ("path", "duration_seconds", "sample_rate", "frames", "skipped_reason")
 _CACHE_COLUMNS = ("path", "size", "mtime_ns", "sample_rate", "frames", "error")
-
-
-class DataError(ValueError):
-    """A data problem the user has to fix (missing folder, malformed manifest, no usable files)."""
 
 
 # ---------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import scipy.signal
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from mert_core.errors import DataError
 from mert_core.files import publish_folder
 
 DEMO_VERSION = "demo-v1"
@@ -112,7 +113,7 @@ def ensure_demo_data(root: Path | None = None, seed: int = 0, size: DemoSize = D
     if _read_stamp(root) == stamp:
         return root
     if root.exists() and any(root.iterdir()) and _read_stamp(root) is None:
-        raise ValueError(
+        raise DataError(
             f"{root}: exists and is not a mert demo folder (no {_STAMP} file); "
             "pass another root or remove the folder"
         )
@@ -142,7 +143,7 @@ def load_demo_metadata(root: Path, kind: str | None = None, split: str | None = 
     """
     path = Path(root) / _METADATA
     if not path.exists():
-        raise ValueError(f"{path}: not found; expected a demo folder made by ensure_demo_data()")
+        raise DataError(f"{path}: not found; expected a demo folder made by ensure_demo_data()")
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     return [r for r in records if (kind is None or r["kind"] == kind) and (split is None or r["split"] == split)]

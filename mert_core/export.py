@@ -18,14 +18,12 @@ from typing import Any
 from safetensors.torch import save_file
 
 from mert_core.checkpoint import LAST, STUDENT_FILE, load_student
+from mert_core.errors import ExportError  # noqa: F401 - re-exported: raised here, imported from here
+from mert_core.fitting import without_teacher_file
 from mert_core.files import atomic_write
 from mert_core.convert import hf_config_from_args, hf_export_problem, mert_state_dict_to_hf
 
 HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
-
-
-class ExportError(ValueError):
-    """The source cannot be exported; the message says why and what to do."""
 
 
 def hf_export_config(args: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +163,7 @@ def model_card(student, run_config: dict[str, Any] | None = None, facts: dict[st
     if teachers:
         lines += ["| teacher | loss weight | options |", "|---|---|---|"]
         for t in teachers:
-            options = {k: v for k, v in t.get("options", {}).items() if k != "teacher_file"}
+            options = without_teacher_file(t.get("options", {}))
             weight = "default" if t.get("weight") is None else f"{t['weight']:g}"
             lines.append(f"| {t['name']} | {weight} | `{json.dumps(options, sort_keys=True)}` |")
         lines.append("")

@@ -67,7 +67,7 @@ class TargetHeads(nn.Module):
             else:
                 heads[name] = nn.Linear(embed_dim, spec.dim)
         # ModuleDict keys may not contain "."; teacher names use "-" anyway.
-        self.heads = nn.ModuleDict({_key(n): h for n, h in heads.items()})
+        self.heads = nn.ModuleDict({head_key(n): h for n, h in heads.items()})
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """
@@ -77,8 +77,8 @@ class TargetHeads(nn.Module):
         Returns:
             teacher name -> ``(N, C, K)`` logits (discrete) or ``(N, dim)`` (continuous).
         """
-        return {name: self.heads[_key(name)](features) for name in self.specs}
+        return {name: self.heads[head_key(name)](features) for name in self.specs}
 
 
-def _key(name: str) -> str:
+def head_key(name: str) -> str:
     return name.replace(".", "_")

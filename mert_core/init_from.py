@@ -22,15 +22,11 @@ from mert_core.checkpoint import (
     LAST, STUDENT_FILE, CheckpointError, check_export_content, check_finite_weights, file_digest, load_checkpoint,
 )
 from mert_core.convert import HFConversionError, read_hf_hubert
-from mert_core.heads import _key as head_key
-from mert_core.runconfig import ConfigError
+from mert_core.errors import InitFromError  # noqa: F401 - re-exported: raised here, imported from here
+from mert_core.heads import head_key
 
 # Builder arguments that change the computation without changing any tensor's shape.
 _STRUCTURE_ARGS = ("layer_norm_first", "num_heads", "extractor_norm", "conv_kernels", "conv_strides", "layer_norm_eps")
-
-
-class InitFromError(ConfigError):
-    """``model.init_from`` cannot start this run; the message names the tensor or argument."""
 
 
 @dataclass

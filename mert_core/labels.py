@@ -55,7 +55,9 @@ from mert_core import distributed, library_versions
 from mert_core.audio import AudioError, read_crop
 from mert_core.checkpoint import file_digest
 from mert_core.distributed import DistInfo
-from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry, frames_for
+from mert_core.errors import LabelStoreError, LabelStoreMismatch, MissingTeacherFile  # noqa: F401 - re-exported: raised here, imported from here
+from mert_core.fitting import fit_teacher, with_teacher_file  # noqa: F401 - fit_teacher: re-exported, it lived here
+from mert_core.geometry import TARGET_GRID, FrameGeometry, frames_for
 from mert_core.files import atomic_write, publish_folder
 from mert_core.paths import resolve_device
 from mert_core.registry import Registry
@@ -67,27 +69,14 @@ FORMAT = "mert-label-store"
 FORMAT_VERSION = 2  # 2: index.json holds labels_sha256 and index_sha256
 LABELS_FILE = "labels.bin"
 INDEX_FILE = "index.json"
-STUDENT_WINDOW_SAMPLES = STUDENT_GEOMETRY.receptive_field  # one student frame: the least a window can hold
+STUDENT_WINDOW_SAMPLES = TARGET_GRID.receptive_field  # one frame of the target grid: the least a window can hold
 DEFAULT_WINDOW_SAMPLES = 120000  # the MERT paper's 5 s crops at 24 kHz
 LABEL_WAIT_TIMEOUT = timedelta(hours=6)  # longest a rank waits for the others under torchrun
 
 
-class LabelStoreError(ValueError):
-    """A label store that cannot serve a request: file not labelled or changed,
-    crop off the grid, frame counts that disagree, or a damaged store."""
-
-
-class LabelStoreMismatch(LabelStoreError):
-    """A label store made by another teacher configuration or window size."""
-
-
-class MissingTeacherFile(ValueError):
-    """A teacher that must be fitted was given no fitted file."""
-
-
 def student_frames(num_samples: int) -> int:
-    """Frames the paper's conv stack makes from ``num_samples`` samples (:data:`~mert_core.geometry.STUDENT_GEOMETRY`): the grid of every stored label."""
-    return STUDENT_GEOMETRY.num_frames(num_samples)
+    """Frames of the target grid (:data:`~mert_core.geometry.TARGET_GRID`) in ``num_samples`` samples: the grid of every stored label."""
+    return TARGET_GRID.num_frames(num_samples)
 
 
 def label_dtype(num_classes: int) -> np.dtype:
@@ -927,53 +916,6 @@ class LabelStore:
 # -- the Python API behind `mert teacher fit` / `mert teacher label` ---------------------
 
 
-def fit_teacher(
-    name: str,
-    data_paths: Iterable[str | Path],
-    out_file: str | Path,
-    options: dict[str, Any] | None = None,
-    registry: Registry | None = None,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    sample_rate: int = 24000,
-    progress: bool = True,
-) -> Path:
-    """Fit teacher ``name`` on audio under ``data_paths`` and save it to ``out_file``.
-
-    Args:
-        name: a registered teacher that needs fitting (``kmeans-mfcc``, ...).
-        data_paths: audio folders, files or manifests, or shards (a fit reads a
-            bounded sample of them: :func:`mert_core.shards.local_sample`).
-        out_file: the artifact to write (``.safetensors``).
-        options: teacher options (validated by the teacher's ``Options``).
-        registry: default: the installed plugins.
-        seed: seed of the sample and initialisation (unless ``options['seed']``).
-        device: ``auto`` (CUDA if available), ``cpu``, ``cuda:0``, ...
-        sample_rate: the student's rate.
-        progress: show progress bars.
-
-    Returns:
-        ``out_file``.
-    """
-    from mert_core.registry import default_registry
-
-    registry = registry or default_registry()
-    options = dict(options or {})
-    if options.get("teacher_file") is not None:
-        raise ValueError(f"option 'teacher_file' is what fitting writes (--out); drop it from the options of {name!r}")
-    teacher = registry.build("teacher", name, options, geometry=FrameGeometry(sample_rate=sample_rate))
-    if type(teacher).fit is Teacher.fit or not teacher.needs_fit():
-        fittable = [n for n in registry.names("teacher") if registry.get("teacher", n).obj.fit is not Teacher.fit]
-        raise ValueError(f"teacher {name!r} has nothing to fit with these options (e.g. cqt fits only with normalize=per-bin); "
-                         f"teachers that can fit: {', '.join(fittable) or 'none'}")
-    device = torch.device(resolve_device(device))
-    teacher.to(device)
-    from mert_core.shards import is_shard_source
-
-    inputs = [str(p) if is_shard_source(p) else Path(p) for p in data_paths]  # a URL is no Path
-    return teacher.fit(inputs, Path(out_file), seed=seed, device=device, progress=progress)
-
-
 def label_data(
     name: str,
     data_paths: Iterable[str | Path],
@@ -1004,7 +946,7 @@ def label_data(
     registry = registry or default_registry()
     options = dict(options or {})
     if teacher_file is not None:
-        options["teacher_file"] = str(teacher_file)
+        options = with_teacher_file(options, teacher_file)
     teacher = registry.build("teacher", name, options, geometry=FrameGeometry(sample_rate=sample_rate))
     if teacher.needs_fit():
         raise MissingTeacherFile(f"teacher {name!r} must be fitted first: pass --teacher-file FILE (made by `mert teacher fit {name} --data AUDIO --out FILE`)")

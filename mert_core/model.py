@@ -33,6 +33,7 @@ from mert_core.components import (
     grad_multiply,
     valid_mask,
 )
+from mert_core.errors import CheckpointError, ConfigError
 from mert_core.geometry import FrameGeometry
 from mert_core.masking import MaskEmbedding
 
@@ -122,10 +123,10 @@ class MertStudent(nn.Module):
                 ``stored_shapes``) implying other tensors than the file holds.
         """
         if not isinstance(args, dict):
-            raise ValueError(f"MertStudent.from_args: expected a dict of builder arguments, got {type(args).__name__}")
+            raise CheckpointError(f"MertStudent.from_args: expected a dict of builder arguments, got {type(args).__name__}")
         unknown = [k for k in args if k not in STUDENT_ARG_NAMES]
         if unknown:
-            raise ValueError(f"MertStudent.from_args: unknown argument {unknown[0]!r} (valid: {', '.join(STUDENT_ARG_NAMES)}); "
+            raise CheckpointError(f"MertStudent.from_args: unknown argument {unknown[0]!r} (valid: {', '.join(STUDENT_ARG_NAMES)}); "
                              f"the checkpoint was written by another version of mert")
         if stored_shapes is not None:
             _check_stored_shapes(args, stored_shapes, optional)
@@ -165,7 +166,8 @@ class MertStudent(nn.Module):
 
         Returns:
             a ``StudentOutput``. Input shorter than ``receptive_field`` (400
-            samples) gives well-defined empty outputs with T = 0.
+            samples for the paper's stack, 1840 for the ``cpu`` presets) gives
+            well-defined empty outputs with T = 0.
         """
         if wave.dim() != 2 or not wave.is_floating_point():
             raise ValueError(f"MertStudent wave: expected a float tensor of shape (batch, samples), got {wave.dtype} {tuple(wave.shape)}")
@@ -271,17 +273,17 @@ def mert_student(
     num_conv = len(conv_kernels)
     channels = [conv_channels] * num_conv if isinstance(conv_channels, int) else list(conv_channels)
     if len(channels) != num_conv or len(conv_strides) != num_conv:
-        raise ValueError(f"student arguments: conv_channels, conv_kernels and conv_strides need one value per conv layer; "
+        raise ConfigError(f"student arguments: conv_channels, conv_kernels and conv_strides need one value per conv layer; "
                          f"got {len(channels)}, {num_conv} and {len(conv_strides)}")
     if extractor_norm not in ("group", "layer"):
-        raise ValueError(f"student argument extractor_norm: expected 'group' or 'layer', got {extractor_norm!r}")
+        raise ConfigError(f"student argument extractor_norm: expected 'group' or 'layer', got {extractor_norm!r}")
     if embed_dim % num_heads:
-        raise ValueError(f"student arguments: embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        raise ConfigError(f"student arguments: embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
     if embed_dim % pos_conv_groups:
-        raise ValueError(f"student arguments: embed_dim {embed_dim} must be divisible by pos_conv_groups {pos_conv_groups}")
+        raise ConfigError(f"student arguments: embed_dim {embed_dim} must be divisible by pos_conv_groups {pos_conv_groups}")
     for name in ("dropout", "attention_dropout", "activation_dropout", "input_dropout", "layerdrop"):
         if not 0.0 <= args[name] <= 1.0:
-            raise ValueError(f"student argument {name}: expected a probability in [0, 1], got {args[name]}")
+            raise ConfigError(f"student argument {name}: expected a probability in [0, 1], got {args[name]}")
 
     conv_layers, in_channels = [], 1
     for i, (out_channels, kernel, stride) in enumerate(zip(channels, conv_kernels, conv_strides)):
@@ -339,7 +341,7 @@ def _build_from(args: dict[str, Any], device: str | None = None) -> "MertStudent
         with torch.device(device) if device else contextlib.nullcontext():
             return mert_student(**args)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-        raise ValueError(f"MertStudent.from_args: the model arguments do not build a student ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"MertStudent.from_args: the model arguments do not build a student ({type(exc).__name__}: {exc})") from None
 
 
 def _check_stored_shapes(args: dict[str, Any], stored: dict[str, tuple[int, ...]], optional: tuple[str, ...]) -> None:
@@ -358,17 +360,17 @@ def _check_stored_shapes(args: dict[str, Any], stored: dict[str, tuple[int, ...]
         value = args.get(name, defaults[name].default)
         count = len(value) if name == "conv_kernels" and isinstance(value, (list, tuple)) else value
         if count != stored_count(prefix):
-            raise ValueError(f"model argument {name} asks for {str(count)[:40]} layers, the file holds {stored_count(prefix)}")
+            raise CheckpointError(f"model argument {name} asks for {str(count)[:40]} layers, the file holds {stored_count(prefix)}")
     skeleton = _build_from(args, device="meta")
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     for key, shape in stored.items():
         if key not in expected:
-            raise ValueError(f"the file holds tensor {key!r}, which has no place in the student the model arguments describe")
+            raise CheckpointError(f"the file holds tensor {key!r}, which has no place in the student the model arguments describe")
         if tuple(shape) != expected[key]:
-            raise ValueError(f"{key} has shape {tuple(shape)} in the file, the model arguments imply {expected[key]}")
+            raise CheckpointError(f"{key} has shape {tuple(shape)} in the file, the model arguments imply {expected[key]}")
     missing = sorted(set(expected) - set(stored) - set(optional))
     if missing:
-        raise ValueError(f"the file lacks tensor {missing[0]!r} (and {len(missing) - 1} more) that the model arguments imply")
+        raise CheckpointError(f"the file lacks tensor {missing[0]!r} (and {len(missing) - 1} more) that the model arguments imply")
 """Every argument ``mert_student`` takes (the keys of ``student.args``)."""
 
 TINY_ARGS: dict[str, Any] = dict(
@@ -387,8 +389,9 @@ semitone below ~1 kHz, so a small student must assemble pitch across frames, whi
 it does not learn in a CPU budget (it learns the loudness envelope and probes below
 its random twin). Here the first conv is a 1600-sample (67 ms) filter bank at a
 hop of 80, and a second conv pools 4 of them: hop 320 (75 Hz) as in the paper,
-receptive field 1840 samples; teachers' targets are aligned through
-``FrameGeometry.lead_frames``."""
+receptive field 1840 samples. Teachers still make their targets on the paper's
+400-sample grid (``FrameGeometry.target_grid``); the trainer shifts them onto these
+frames (``FrameGeometry.shift_from``: 2 leading targets dropped)."""
 
 SMALL_ARGS: dict[str, Any] = dict(
     TINY_ARGS, conv_channels=256, embed_dim=256, num_layers=4, num_heads=4, ffn_dim=1024,
@@ -422,6 +425,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+PRESET_FINAL_DIMS: dict[str, int] = {"tiny": 64, "cpu": 64, "small": 64, "cpu-small": 64, "95m": 64, "330m": 128}
+"""Each preset's projection size of the discrete target heads (MERT: 64 for the base model, 128 for the
+large one), used when ``loss.final_dim`` is not set."""
+
+
 def student_args(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
     """The full builder arguments of a preset with ``overrides`` applied.
 
@@ -429,10 +437,10 @@ def student_args(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
         ValueError: unknown preset or unknown override name.
     """
     if preset not in PRESETS:
-        raise ValueError(f"student preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        raise ConfigError(f"student preset {preset!r}: expected one of {', '.join(PRESETS)}")
     unknown = [k for k in overrides if k not in STUDENT_ARG_NAMES]
     if unknown:
-        raise ValueError(f"student override {unknown[0]!r} is not a student argument; valid names: {', '.join(STUDENT_ARG_NAMES)}")
+        raise ConfigError(f"student override {unknown[0]!r} is not a student argument; valid names: {', '.join(STUDENT_ARG_NAMES)}")
     defaults = {name: p.default for name, p in inspect.signature(mert_student).parameters.items()}
     args = {**defaults, **PRESETS[preset], **overrides}
     for key in ("conv_kernels", "conv_strides"):
@@ -469,13 +477,13 @@ def build_student(model_config, sample_rate: int | None = None) -> MertStudent:
     overrides = dict(model_config.overrides)
     unknown = [k for k in overrides if k not in STUDENT_ARG_NAMES]
     if unknown:
-        raise ValueError(f"config field 'model.overrides': {unknown[0]!r} is not a student argument; "
+        raise ConfigError(f"config field 'model.overrides': {unknown[0]!r} is not a student argument; "
                          f"valid names: {', '.join(STUDENT_ARG_NAMES)}")
     try:
         rate = {} if sample_rate is None else {"sample_rate": sample_rate}
         student = mert_student(**student_args(model_config.preset, **{**rate, **overrides}))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"config field 'model.overrides' {overrides}: {exc}") from None
+        raise ConfigError(f"config field 'model.overrides' {overrides}: {exc}") from None
     # a way of running the model, not part of it: not a builder argument, not in checkpoints' model_args
     student.transformer.activation_checkpointing = model_config.activation_checkpointing
     return student

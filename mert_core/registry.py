@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from mert_core import plugin_loader
 from mert_core.augment import Augmentation
+from mert_core.errors import PluginError  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.recipes import Recipe
 from mert_core.tasks import Task
 from mert_core.teacher import Teacher
@@ -27,10 +28,6 @@ _HOOKS = {
     "recipe": "register_recipes",
 }
 _BASES = {"teacher": Teacher, "augment": Augmentation, "task": Task, "recipe": Recipe}
-
-
-class PluginError(ValueError):
-    """A plugin problem a user can act on (duplicate name, unknown name, bad options)."""
 
 
 @dataclass

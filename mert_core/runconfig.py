@@ -15,12 +15,9 @@ import yaml
 from pydantic import ValidationError
 
 from mert_core.config import TrainConfig, format_validation_error
+from mert_core.errors import ConfigError  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.registry import Registry, default_registry
 from mert_core.shards import is_remote_or_pattern, is_shard_source
-
-
-class ConfigError(ValueError):
-    """A bad config field, file, flag or override; the message names it."""
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

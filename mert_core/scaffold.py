@@ -18,6 +18,7 @@ from pathlib import Path
 from string import Template
 
 from mert_core import DISTRIBUTION, __version__
+from mert_core.errors import ScaffoldError  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.registry import Registry, default_registry
 
 KINDS = ("teacher", "augment", "task")
@@ -28,10 +29,6 @@ _USAGE = {
     "augment": "mert train --teacher cqt --augment {name} --preset tiny --max-steps 20",
     "task": "mert eval --baseline handcrafted --task {name} --task-set {name}.data_dir=/path/to/data",
 }
-
-
-class ScaffoldError(ValueError):
-    """A plugin name or output folder that cannot be used; the message says why."""
 
 
 @dataclass(frozen=True)

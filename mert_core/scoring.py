@@ -1,9 +1,9 @@
 """Scoring probe outputs against labels, per problem type: the leaf module the
 task contract (:meth:`mert_core.tasks.Task.score`) uses.
 
-It reads only numpy and the metric functions (:mod:`mert_core.evaluation.metrics`,
-:mod:`mert_core.evaluation.beats`, both leaves), never the evaluation engine
-(extraction, probing, reports).
+It reads only numpy and the metric functions (:mod:`mert_core.metrics`,
+:mod:`mert_core.beats`, both leaves), never the evaluation engine
+(:mod:`mert_core.evaluation`: extraction, probing, reports).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mert_core.evaluation import metrics as M
-from mert_core.evaluation.beats import track_beats
+from mert_core import metrics as M
+from mert_core.beats import track_beats
 
 
 def score_clips(problem: str, targets: np.ndarray, outputs: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:

@@ -49,6 +49,7 @@ import soundfile as sf
 from tqdm.auto import tqdm
 
 from mert_core.audio import AUDIO_EXTENSIONS, AudioError, audio_info
+from mert_core.errors import ShardError  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.paths import cache_root
 
 log = logging.getLogger("mert.shards")
@@ -60,10 +61,6 @@ SHARD_NAME = "shard-{:06d}.tar"
 AUDIO_FIELDS = tuple(e.lstrip(".") for e in AUDIO_EXTENSIONS)
 """Member entries read as audio (the entry's extension): the first one a member holds is used."""
 _BRACE = re.compile(r"\{[^{}]*\.\.[^{}]*\}")
-
-
-class ShardError(ValueError):
-    """A shard corpus that cannot be used: nothing at the address, a malformed index, a bad pattern."""
 
 
 def parse_size(text: str | int) -> int:

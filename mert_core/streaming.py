@@ -47,13 +47,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mert_core.audio import AudioError, decode_audio
+from mert_core.errors import StreamError  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.shards import Member, ReadPolicy, ShardCorpus, Skipped, read_members
 
 STATE_FORMAT = 1
-
-
-class StreamError(ValueError):
-    """Settings or a saved state the stream cannot work with; the message says what to change."""
 
 
 @dataclass(frozen=True)

@@ -34,18 +34,16 @@ from typing import Any, ClassVar, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mert_core.errors import TaskDataError  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.scoring import score_beats, score_clips
 
 Level = Literal["clip", "frame"]
 Problem = Literal["multiclass", "multilabel", "regression", "beat"]
+
+PROBLEM_LEVELS: dict[str, Level] = {"multiclass": "clip", "multilabel": "clip", "regression": "clip", "beat": "frame"}
+"""Each problem type and the level a task of that type is probed at (features pooled per clip, or
+kept per frame): the one place the pairing is decided (``check_task`` and the probe read it)."""
 SPLITS = ("train", "valid", "test")
-
-
-class TaskDataError(ValueError):
-    """A dataset folder that is missing or not in the expected layout.
-
-    The message names the path, what was expected there and what to do.
-    """
 
 
 class TaskOptions(BaseModel):

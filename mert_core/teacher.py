@@ -1,8 +1,13 @@
 """The teacher contract: what a plugin implements to make training targets.
 
 A teacher turns a batch of clean 24 kHz waveforms into per-frame targets at the
-student's frame rate. It declares those targets with a :class:`TargetSpec`;
-the core builds the prediction head and the loss from that declaration.
+student's frame rate, on its :attr:`Teacher.grid`: the paper's 400-sample
+frames (the target grid, :attr:`FrameGeometry.target_grid`) for every teacher
+but one that follows the student, which frames audio with the student itself.
+The core shifts them onto the student's frames
+(:meth:`FrameGeometry.shift_from`). It declares those targets with a
+:class:`TargetSpec`; the core builds the prediction head and the loss from that
+declaration.
 
 Everything the core hands a teacher, and everything it calls, is a method or
 argument of :class:`Teacher` below, with a default where it is optional; the
@@ -13,15 +18,14 @@ README's "Writing a plugin" section lists the contract, and
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from mert_core.errors import CheckpointError, FitDiverged  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 
 IGNORE_LABEL = -1
@@ -67,70 +71,6 @@ class TargetSpec:
             raise ValueError(f"continuous TargetSpec needs dim >= 1, got {self.dim}")
 
 
-@dataclass(frozen=True)
-class FitQuality:
-    """A number a fit measures of its teacher, lower is better (a reconstruction error, an inertia).
-
-    Attributes:
-        what: what it is, for a person ("held-out reconstruction error").
-        start: its value after the initialisation, before training; None when not measured.
-        end: its value for what the fitted file would hold.
-        advice: what to change when the fit made it worse (e.g. a lower learning rate).
-    """
-
-    what: str
-    start: float | None
-    end: float
-    advice: str = ""
-
-    def problem(self) -> str | None:
-        """Why a file with this quality must not be written (non-finite, or worse than at the start), or None."""
-        if not math.isfinite(self.end) or (self.start is not None and not math.isfinite(self.start)):
-            return "is not finite"
-        # a margin for float rounding: an unchanged fit (0 steps) measures the same number twice
-        if self.start is not None and self.end > self.start * (1 + FIT_QUALITY_TOLERANCE) + 1e-12:
-            return "ended worse than it started"
-        return None
-
-
-FIT_QUALITY_TOLERANCE = 1e-6
-"""How much worse than its start (relatively) a fit may end: only rounding."""
-
-
-class FitDiverged(RuntimeError):
-    """A fit ended with a worse or non-finite quality than it started with; nothing was written."""
-
-
-def write_teacher_file(out_file: Path, tensors: dict[str, torch.Tensor], format_key: str, meta: dict[str, Any],
-                       quality: Iterable[FitQuality], teacher: str) -> Path:
-    """Write a fitted teacher's file: ``tensors`` with ``meta`` as JSON under ``format_key``
-    in the safetensors metadata, atomically, and only if every ``quality`` the fit
-    measured is finite and no worse than it started (the one gate every built-in fit
-    writes through; ``meta["fit_quality"]`` records them).
-
-    Raises:
-        FitDiverged: naming ``teacher``, the quality, both numbers and ``out_file``, which is
-            left as it was (an earlier file stays).
-    """
-    from safetensors.torch import save_file
-
-    from mert_core.files import atomic_write
-
-    quality = list(quality)
-    for q in quality:
-        problem = q.problem()
-        if problem is not None:
-            start = "not measured" if q.start is None else f"{q.start:.4e}"
-            raise FitDiverged(
-                f"teacher {teacher!r}: the fit's {q.what} {problem} ({start} after the initialisation, {q.end:.4e} at the "
-                f"end), so {out_file} was not written; {q.advice or 'fit again with other options'}"
-            )
-    meta = {**meta, "fit_quality": [asdict(q) for q in quality]}
-    out_file = Path(out_file)
-    atomic_write(out_file, lambda tmp: save_file(tensors, str(tmp), metadata={format_key: json.dumps(meta)}))
-    return out_file
-
-
 class Teacher(torch.nn.Module):
     """Base class of all teachers.
 
@@ -142,13 +82,14 @@ class Teacher(torch.nn.Module):
 
     What the core calls, in the order of a run:
 
-    1. ``Teacher(options, geometry)``: ``geometry`` is the student's
-       (``student.geometry``), so targets line up with its frames.
-    2. :meth:`needs_fit`; if True, :meth:`fit_plan` and
+    1. ``Teacher(options, geometry)``: ``geometry`` is the student's frames
+       (``student.geometry``); the teacher makes its targets on :attr:`grid`,
+       which the core shifts onto those frames.
+    2. :meth:`needs_fit` (a ``fittable`` teacher); if True, :meth:`fit_plan` and
        ``fit(files, out_file, seed=, device=, progress=)``, then the teacher is
-       built again with ``teacher_file=out_file``. A fit that measures its
-       quality writes through :func:`write_teacher_file`, which refuses a fit
-       that made its teacher worse.
+       built again with ``teacher_file=out_file``. A fit writes through
+       :func:`mert_core.fitting.write_teacher_file`, which refuses a fit that
+       made its teacher worse.
     3. :meth:`target_spec`, once.
     4. Each micro-batch: ``targets(wave, generator=)`` (or
        ``targets_from_store(labels, generator=)`` with a label store), under
@@ -157,8 +98,9 @@ class Teacher(torch.nn.Module):
 
     Args:
         options: a validated instance of ``self.Options``.
-        geometry: the student's frame geometry (24 kHz, hop 320, receptive
-            field 400 for every preset).
+        geometry: the student's frames (24 kHz, hop 320; receptive field 400
+            for the paper's conv stack, 1840 for the ``cpu`` presets). Targets are
+            made on :attr:`grid`, not on these frames.
     """
 
     name: ClassVar[str] = ""
@@ -169,6 +111,13 @@ class Teacher(torch.nn.Module):
         super().__init__()
         self.options = options
         self.geometry = geometry
+
+    @property
+    def grid(self) -> FrameGeometry:
+        """The grid this teacher makes its targets on: the paper's 400-sample frames
+        (``geometry.target_grid``, the same for every student), or the student's own
+        frames for a teacher that ``follows_student``."""
+        return self.geometry if self.follows_student else self.geometry.target_grid
 
     @property
     def sample_rate(self) -> int:
@@ -203,7 +152,8 @@ class Teacher(torch.nn.Module):
         Returns:
             discrete: ``(B, T, num_codebooks)`` int64 labels (``IGNORE_LABEL``
             where there is no target); continuous: ``(B, T, dim)`` float32.
-            ``T`` is within one frame of ``geometry.num_frames(S)``.
+            ``T`` is within one frame of ``self.grid.num_frames(S)`` (the
+            target grid's frames, not the student's).
         """
         raise NotImplementedError
 
@@ -225,30 +175,33 @@ class Teacher(torch.nn.Module):
 
     # -- optional: teachers that must be fitted before use (k-means) ----------
 
-    # Convention: a teacher that needs fitting takes its fitted artifact through
-    # an option named ``teacher_file``. After ``mert train`` fits one, it writes
-    # the artifact's path into the run config, so checkpoints are self-contained
-    # and a resumed run loads the artifact instead of refitting.
+    fittable: ClassVar[bool] = False
+    """True for a teacher that implements :meth:`fit`. Its ``Options`` subclass
+    :class:`mert_core.fitting.FittedTeacherOptions`: the fitted file comes back
+    through the option ``teacher_file``, which ``mert train`` writes into the run
+    config after a fit (checkpoints are self-contained, a resumed run loads the
+    file instead of refitting). :mod:`mert_core.fitting` holds the rest of the
+    service: sampling a corpus, writing and reading the file, the fit errors."""
 
     def needs_fit(self) -> bool:
-        """True when the teacher cannot make targets until :meth:`fit` has run."""
+        """True when the teacher cannot make targets until :meth:`fit` has run (only a ``fittable`` one)."""
         return False
 
     def fit(self, files: list[Path], out_file: Path, *, seed: int = 0, device: str | torch.device | None = None,
             progress: bool = True) -> Path:
         """Fit the teacher on audio ``files``, save it to ``out_file`` and use it.
 
-        Write the file with :func:`write_teacher_file`, passing every quality
-        the fit measured (:class:`FitQuality`): a fit that ends worse than it
-        started, or non-finite, then fails with :class:`FitDiverged` and writes
-        nothing.
+        Write the file with :func:`mert_core.fitting.write_teacher_file`, passing
+        every quality the fit measured (:class:`~mert_core.fitting.FitQuality`): a
+        fit that ends worse than it started, or non-finite, then fails with
+        :class:`FitDiverged` and writes nothing.
 
         Args:
             files: audio files, folders or manifests; or shard sources (URLs,
                 index.json, brace patterns, as strings), which
                 :func:`mert_core.shards.local_sample` turns into local files
-                holding a bounded sample (the built-in fits call it through
-                ``plan_sample``; a fit reading audio itself calls it first).
+                holding a bounded sample (:func:`mert_core.fitting.plan_sample`
+                calls it; a fit reading audio itself calls it first).
             out_file: the artifact to write (atomically); the teacher later
                 loads it through its ``teacher_file`` option.
             seed: seed of every random choice of the fit.
@@ -290,7 +243,7 @@ class Teacher(torch.nn.Module):
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`training_state` returned (default: nothing to restore)."""
         if state:
-            raise ValueError(f"teacher {self.name!r} keeps no training state, but the checkpoint holds {sorted(state)[:3]}")
+            raise CheckpointError(f"teacher {self.name!r} keeps no training state, but the checkpoint holds {sorted(state)[:3]}")
 
     def on_step(self, student: torch.nn.Module, step: int) -> None:
         """Called by the trainer once before the first batch and after every
@@ -325,3 +278,16 @@ class Teacher(torch.nn.Module):
 
         payload = f"{self.name}|{self.sample_rate}|{self.hop_samples}|{self.options.model_dump_json()}"
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+_FITTING_NAMES = ("FitQuality", "FIT_QUALITY_TOLERANCE", "write_teacher_file")
+
+
+def __getattr__(name: str):
+    """What moved to :mod:`mert_core.fitting` stays importable from here (imported on first use:
+    ``fitting`` builds on this module)."""
+    if name in _FITTING_NAMES:
+        from mert_core import fitting
+
+        return getattr(fitting, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

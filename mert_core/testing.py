@@ -3,7 +3,7 @@
 Each ``check_*`` function builds a plugin, exercises every part of its
 contract that the core relies on (shapes, dtypes, frame rate against the
 student's geometry, generator determinism, the ``fit`` keywords, the step
-hook, described options) and fails the calling test with one message naming
+hook, described options, the fitting contract) and fails the calling test with one message naming
 what is wrong and what the contract asks::
 
     from mert_core.testing import check_teacher, write_test_audio
@@ -29,8 +29,9 @@ import torch
 from pydantic import BaseModel
 
 from mert_core.augment import Augmentation, AugmentOptions
+from mert_core.fitting import FittedTeacherOptions
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
-from mert_core.tasks import SPLITS, BeatTaskOptions, Example, Task, TaskOptions
+from mert_core.tasks import PROBLEM_LEVELS, SPLITS, BeatTaskOptions, Example, Task, TaskOptions
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher, TeacherOptions
 
 TeacherFactory = Callable[[FrameGeometry], Teacher]
@@ -86,16 +87,36 @@ def check_options(plugin: type, base: type[BaseModel]) -> None:
         _fail(what, f"{options.__name__} accepts unknown options; keep the base's model_config (extra='forbid')")
 
 
+def tiny_student_for(geometry: FrameGeometry) -> torch.nn.Module:
+    """A small student (``tiny`` width, random weights) on the conv stack of the first preset
+    with the frames ``geometry`` describes; ``tiny`` at ``geometry.sample_rate`` when none has them."""
+    from mert_core.model import PRESETS, mert_student, student_args
+
+    for preset in PRESETS:
+        stack = student_args(preset)
+        student = mert_student(**student_args("tiny", conv_kernels=stack["conv_kernels"], conv_strides=stack["conv_strides"],
+                                              sample_rate=geometry.sample_rate))
+        if student.geometry == geometry:
+            return student
+    return mert_student(**student_args("tiny", sample_rate=geometry.sample_rate))
+
+
 def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[str | Path] | str | Path | None = None,
-                  geometry: FrameGeometry = STUDENT_GEOMETRY) -> Teacher:
+                  geometry: FrameGeometry = STUDENT_GEOMETRY, student: torch.nn.Module | None = None) -> Teacher:
     """Check a teacher against the contract of :class:`mert_core.teacher.Teacher`.
+
+    Targets are checked on the teacher's :attr:`~mert_core.teacher.Teacher.grid` (the
+    paper's 400-sample target grid, or the student's frames for a teacher that follows
+    the student), and must shift onto the student's frames the way the trainer does it.
 
     Args:
         factory: the Teacher subclass (built with default options), or a
             callable ``geometry -> Teacher`` (e.g. ``lambda g: registry.build("teacher", NAME, {...}, geometry=g)``).
         audio: audio files or folders to fit on, needed when the teacher
             ``needs_fit()`` (:func:`write_test_audio` makes some).
-        geometry: the student geometry to build it for.
+        geometry: the student's frames to build it for (``student.geometry``: a preset's,
+            e.g. the ``cpu`` preset's receptive field of 1840 samples).
+        student: the student it attaches to; None: :func:`tiny_student_for` ``geometry``.
 
     Returns:
         The teacher, fitted when it needed fitting.
@@ -108,6 +129,11 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
     if teacher.geometry != geometry:
         _fail(what, f"was built for {geometry} but reports {teacher.geometry}; pass `geometry` on to Teacher.__init__")
 
+    if teacher.needs_fit() and not teacher.fittable:
+        _fail(what, "needs_fit() is True but the class does not declare `fittable = True`; `mert teacher fit` fits only a teacher that declares it")
+    if teacher.fittable and not issubclass(type(teacher).Options, FittedTeacherOptions):
+        _fail(what, "declares fittable = True, so its Options must subclass mert_core.fitting.FittedTeacherOptions "
+                    "(the `teacher_file` option a fitted file comes back through)")
     if teacher.needs_fit():
         if audio is None:
             _fail(what, "needs fitting: pass audio=[files or folders] (mert_core.testing.write_test_audio makes some)")
@@ -116,13 +142,15 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
             out = teacher.fit(files, Path(tmp) / "fitted.safetensors", seed=0, device="cpu", progress=False)
             if not Path(out).exists():
                 _fail(what, f"fit() returned {out}, which does not exist; write the artifact to out_file and return it")
+            rebuilt = type(teacher)(teacher.options.model_copy(update={"teacher_file": Path(out)}), geometry)
+            if rebuilt.needs_fit():
+                _fail(what, f"built again with teacher_file={out} (what `mert train` does after a fit), it still needs_fit(); "
+                            "load the fitted file through the `teacher_file` option")
         if teacher.needs_fit():
             _fail(what, "still needs_fit() after fit(); a fit must load what it wrote")
 
     # the trainer's order: attach(student), target_spec(), on_step(student, start), then targets per batch
-    from mert_core.model import tiny
-
-    student = tiny(sample_rate=geometry.sample_rate)
+    student = tiny_student_for(geometry) if student is None else student
     before = {k: v.clone() for k, v in student.state_dict().items()}
     if teacher.attach(student) is not None:
         _fail(what, "attach(student) must return None")
@@ -136,9 +164,9 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
 
     for num_samples in (geometry.receptive_field, geometry.sample_rate + 123, 2 * geometry.sample_rate):
         wave = synthetic_wave(geometry, num_samples)
-        _check_targets(what, spec, teacher.targets(wave), wave, geometry)
+        _check_targets(what, spec, teacher.targets(wave), wave, teacher.grid, geometry)
         first = teacher.targets(wave, generator=torch.Generator().manual_seed(7))
-        _check_targets(what, spec, first, wave, geometry)
+        _check_targets(what, spec, first, wave, teacher.grid, geometry)
         if not torch.equal(first, teacher.targets(wave, generator=torch.Generator().manual_seed(7))):
             _fail(what, "targets(wave, generator=g) differ for two generators with the same seed; draw every random choice from `generator`")
         if spec.kind == "discrete":
@@ -158,16 +186,23 @@ def check_teacher(factory: type[Teacher] | TeacherFactory, *, audio: Sequence[st
     return teacher
 
 
-def _check_targets(what: str, spec: TargetSpec, targets: Any, wave: torch.Tensor, geometry: FrameGeometry) -> None:
+def _check_targets(what: str, spec: TargetSpec, targets: Any, wave: torch.Tensor, grid: FrameGeometry,
+                   geometry: FrameGeometry) -> None:
+    """``targets`` of ``wave`` are on ``grid`` and shift onto the student's frames (``geometry``) as the trainer does."""
     S = wave.shape[1]
-    want_frames = geometry.num_frames(S)
+    want_frames = grid.num_frames(S)
     per_frame = spec.num_codebooks if spec.kind == "discrete" else spec.dim
     if not isinstance(targets, torch.Tensor) or targets.dim() != 3:
         _fail(what, f"targets of a {tuple(wave.shape)} wave must be a (B, T, {per_frame}) tensor, got {getattr(targets, 'shape', type(targets))}")
     B, T, C = targets.shape
     if B != wave.shape[0] or C != per_frame or abs(T - want_frames) > 1:
         _fail(what, f"targets of a {tuple(wave.shape)} wave have shape {tuple(targets.shape)}; expected "
-                    f"({wave.shape[0]}, {want_frames} +/- 1, {per_frame}) (T = geometry.num_frames(S), C from the TargetSpec)")
+                    f"({wave.shape[0]}, {want_frames} +/- 1, {per_frame}) (T = self.grid.num_frames(S), C from the TargetSpec)")
+    shift = geometry.shift_from(grid)
+    student_frames = geometry.num_frames(S)
+    if not -1 <= (T - shift.lead_frames) - student_frames <= 1 + shift.trailing_frames:
+        _fail(what, f"{T} targets on {grid} do not line up with the student's {student_frames} frames of {geometry} "
+                    f"after dropping {shift.lead_frames} leading ones; make targets on self.grid")
     if spec.kind == "discrete":
         if targets.dtype != torch.int64:
             _fail(what, f"discrete targets must be int64, got {targets.dtype}")
@@ -200,9 +235,9 @@ def check_task(task: Task | type[Task], *, splits: Sequence[str] = ("train",), f
         _fail(repr(task), f"expected a mert_core.tasks.Task, got {type(task).__name__}")
     what = f"task {task.name!r}"
     check_options(type(task), BeatTaskOptions if task.problem == "beat" else TaskOptions)
-    if task.level not in ("clip", "frame") or task.problem not in ("multiclass", "multilabel", "regression", "beat"):
-        _fail(what, f"level {task.level!r} / problem {task.problem!r}: expected clip|frame and multiclass|multilabel|regression|beat")
-    if (task.level == "frame") != (task.problem == "beat"):
+    if task.level not in ("clip", "frame") or task.problem not in PROBLEM_LEVELS:
+        _fail(what, f"level {task.level!r} / problem {task.problem!r}: expected clip|frame and {'|'.join(PROBLEM_LEVELS)}")
+    if task.level != PROBLEM_LEVELS[task.problem]:
         _fail(what, f"level {task.level!r} with problem {task.problem!r}: frame level goes with beat tracking, clip level with the rest")
     if not task.metrics:
         _fail(what, "declare at least one metric (the first selects the learning rate and the layer)")

@@ -22,30 +22,24 @@ from torch import nn
 
 from mert_core import distributed
 from mert_core.checkpoint import (
-    LAST, STUDENT_FILE, RunFolderTaken, clear_run_files, load_checkpoint, lock_run_folder, point_last, remove_stale_temp_files,
-    resume_config, roll_back_to_checkpoint_before, run_files, save_checkpoint, save_student,
+    LAST, STUDENT_FILE, RunFolderTaken, TrainingState, clear_run_files, lock_run_folder, point_last, remove_stale_temp_files,
+    restore_rng, restore_training, resume_from, roll_back_to_checkpoint_before, run_files, save_checkpoint, save_student,
 )
 from mert_core.config import TrainConfig
 from mert_core.data import CropBatches, make_loader
+from mert_core.errors import ConfigError, PluginError, TargetLengthError, TrainingError  # noqa: F401 - re-exported: raised here, imported from here
+from mert_core.fitting import with_teacher_file
 from mert_core.files import atomic_write, naming_a_full_disk
 from mert_core.geometry import FrameGeometry
 from mert_core.heads import TargetHeads
 from mert_core.loss import MultiTargetLoss
 from mert_core.components import valid_mask
 from mert_core.masking import compute_span_mask
-from mert_core.model import build_student
+from mert_core.model import PRESET_FINAL_DIMS, build_student
 from mert_core.registry import Registry, default_registry
 from mert_core.runconfig import ConfigError, with_data_paths
 from mert_core.signals import CollapseWatch, feature_signals, target_signals
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on; the message says why and what was saved."""
-
-
-class TargetLengthError(ValueError):
-    """A teacher's targets do not line up with the student's frames."""
 
 
 # -- small pure helpers ---------------------------------------------------------
@@ -163,7 +157,7 @@ class ScaleBounds:
                 f"of the run's first steps") if self.start else "no bounds yet"
 
 
-# -- building the parts from the config (the only code that reads it) ----------
+# -- building the parts from the config (the loop reads only its run-wide settings) ----------
 
 def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], geometry: FrameGeometry, dist_info, log,
                    device=None) -> dict[str, Teacher]:
@@ -183,10 +177,10 @@ def build_teachers(config: TrainConfig, registry: Registry, files: list[Path], g
                 teacher.fit(files, out_file, seed=config.seed, device=device)
             distributed.barrier(dist_info)
             # recorded in the config, so the checkpoint is self-contained and a resume reloads it
-            tc.options = {**tc.options, "teacher_file": str(out_file)}
+            tc.options = with_teacher_file(tc.options, out_file)
             teacher = registry.build("teacher", tc.name, tc.options, geometry=geometry)
         elif teacher.needs_fit():
-            raise ValueError(f"teacher {tc.name!r}: a label store is given but no teacher_file; pass the fitted teacher file it was made with")
+            raise ConfigError(f"teacher {tc.name!r}: a label store is given but no teacher_file; pass the fitted teacher file it was made with")
         teachers[tc.name] = teacher
     return teachers
 
@@ -198,7 +192,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp32":
         return None
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("config field 'precision': fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+        raise ConfigError("config field 'precision': fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
@@ -267,11 +261,8 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
         _start_in(out_dir, resume, overwrite, say)
     state, history = None, []
     if resume and (out_dir / LAST).exists():
-        state = load_checkpoint(out_dir / LAST)
-        config, changed = resume_config(config, state, out_dir)
-        history = list(state.get("history", [])) + ([{"resumed_at_step": state["step"], "changed": changed}] if changed else [])
-        say(f"resuming from {out_dir / LAST} at step {state['step']}"
-            + "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+        state, config, history, message = resume_from(out_dir, config)
+        say(message)
 
     # the student first: teachers frame their targets by the student that was built
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
@@ -293,7 +284,7 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     augments = [registry.build("augment", a.name, a.options, sample_rate=config.data.sample_rate).to(device) for a in config.augment]
 
     # heads, loss, optimizer
-    final_dim = config.loss.final_dim or (128 if config.model.preset == "330m" else 64)
+    final_dim = config.loss.final_dim or PRESET_FINAL_DIMS[config.model.preset]
     heads = TargetHeads(specs, student.embed_dim, final_dim, config.loss.logit_temperature)
     if state is None and config.model.init_from is not None:
         from mert_core.init_from import init_student
@@ -317,14 +308,8 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     step = 0
     counters = {"audio_seconds": 0.0, "bad_steps": 0, "elapsed_seconds": 0.0, "data_wait_seconds": 0.0, "skipped_files": {}}
     if state is not None:
-        model.load_state_dict({**_prefixed("student.", state["student"]), **_prefixed("heads.", state["heads"])})
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        counters.update(state["counters"])
-        for name, t in teachers.items():  # e.g. the EMA teacher's weights
-            t.load_training_state(state.get("teacher_states", {}).get(name, {}))
+        step, saved_counters = restore_training(state, model, optimizer, scaler, teachers)
+        counters.update(saved_counters)
     train_model: nn.Module = model
     if dist_info.enabled:
         # layerdrop and one-random-codebook runs leave parameters unused on some steps
@@ -342,9 +327,7 @@ def build_run(config: TrainConfig, registry: Registry | None, resume: bool, prog
     # which would shift a resumed run's dropout stream by one draw.
     torch.manual_seed(config.seed + 1 + dist_info.rank)  # dropout/layerdrop stream, distinct per rank
     if state is not None:
-        torch.set_rng_state(state["rng"]["torch"][dist_info.rank % len(state["rng"]["torch"])])
-        if device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state(state["rng"]["cuda"][dist_info.rank % len(state["rng"]["cuda"])])
+        restore_rng(state, dist_info.rank, device)
     return Run(
         config=config, registry=registry, dist_info=dist_info, device=device, say=say, out_dir=out_dir,
         manifest=manifest, usable=usable, teachers=teachers, specs=specs, label_stores=label_stores, augments=augments,
@@ -408,7 +391,7 @@ def _build_targets(config: TrainConfig, registry: Registry, usable: list, studen
     specs = {name: t.target_spec() for name, t in teachers.items()}
     for name, spec in specs.items():
         if abs(spec.frame_rate_hz - student.geometry.frame_rate_hz) > 1e-6:
-            raise ValueError(f"teacher {name!r} delivers targets at {spec.frame_rate_hz:g} Hz; the student runs at {student.geometry.frame_rate_hz:g} Hz")
+            raise PluginError(f"teacher {name!r} delivers targets at {spec.frame_rate_hz:g} Hz; the student runs at {student.geometry.frame_rate_hz:g} Hz")
     for t in teachers.values():
         t.to(device).eval()
     label_stores = {}
@@ -645,13 +628,12 @@ def student_targets(teacher: Teacher, wave: torch.Tensor, num_frames: int, geome
     """One teacher's targets for ``wave`` (``B, S``), frame ``t`` for the student's frame ``t``
     (trimmed or padded to ``num_frames`` by :func:`align_targets`).
 
-    Teachers frame audio on the paper student's grid (400-sample frames at ``t * hop``);
-    a student with a longer receptive field has its first frame ``geometry.lead_frames``
-    later, so that many leading targets are dropped.
-    A teacher that ``follows_student`` is already in the student's frames.
+    A teacher makes its targets on ``teacher.grid`` (the paper's 400-sample frames, or the
+    student's own for a teacher that follows it); the leading ones before the student's
+    first frame (``geometry.shift_from(teacher.grid).lead_frames``) are dropped.
     With ``store`` (a ``LabelStore``), the stored labels of ``paths`` at ``offsets``.
     """
-    lead = 0 if teacher.follows_student else geometry.lead_frames
+    lead = geometry.shift_from(teacher.grid).lead_frames
     if store is not None:
         stored = store.targets(paths, offsets, num_frames, lead).to(wave.device)
         return teacher.targets_from_store(stored, generator=generator)
@@ -665,7 +647,7 @@ def _targets(run: Run, batch: dict[str, Any], wave: torch.Tensor, num_frames: in
     with torch.no_grad():
         for name, teacher in run.teachers.items():
             t = student_targets(teacher, wave, num_frames, geometry, run.label_stores.get(name), batch["paths"], batch["offsets"], generator)
-            trailing = 0 if teacher.follows_student else geometry.trailing_frames
+            trailing = geometry.shift_from(teacher.grid).trailing_frames
             targets[name], have = align_targets(name, t, num_frames, run.specs[name], batch["paths"], trailing)
             valid_frames = min(valid_frames, have)
     return targets, valid_frames
@@ -932,23 +914,23 @@ def _save(run: Run, step: int, counters: dict, run_start: float, rng: dict, stre
     ``streams``: every rank's shard-stream state (None for folders)."""
     config, model, out_dir = run.config, run.model, run.out_dir
     counters = {**counters, "elapsed_seconds": time.perf_counter() - run_start}
-    state = {
-        "step": step,
-        "config": config.model_dump(mode="json"),
-        "model_args": model.student.args,
-        "student": model.student.state_dict(),
-        "heads": model.heads.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
-        "rng": rng,
-        "counters": counters,
-        "plugin_versions": run.registry.versions(),
-        "teacher_hashes": {name: t.config_hash() for name, t in run.teachers.items()},
-        "teacher_states": {name: t.training_state() for name, t in run.teachers.items() if t.follows_student},
-        "world_size": len(rng["torch"]),
-        "history": run.history,  # changes made on resume, e.g. a lowered optim.lr
-        "data_stream": streams,  # where each rank's shard stream stands (its batches are not a function of the step)
-    }
+    state = TrainingState(
+        step=step,
+        config=config.model_dump(mode="json"),
+        model_args=model.student.args,
+        student=model.student.state_dict(),
+        heads=model.heads.state_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {},
+        rng=rng,
+        counters=counters,
+        plugin_versions=run.registry.versions(),
+        teacher_hashes={name: t.config_hash() for name, t in run.teachers.items()},
+        teacher_states={name: t.training_state() for name, t in run.teachers.items() if t.follows_student},
+        world_size=len(rng["torch"]),
+        history=run.history,
+        data_stream=streams,
+    ).as_dict()
     ckpt_dir = out_dir / "checkpoints"
     numbered = ckpt_dir / f"step_{step:08d}.pt"
     save_checkpoint(state, numbered)
@@ -958,6 +940,4 @@ def _save(run: Run, step: int, counters: dict, run_start: float, rng: dict, stre
     save_student(model.student, out_dir / STUDENT_FILE, config.model_dump(mode="json"))
 
 
-def _prefixed(prefix: str, sd: dict) -> dict:
-    return {prefix + k: v for k, v in sd.items()}
 

@@ -95,3 +95,58 @@ def test_version_names_the_distribution_torch_and_torchaudio():
     assert line.startswith(f"mert-toolkit {metadata.version('mert-toolkit')} (")
     # metadata gives "2.4.1" where torch.__version__ may say "2.4.1+cpu"
     assert f"torch {torch.__version__.split('+')[0]}" in line and f"torchaudio {torchaudio.__version__.split('+')[0]}" in line
+
+
+def test_every_user_facing_error_is_one_line_with_its_exit_code_and_a_bug_is_not():
+    import inspect
+
+    from mert_cli.errors import one_line
+    from mert_core import errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.MertError)]
+    assert {"AudioError", "ExportError", "TrainingError", "ConfigError", "CheckpointError"} <= {c.__name__ for c in classes}
+    for cls in classes:
+        error = one_line(cls("file x.wav: what to do"))
+        assert error is not None and error.exit_code == cls.exit_code == (2 if issubclass(cls, errors.BadInputError) else 1), cls
+        assert error.format_message() == "file x.wav: what to do"
+    for bug in (ValueError("x"), KeyError("x"), RuntimeError("x"), TypeError("x"), AttributeError("x")):
+        assert one_line(bug) is None, bug  # a bug keeps its traceback
+
+
+BUGGY_TEACHER = '''
+from mert_core.fitting import FittedTeacherOptions
+from mert_core.hookspecs import hookimpl
+from mert_core.teacher import Teacher, TargetSpec
+
+class BuggyOptions(FittedTeacherOptions):
+    pass
+
+class Buggy(Teacher):
+    name = "buggy"
+    description = "a teacher whose fit has a bug"
+    fittable = True
+    Options = BuggyOptions
+    def target_spec(self):
+        return TargetSpec(kind="continuous", dim=2, frame_rate_hz=self.frame_rate_hz)
+    def needs_fit(self):
+        return True
+    def fit(self, files, out_file, *, seed=0, device=None, progress=True):
+        return {}["centroids"]  # a bug inside the plugin
+
+@hookimpl
+def register_teachers(register):
+    register(Buggy)
+'''
+
+
+def test_a_bug_inside_a_plugin_keeps_its_traceback_and_a_user_error_is_one_line(make_dist, music_dir, tmp_path, monkeypatch):
+    import mert_core.registry
+
+    make_dist("buggy-teacher", "0.1", {"buggy": "buggy_teacher"}, {"buggy_teacher": BUGGY_TEACHER})
+    monkeypatch.setattr(mert_core.registry, "_DEFAULT", None)  # load the fake distribution too
+    result = run("teacher", "fit", "buggy", "--data", str(music_dir), "--out", str(tmp_path / "t.safetensors"))
+    assert isinstance(result.exception, KeyError) and "centroids" in str(result.exception), result.output  # not turned into SystemExit
+    assert result.exc_info[2] is not None and "Error:" not in result.output
+    user = run("teacher", "fit", "buggy", "--data", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "t.safetensors"))
+    assert user.exit_code == 2 and "Traceback" not in user.output, user.output
+    assert len([line for line in user.output.splitlines() if line.startswith("Error:")]) == 1

@@ -83,3 +83,18 @@ def test_a_click_is_the_target_of_the_student_frame_that_is_centred_on_it(preset
         peak = int(t[:, -48:].sum(1).argmax())
         nearest = round((p - g.receptive_field / 2) / g.hop_samples)
         assert abs(peak - nearest) <= 1, (preset, p, peak, nearest)
+
+
+def test_a_teacher_makes_targets_on_the_target_grid_unless_it_follows_the_student():
+    from mert_core.geometry import TARGET_GRID, GridShift
+    from mert_core.registry import default_registry
+
+    cpu = FrameGeometry(24000, 320, 1840)
+    cqt = default_registry().build("teacher", "cqt", {}, geometry=cpu)
+    ema = default_registry().build("teacher", "ema", {}, geometry=cpu)
+    assert cqt.geometry == cpu and cqt.grid == TARGET_GRID == cpu.target_grid
+    assert ema.grid == cpu
+    assert cpu.shift_from(cqt.grid) == GridShift(cpu.lead_frames, cpu.trailing_frames) == GridShift(2, 3)
+    assert cpu.shift_from(ema.grid) == GridShift(0, 0)
+    with pytest.raises(ValueError, match="hop must agree"):
+        cpu.shift_from(FrameGeometry(16000, 320, 400))

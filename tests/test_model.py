@@ -416,3 +416,10 @@ def test_presets_follow_the_spec():
         assert args["conv_channels"] == 512 and not args["conv_bias"] and args["extractor_norm"] == "group"
         assert (args["pos_conv_kernel"], args["pos_conv_groups"]) == (128, 16)
         assert math.prod(args["conv_strides"]) == 320
+
+
+def test_every_preset_names_its_head_projection_size():
+    from mert_core.model import PRESET_FINAL_DIMS, PRESETS
+
+    assert set(PRESET_FINAL_DIMS) == set(PRESETS)
+    assert (PRESET_FINAL_DIMS["95m"], PRESET_FINAL_DIMS["330m"]) == (64, 128)  # MERT base / large

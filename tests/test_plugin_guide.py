@@ -48,10 +48,11 @@ from pydantic import Field
 
 from mert_core.hookspecs import hookimpl
 from mert_core.tasks import Example, Task, TaskOptions, check_dir
-from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher, TeacherOptions
+from mert_core.fitting import FittedTeacherOptions
+from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher
 
 
-class EnergyOptions(TeacherOptions):
+class EnergyOptions(FittedTeacherOptions):
     teacher_file: Path | None = Field(None, description="Fitted energy bin edges (JSON) written by fit().")
     num_classes: int = Field(4, ge=2, description="Energy bins per frame.")
     record: Path | None = Field(None, description="Where to append what the core handed the teacher (JSON lines).")
@@ -61,6 +62,7 @@ class EnergyTeacher(Teacher):
     name = "guide-energy"
     description = "Frame energy quantised into fitted bins, one random codebook of two per batch"
     Options = EnergyOptions
+    fittable = True
 
     def __init__(self, options, geometry):
         super().__init__(options, geometry)
@@ -74,7 +76,7 @@ class EnergyTeacher(Teacher):
                 f.write(json.dumps(what) + "\\n")
 
     def _energy(self, wave):
-        g = self.geometry
+        g = self.grid  # the grid targets are made on (the student's frames are the core's business)
         if wave.shape[1] < g.receptive_field:
             return wave.new_zeros(wave.shape[0], 0)
         frames = wave.float().unfold(1, g.receptive_field, g.hop_samples)  # B, T, receptive field

@@ -265,3 +265,28 @@ def test_the_cpu_recipe_uses_the_cpu_student():
     assert config.model.preset == "cpu" and config.loss.feature_penalty == 0.0
     assert [t.name for t in config.teachers] == ["kmeans-logmel-chroma", "cqt"]
     assert config.teachers[0].options == {"combine": "separate"} and config.optim.max_steps == 2000
+
+
+def test_the_resumable_fields_are_config_fields_and_a_resume_uses_the_value_the_table_says(tmp_path):
+    from mert_core.checkpoint import RESUMABLE_FIELDS, resume_config
+    from mert_core.errors import ConfigError
+
+    def config(*overrides):
+        return api.make_train_config(teachers=["cqt"], preset="tiny", data=[tmp_path], out_dir=tmp_path / "run", max_steps=4,
+                                     overrides=list(overrides))
+
+    saved = config("model.init_from_hash=abc")
+    flat = saved.model_dump(mode="json")
+    for key in RESUMABLE_FIELDS:  # a misspelled field would never be compared
+        node = flat
+        for part in key.split("."):
+            assert part in node, key
+            node = node[part]
+    given = config("optim.lr=0.0001", "data.num_workers=3", "log_every=7", "model.init_from_hash=def")
+    resumed, changed = resume_config(given, {"config": saved.model_dump(mode="json")}, tmp_path / "run")
+    assert (resumed.optim.lr, resumed.data.num_workers, resumed.log_every) == (1e-4, 3, 7)  # "new"
+    assert resumed.model.init_from_hash == "abc" and RESUMABLE_FIELDS["model.init_from_hash"] == "saved"
+    assert changed["optim.lr"] == [saved.optim.lr, 1e-4] and changed["model.init_from_hash"] == ["abc", "def"]
+    assert resumed.model_dump(exclude={"optim", "data", "log_every"}) == saved.model_dump(exclude={"optim", "data", "log_every"})
+    with pytest.raises(ConfigError, match="config field 'mask.prob'"):
+        resume_config(config("mask.prob=0.5"), {"config": saved.model_dump(mode="json")}, tmp_path / "run")

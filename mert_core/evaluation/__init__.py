@@ -4,7 +4,8 @@
   Hugging Face HuBERT/MERT folders, the handcrafted baseline).
 - :mod:`.extract`: features of every layer, cached memory-mapped on disk.
 - :mod:`.probe`: the constrained MLP probe searched over lr and layer.
-- :mod:`.metrics`, :mod:`.beats`: scoring (tested against mir_eval / scikit-learn).
+- scoring: :mod:`mert_core.metrics`, :mod:`mert_core.beats` and :mod:`mert_core.scoring`, leaves
+  the task contract uses (tested against mir_eval / scikit-learn).
 - :mod:`.report`: table, JSON, CSV, plots.
 - :mod:`.api`: what ``mert extract / probe / eval`` call.
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from mert_core.errors import BadInputError
 from mert_core.evaluation.extract import ExtractOptions, FeatureSet, extract
 from mert_core.evaluation.probe import ProbeOptions, ProbeResult, probe
 from mert_core.evaluation.report import format_table, plot_comparison, plot_layers, result_rows, write_results
@@ -75,7 +76,7 @@ def build_upstreams(checkpoints: Iterable[str | Path] = (), baselines: Iterable[
     ups += [hf_upstream(h, device=device, **kw) for h in hf_models]
     for b in baselines:
         if b not in BASELINES:
-            raise ValueError(f"--baseline {b!r}: expected one of {', '.join(BASELINES)}")
+            raise BadInputError(f"--baseline {b!r}: expected one of {', '.join(BASELINES)}")
         if b == "random":
             students = [u for u in ups if isinstance(u, StudentUpstream)]
             if preset is not None:
@@ -83,12 +84,12 @@ def build_upstreams(checkpoints: Iterable[str | Path] = (), baselines: Iterable[
             elif students:
                 like = students[0].student
             else:
-                raise ValueError("--baseline random: no checkpoint or HF model to copy the size from; add --preset tiny|cpu|95m|330m")
+                raise BadInputError("--baseline random: no checkpoint or HF model to copy the size from; add --preset tiny|cpu|95m|330m")
             ups.append(random_upstream(like, seed=seed, device=device, **kw))
         else:
             ups.append(HandcraftedUpstream())
     if not ups:
-        raise ValueError("no upstream to evaluate: give --checkpoint, --hf-model or --baseline")
+        raise BadInputError("no upstream to evaluate: give --checkpoint, --hf-model or --baseline")
     names = [u.name for u in ups]
     for i, u in enumerate(ups):  # two checkpoints called "last" get distinct names
         if names.count(u.name) > 1:

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from mert_core.audio import AudioError, load_audio
 from mert_core.checkpoint import file_digest
+from mert_core.errors import NonFiniteFeatures  # noqa: F401 - re-exported: raised here, imported from here
 from mert_core.evaluation.upstreams import FEATURES_VERSION
 from mert_core.files import publish_folder
 from mert_core.paths import cache_root
@@ -68,10 +69,6 @@ class ExtractOptions(BaseModel):
     feature_dtype: Literal["auto", "float32", "float16"] = Field(
         "auto", description="Storage type; auto = float32 for clip-level, float16 for frame-level (halves the disk they need).")
     audio_workers: int = Field(2, ge=0, description="Threads decoding audio ahead of the model (0: decode in the main thread).")
-
-
-class NonFiniteFeatures(RuntimeError):
-    """An upstream made NaN or infinite features; the message names it, the layer and the file."""
 
 
 class _NpyAppender:

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from mert_core.errors import BadInputError
 from mert_core.evaluation.extract import FeatureSet
-from mert_core.tasks import Task
+from mert_core.tasks import PROBLEM_LEVELS, Task
 
 log = logging.getLogger("mert.evaluation")
 MARBLE_LRS = (5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2)
@@ -247,7 +248,7 @@ def _resolve_layers(options: ProbeOptions, fs: FeatureSet) -> list[int]:
         return list(range(num_layers))
     bad = [i for i in options.layers if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"probe option 'layers': {bad} out of range; this upstream has layers 0..{num_layers - 1}")
+        raise BadInputError(f"probe option 'layers': {bad} out of range; this upstream has layers 0..{num_layers - 1}")
     return list(options.layers)
 
 
@@ -427,7 +428,7 @@ def probe(task: Task, train: FeatureSet, valid: FeatureSet, test: FeatureSet, op
     started = time.time()
     device = torch.device(options.device)
     frame_level = task.level == "frame"
-    if frame_level and task.problem != "beat":
+    if frame_level and PROBLEM_LEVELS.get(task.problem) != "frame":
         raise ValueError(f"task {task.name!r}: frame-level probing supports problem 'beat' only, got {task.problem!r}")
     member_layers, member_lrs, use_weighted = _grid_members(options, train)
     names = [WEIGHTED if l is None else train.layer_names[l] for l in member_layers]

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from mert_core.errors import BadInputError
 
 log = logging.getLogger("mert.evaluation")
 
@@ -256,7 +257,7 @@ def hf_upstream(folder: str | Path, device: str = "cpu", name: str | None = None
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise ValueError(f"--hf-model {folder}: expected a Hugging Face model folder with config.json and model.safetensors "
+        raise BadInputError(f"--hf-model {folder}: expected a Hugging Face model folder with config.json and model.safetensors "
                          f"or pytorch_model.bin (save_pretrained output or a downloaded snapshot)")
     from mert_core.convert import hf_fingerprint, load_hf_hubert
 

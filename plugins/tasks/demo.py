@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from mert_core.evaluation import metrics as M
+from mert_core import metrics as M
 from mert_core.hookspecs import hookimpl
 from mert_core.tasks import BeatTaskOptions, Example, Task, TaskDataError, TaskOptions
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from mert_core.evaluation import metrics as M
+from mert_core import metrics as M
 from mert_core.hookspecs import hookimpl
 from mert_core.tasks import Example, Task, TaskDataError, TaskOptions, check_dir, check_file
 

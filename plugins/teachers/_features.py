@@ -22,10 +22,11 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from mert_core.geometry import STUDENT_GEOMETRY
+from mert_core.errors import ConfigError
+from mert_core.geometry import TARGET_GRID
 
-STUDENT_WINDOW_SAMPLES = STUDENT_GEOMETRY.receptive_field
-"""Receptive field of the student's conv stack (400: kernels 10,3,3,3,3,2,2; strides 5,2,2,2,2,2,2)."""
+STUDENT_WINDOW_SAMPLES = TARGET_GRID.receptive_field
+"""Samples of one frame of the grid targets are made on (400: the paper's conv stack), whatever the student's."""
 
 LOG_OFFSET = 1e-6
 """Added to mel energies before the log (torchaudio's MFCC uses the same)."""
@@ -35,7 +36,7 @@ def pad_for_frames(wave: torch.Tensor, n_fft: int) -> torch.Tensor:
     """Zero-pad ``(B, S)`` so an ``n_fft``-window, ``center=False`` STFT gives
     the student's frames, each window centred on its student frame."""
     if n_fft < STUDENT_WINDOW_SAMPLES:
-        raise ValueError(f"n_fft must be >= {STUDENT_WINDOW_SAMPLES} (the student's window), got {n_fft}")
+        raise ConfigError(f"n_fft must be >= {STUDENT_WINDOW_SAMPLES} (the student's window), got {n_fft}")
     extra = n_fft - STUDENT_WINDOW_SAMPLES
     return F.pad(wave, (extra // 2, extra - extra // 2))
 

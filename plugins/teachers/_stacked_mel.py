@@ -11,7 +11,7 @@ edges of a clip the first and last frames are repeated.
 
 Both teachers are fitted (:func:`measure_mel_stats` at least) into one
 self-describing safetensors file, read back with
-:func:`mert_plugins.teachers.kmeans.read_teacher_file`.
+:func:`mert_core.fitting.read_teacher_file`.
 """
 
 from __future__ import annotations
@@ -26,19 +26,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mert_core.teacher import FitQuality, TeacherOptions, write_teacher_file
+from mert_core.fitting import FitQuality, FittedTeacherOptions, SamplePlan, measure_frame_stats, plan_sample, write_teacher_file
 from mert_plugins.teachers._features import FrameFeatures, LogMelFeatures
-from mert_plugins.teachers.kmeans import SamplePlan, library_versions, measure_frame_stats, plan_sample
 
 log = logging.getLogger("mert.teachers.mel")
 
 
-class StackedMelOptions(TeacherOptions):
-    """Options shared by the teachers that quantise normalised, stacked log-mel frames."""
+class StackedMelOptions(FittedTeacherOptions):
+    """Options shared by the teachers that quantise normalised, stacked log-mel frames (fitted: ``teacher_file``)."""
 
-    teacher_file: Path | None = Field(
-        None, description="Fitted teacher (.safetensors from `mert teacher fit`); None: not fitted yet (`mert train` fits it on the training data)."
-    )
     n_mels: int = Field(128, ge=1, description="Mel bands (MusicFM and MuQ: 128).")
     n_fft: int = Field(2048, ge=400, description="STFT window (hann) centred on each student frame (MusicFM and MuQ: 2048 at 24 kHz).")
     stack_frames: int = Field(4, ge=1, description="Frames stacked into one vector: t - (k-1)//2 ... t + k//2 (BEST-RQ and MusicFM stack 4).")
@@ -127,9 +123,8 @@ def fit_sample(options: StackedMelOptions, files: list[Path], sample_rate: int, 
 
 def save_artifact(out_file: Path, artifact_format: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                   quality: Iterable[FitQuality] = ()) -> Path:
-    """Write ``tensors`` with JSON ``meta`` (plus library versions and the time) atomically, unless a
-    ``quality`` the fit measured ended worse than it started (see :func:`~mert_core.teacher.write_teacher_file`)."""
-    meta = {**meta, "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    """Write ``tensors`` (as float32) with JSON ``meta`` atomically, unless a ``quality`` the fit
+    measured ended worse than it started (see :func:`mert_core.fitting.write_teacher_file`)."""
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
     return write_teacher_file(Path(out_file), tensors, artifact_format, meta, quality, meta["teacher"])
 

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mert_core.errors import FitError
+
 BLOCK_ROWS = 65536
 """Frames per block when streaming over the cache (65536 x 768 float32 = 200 MB at most)."""
 
@@ -53,7 +55,7 @@ SEED_FRAMES_PER_CLUSTER = 20
 """k-means++ reads at most this many frames per cluster (at least 10000) of the subsample."""
 
 
-class KMeansError(ValueError):
+class KMeansError(FitError):
     """Too little data for the requested number of clusters, or similar."""
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from mert_core.errors import NotFittedError, TeacherFileError
+from mert_core.fitting import adopt_settings, artifact_header, centroid_digest, check_artifact_header, read_teacher_file
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import TargetSpec, Teacher
@@ -35,15 +37,6 @@ from mert_plugins.teachers._stacked_mel import (
     measure_mel_stats,
     module_device,
     save_artifact,
-)
-from mert_plugins.teachers.kmeans import (
-    NotFittedError,
-    TeacherFileError,
-    adopt_settings,
-    artifact_header,
-    centroid_digest,
-    check_artifact_header,
-    read_teacher_file,
 )
 
 log = logging.getLogger("mert.teachers.best_rq")
@@ -79,6 +72,7 @@ class BestRQTeacher(Teacher):
 
     name = "best-rq"
     description = "BEST-RQ: random projection + random codebook (8192 x 16) of normalised stacked log-mel frames (MusicFM's teacher)"
+    fittable = True
     Options: ClassVar = BestRQOptions
 
     def __init__(self, options: BestRQOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
@@ -156,7 +150,7 @@ class BestRQTeacher(Teacher):
         projection, codebook = random_quantizers(o.num_codebooks, self.features.dim, o.codebook_dim, o.codebook_size, seed)
         plan.unusable.update(failures)
         meta = {
-            **artifact_header(self, ARTIFACT_FORMAT, ARTIFACT_VERSION),
+            **artifact_header(self, ARTIFACT_FORMAT, ARTIFACT_VERSION, self.feature_settings()),
             "seed": seed,
             "shapes": {"projection": list(projection.shape), "codebook": list(codebook.shape)},
             "stats_frames": frames,

@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from mert_core.errors import ConfigError, NotFittedError, TeacherFileError
+from mert_core.fitting import FittedTeacherOptions, measure_frame_stats, plan_sample, write_teacher_file
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
-from mert_core.teacher import TargetSpec, Teacher, TeacherOptions, write_teacher_file
+from mert_core.teacher import TargetSpec, Teacher
 
 log = logging.getLogger("mert.teachers.cqt")
 
@@ -41,7 +43,7 @@ MAX_FRAMES_PER_CHUNK = 2048
 which bounds memory and the number of cached kernel sets."""
 
 
-class CQTOptions(TeacherOptions):
+class CQTOptions(FittedTeacherOptions):
     fmin_hz: float = Field(32.7, gt=0, description="Centre frequency of the lowest bin in Hz (the MERT paper: 32.7 Hz, C1).")
     n_bins: int = Field(336, ge=1, description="Number of CQT bins = target size (the MERT paper: 336 = 7 octaves x 48).")
     bins_per_octave: int = Field(48, ge=1, description="Bins per octave (the MERT paper: 48).")
@@ -134,7 +136,7 @@ def checked_frequencies(sample_rate: int, fmin_hz: float, n_bins: int, bins_per_
     """:func:`cqt_frequencies`, refused unless the top bin lies below the Nyquist frequency."""
     freqs_hz = cqt_frequencies(fmin_hz, n_bins, bins_per_octave)
     if freqs_hz[-1] >= sample_rate / 2:
-        raise ValueError(
+        raise ConfigError(
             f"cqt options: the top bin ({freqs_hz[-1]:.1f} Hz from fmin_hz={fmin_hz}, n_bins={n_bins}, "
             f"bins_per_octave={bins_per_octave}) must lie below the Nyquist frequency ({sample_rate / 2:g} Hz); "
             f"lower n_bins or fmin_hz"
@@ -240,7 +242,7 @@ class FastCQT(torch.nn.Module):
         if num_frames == 0 or batch == 0:
             return x.new_zeros((batch, self.n_bins, num_frames))
         if self.pad_mode == "reflect" and samples <= pad:
-            raise ValueError(
+            raise ConfigError(
                 f"cqt: pad_mode='reflect' needs clips longer than {pad} samples "
                 f"({pad / self.sample_rate:.2f} s, half the lowest bin's kernel), got {samples}; "
                 f"use pad_mode='constant' (MERT's choice) or longer clips"
@@ -324,6 +326,7 @@ class CQTTeacher(Teacher):
     name = "cqt"
     description = "Constant-Q spectrum of the clean audio, 336 bins at 75 Hz, MSE target (MERT's musical teacher)"
     Options = CQTOptions
+    fittable = True  # with normalize='per-bin'
 
     def __init__(self, options: CQTOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
         super().__init__(options, geometry)
@@ -357,8 +360,6 @@ class CQTTeacher(Teacher):
             progress: show a progress bar.
             device: where to compute the CQT (default: the teacher's device).
         """
-        from mert_plugins.teachers.kmeans import measure_frame_stats, plan_sample
-
         device = torch.device(device) if device is not None else self.bin_mean.device
         plan = plan_sample(files, self.sample_rate, 5.0, 1.0, self.options.stats_hours, seed, progress)
         mean, std, frames, _ = measure_frame_stats(self._compressed, plan, self.sample_rate, 8, device, "cqt", progress, min_std=1e-6)
@@ -375,19 +376,19 @@ class CQTTeacher(Teacher):
         from safetensors.torch import load_file
 
         if not path.is_file():
-            raise ValueError(f"teacher 'cqt' option teacher_file {path}: no such file; fit it with `mert teacher fit cqt --set normalize=per-bin --data AUDIO --out {path}`")
+            raise TeacherFileError(f"teacher 'cqt' option teacher_file {path}: no such file; fit it with `mert teacher fit cqt --set normalize=per-bin --data AUDIO --out {path}`")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get(STATS_FORMAT, "null"))
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"teacher 'cqt' option teacher_file {path}: cannot read it ({exc}); fit it again") from None
+            raise TeacherFileError(f"teacher 'cqt' option teacher_file {path}: cannot read it ({exc}); fit it again") from None
         if meta is None or set(tensors) != {"bin_mean", "bin_std"}:
-            raise ValueError(f"teacher 'cqt' option teacher_file {path}: not a file of CQT per-bin statistics; fit one with `mert teacher fit cqt`")
+            raise TeacherFileError(f"teacher 'cqt' option teacher_file {path}: not a file of CQT per-bin statistics; fit one with `mert teacher fit cqt`")
         mine = self._stats_settings()
         for key, value in mine.items():
             if meta.get(key) != value:
-                raise ValueError(f"teacher 'cqt' option teacher_file {path}: measured with {key}={meta.get(key)!r}, this run uses {value!r}; fit it again for this run")
+                raise TeacherFileError(f"teacher 'cqt' option teacher_file {path}: measured with {key}={meta.get(key)!r}, this run uses {value!r}; fit it again for this run")
         self.bin_mean.copy_(tensors["bin_mean"])
         self.bin_std.copy_(tensors["bin_std"])
 
@@ -434,7 +435,7 @@ class CQTTeacher(Teacher):
         mag = self._compressed(wave)
         if self.options.normalize == "per-bin":
             if self.needs_fit():
-                raise ValueError("teacher 'cqt' with normalize='per-bin' has no statistics: pass option teacher_file (made by `mert teacher fit cqt`)")
+                raise NotFittedError("teacher 'cqt' with normalize='per-bin' has no statistics: pass option teacher_file (made by `mert teacher fit cqt`)")
             mag = (mag - self.bin_mean) / self.bin_std
         return mag.contiguous()
 

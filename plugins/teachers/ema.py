@@ -26,6 +26,7 @@ import copy
 import torch
 from pydantic import Field
 
+from mert_core.errors import CheckpointError, PluginError
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import TargetSpec, Teacher, TeacherOptions
 
@@ -60,7 +61,7 @@ class EMATeacher(Teacher):
 
     def target_spec(self) -> TargetSpec:
         if self.transformer is None:
-            raise ValueError("teacher 'ema' follows the student being trained: it has targets only inside `mert train` "
+            raise PluginError("teacher 'ema' follows the student being trained: it has targets only inside `mert train` "
                              "(no `mert teacher label`, no label store)")
         return TargetSpec(kind="continuous", dim=self.student.embed_dim, frame_rate_hz=self.frame_rate_hz, default_weight=1.0)
 
@@ -93,7 +94,7 @@ class EMATeacher(Teacher):
 
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
         if not state:
-            raise ValueError("teacher 'ema': the checkpoint holds no EMA weights; it was written by a run without this teacher")
+            raise CheckpointError("teacher 'ema': the checkpoint holds no EMA weights; it was written by a run without this teacher")
         self.transformer.load_state_dict({k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")})
         self.last_step.fill_(int(state["last_step"]))
 

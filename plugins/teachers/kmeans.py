@@ -22,33 +22,30 @@ import itertools
 import json
 import logging
 import math
-import platform
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 from pydantic import Field
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
 from torch import nn
-from tqdm.auto import tqdm
 
-from mert_core import library_versions
+from mert_core import fitting
+from mert_core.errors import FitError, NotFittedError, TeacherFileError  # noqa: F401 - re-exported: the fit errors, raised here
+from mert_core.fitting import (  # noqa: F401 - SamplePlan, Chunk, sample_batches: re-exported for older imports
+    Chunk, FitQuality, FittedTeacherOptions, SamplePlan, adopt_settings, artifact_header, centroid_digest, check_artifact_header,
+    measure_frame_stats, plan_sample, read_ahead, sample_batches, write_teacher_file,
+)
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
-from mert_core.runconfig import ConfigError
-from mert_core.teacher import FitQuality, TargetSpec, Teacher, TeacherOptions, write_teacher_file
+from mert_core.teacher import TargetSpec, Teacher
 from mert_plugins.teachers._features import (
     ChromaFeatures,
     FrameFeatures,
     HiddenStateFeatures,
     LogMelFeatures,
     MFCCFeatures,
-    STUDENT_WINDOW_SAMPLES,
 )
 from mert_plugins.teachers._streaming_kmeans import (
     TYPICAL_PASSES, Codebook, FeatureCache, KMeansResult, estimate_seconds, fit_kmeans, fit_minibatch_kmeans,
@@ -60,15 +57,6 @@ ARTIFACT_FORMAT = "mert-kmeans-teacher"
 ARTIFACT_VERSION = 1
 
 
-class TeacherFileError(ConfigError):
-    """A fitted teacher file that is missing, unreadable or does not fit the options
-    (a bad ``teacher_file`` option: the CLI reports it in one line with exit code 2)."""
-
-
-class NotFittedError(ValueError):
-    """Targets were asked of a k-means teacher that has no centroids yet."""
-
-
 # -- options ------------------------------------------------------------------------
 
 
@@ -77,12 +65,9 @@ DEFAULT_SAMPLE_HOURS = 4.0
 cluster at K = 500 (fairseq's HuBERT recipe fits on 10 % of the corpus)."""
 
 
-class KMeansFitOptions(TeacherOptions):
-    """Options shared by the k-means teachers: where the fit is, and how to make one."""
+class KMeansFitOptions(FittedTeacherOptions):
+    """Options shared by the k-means teachers: where the fit is (``teacher_file``), and how to make one."""
 
-    teacher_file: Path | None = Field(
-        None, description="Fitted teacher (.safetensors from `mert teacher fit`); None: not fitted yet (`mert train` fits it on the training data)."
-    )
     sample_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the audio to fit on, drawn at random in chunks (seeded).")
     sample_hours: float | None = Field(
         DEFAULT_SAMPLE_HOURS, gt=0,
@@ -148,286 +133,12 @@ class HiddenOptions(KMeansFitOptions):
 # -- the fit sample -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Chunk:
-    path: str
-    offset_samples: int
-    num_samples: int
-
-
-@dataclass
-class SamplePlan:
-    """Which chunks of which files a fit reads."""
-
-    chunks: list[Chunk]
-    total_files: int
-    total_hours: float
-    sample_hours: float
-    unusable: dict[str, str]
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready: every file with its sampled spans ``[offset_seconds, seconds]``
-        (adjacent chunks merged)."""
-        spans: dict[str, list[list[float]]] = {}
-        for c in self.chunks:  # sorted by file and offset
-            rows = spans.setdefault(c.path, [])
-            if rows and rows[-1][2] == c.offset_samples:
-                rows[-1][2] = c.offset_samples + c.num_samples
-            else:
-                rows.append([c.path, c.offset_samples, c.offset_samples + c.num_samples])
-        return {
-            "total_files": self.total_files,
-            "total_hours": self.total_hours,
-            "sample_hours": self.sample_hours,
-            "num_chunks": len(self.chunks),
-            "num_files": len(spans),
-            "unusable_files": self.unusable,
-            "spans_samples": {p: [[a, b] for _, a, b in rows] for p, rows in spans.items()},
-        }
-
-
-def plan_sample(
-    files: list[str | Path],
-    sample_rate: int,
-    chunk_seconds: float,
-    sample_fraction: float,
-    sample_hours: float | None,
-    seed: int,
-    progress: bool = True,
-) -> SamplePlan:
-    """Draw the chunks a fit reads: every file cut into ``chunk_seconds`` pieces,
-    shuffled with ``seed``, taken until the fraction (or the hours bound) is reached.
-    Shards among ``files`` are first sampled whole, within the same bound, into
-    local files (:func:`mert_core.shards.local_sample`): a fit never reads the whole corpus."""
-    from mert_core.data import scan_audio
-    from mert_core.shards import local_sample
-
-    files = local_sample(files, sample_hours, sample_fraction, seed)
-    manifest = scan_audio([Path(f) for f in files], progress=progress)
-    chunk = max(1, round(chunk_seconds * sample_rate))
-    candidates = []
-    for f in manifest.files:
-        n = f.num_samples(sample_rate)
-        for start in range(0, n, chunk):
-            length = min(chunk, n - start)
-            if length >= STUDENT_WINDOW_SAMPLES:  # at least one student frame
-                candidates.append(Chunk(f.path, start, length))
-    total = sum(c.num_samples for c in candidates)
-    if not candidates:
-        raise ValueError(
-            f"no usable audio to fit on: {len(manifest.files)} readable files, {len(manifest.skipped)} unreadable "
-            f"(e.g. {next(iter(manifest.skipped.items()), ('-', '-'))}); pass folders of wav/flac/ogg/mp3 files"
-        )
-    target = sample_fraction * total
-    if sample_hours is not None:
-        target = min(target, sample_hours * 3600 * sample_rate)
-    order = np.random.default_rng(seed).permutation(len(candidates))
-    chosen, have = [], 0
-    for i in order:
-        if have >= target:
-            break
-        chosen.append(candidates[i])
-        have += candidates[i].num_samples
-    chosen.sort(key=lambda c: (c.path, c.offset_samples))  # read files in order: much faster than random seeks
-    hours = 1 / (3600 * sample_rate)
-    return SamplePlan(chosen, len(manifest.files), total * hours, have * hours, dict(manifest.skipped))
-
-
-def measure_frame_stats(
-    features: Callable[[torch.Tensor], torch.Tensor], plan: SamplePlan, sample_rate: int, batch_size: int, device: torch.device,
-    name: str, progress: bool = True, min_std: float = 1e-5,
-) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, str]]:
-    """Per-dimension mean and std of ``features(wave)`` frames over the chunks of ``plan``.
-
-    Args:
-        features: ``(B, S)`` waves -> ``(B, T, D)`` frames.
-        min_std: the std is at least this (constant bins stay finite after standardising).
-
-    Returns:
-        ``(mean, std, frames, failures)``: ``(D,)`` float32 each, the frames
-        measured, and the files that failed to decode.
-
-    Raises:
-        ValueError: fewer than 2 frames could be read.
-    """
-    total = total_sq = None
-    frames = 0
-    failures: dict[str, str] = {}
-    for _, batch in sample_batches(plan, sample_rate, batch_size, device, failures, f"{name}: statistics", progress):
-        with torch.no_grad():
-            x = features(batch)
-            x = x.reshape(-1, x.shape[-1]).double().cpu()  # float64 sums: hours of frames
-        total = x.sum(0) if total is None else total + x.sum(0)
-        total_sq = x.square().sum(0) if total_sq is None else total_sq + x.square().sum(0)
-        frames += x.shape[0]
-    if frames < 2:
-        raise ValueError(f"{name}: no readable audio to measure per-bin statistics on ({len(plan.chunks)} chunks, "
-                         f"{len(failures)} unreadable files); check --data")
-    mean = total / frames
-    std = (total_sq / frames - mean.square()).clamp(min=0).sqrt().clamp(min=min_std)
-    return mean.float(), std.float(), frames, failures
-
-
-def sample_batches(
-    plan: SamplePlan, sample_rate: int, batch_size: int, device: torch.device, failures: dict[str, str], name: str, progress: bool = True
-) -> Iterator[tuple[list[Chunk], torch.Tensor]]:
-    """Read the chunks of ``plan``, ``batch_size`` at a time, as batches of equal length.
-
-    A file that fails to decode is logged, recorded in ``failures`` (path ->
-    error) and skipped from then on. Chunks are decoded ahead on threads
-    (:func:`_read_ahead`); batches come in plan order all the same.
-
-    Yields:
-        ``(chunks, waves)``: the chunks read and their ``(b, S)`` float32
-        waveforms on ``device``.
-    """
-    bar = tqdm(total=len(plan.chunks), desc=f"{name}: features", unit="chunk", disable=not progress)
-    reads = _read_ahead(plan.chunks, sample_rate, ahead=2 * batch_size)
-    while group := list(itertools.islice(reads, batch_size)):
-        waves, kept = [], []
-        for c, wave in group:
-            if c.path in failures:
-                continue
-            if isinstance(wave, Exception):
-                failures[c.path] = str(wave)
-                log.warning("%s: skipping %s", name, wave)
-                continue
-            waves.append(wave)
-            kept.append(c)
-        bar.update(len(group))
-        for length in sorted({len(w) for w in waves}):  # a short read (file shorter than its header) gets its own batch
-            same = [i for i, w in enumerate(waves) if len(w) == length]
-            yield [kept[i] for i in same], torch.from_numpy(np.stack([waves[i] for i in same])).to(device)
-    bar.close()
-
-
-def _read_ahead(chunks: list[Chunk], sample_rate: int, ahead: int) -> Iterator[tuple[Chunk, np.ndarray | Exception]]:
-    """``(chunk, wave)`` for every chunk in order, or ``(chunk, AudioError)``
-    for one that fails; up to ``ahead`` chunks are decoded in advance on as
-    many threads as torch uses. libsndfile and soxr release the GIL, so
-    decoding (3/4 of a k-means fit's feature time on Ogg music) runs on every
-    core and beside the feature computation: reading 40 chunks of game music
-    took 0.32 s on 2 threads against 0.69 s in the main thread."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mert_core.audio import AudioError, read_crop
-
-    def read(c: Chunk) -> np.ndarray | Exception:
-        try:
-            return read_crop(c.path, sample_rate, c.offset_samples, c.num_samples)
-        except AudioError as exc:
-            return exc
-
-    pending: deque = deque()
-    todo = iter(chunks)
-    with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="mert-read") as pool:
-        for c in itertools.islice(todo, max(1, ahead)):
-            pending.append((c, pool.submit(read, c)))
-        while pending:
-            c, future = pending.popleft()
-            following = next(todo, None)
-            if following is not None:
-                pending.append((following, pool.submit(read, following)))
-            yield c, future.result()
-
-
-# -- the artifact ---------------------------------------------------------------------
-
-
 def read_teacher_file(
     path: str | Path, artifact_format: str = ARTIFACT_FORMAT, format_version: int = ARTIFACT_VERSION
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a fitted teacher: ``(metadata, tensors)``; for k-means ``{"centroids.<stream>": (K, D)}``.
-
-    Args:
-        path: the ``.safetensors`` artifact.
-        artifact_format: the metadata key that names the kind of teacher file.
-        format_version: the version this code reads.
-
-    Raises:
-        TeacherFileError: missing, unreadable, or not a file of ``artifact_format``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TeacherFileError(f"teacher_file {path}: no such file; fit one with `mert teacher fit NAME --data AUDIO --out {path}`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(artifact_format)
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise TeacherFileError(f"teacher_file {path}: cannot read it as safetensors ({exc}); re-run `mert teacher fit`") from None
-    if raw is None:
-        raise TeacherFileError(f"teacher_file {path}: a safetensors file without {artifact_format!r} metadata, not a fitted {artifact_format} file")
-    try:
-        meta = json.loads(raw)
-    except ValueError as exc:
-        raise TeacherFileError(f"teacher_file {path}: its {artifact_format!r} metadata is not valid JSON ({exc}); re-run `mert teacher fit`") from None
-    if not isinstance(meta, dict):
-        raise TeacherFileError(f"teacher_file {path}: its {artifact_format!r} metadata is not a JSON object; re-run `mert teacher fit`")
-    if meta.get("format_version") != format_version:
-        raise TeacherFileError(
-            f"teacher_file {path}: format version {meta.get('format_version')}, this mert reads {format_version}; refit it with this version"
-        )
-    return meta, tensors
-
-
-def artifact_header(teacher: Teacher, fmt: str, version: int) -> dict[str, Any]:
-    """The fields every fitted teacher file starts with (what :func:`check_artifact_header` reads back)."""
-    return {
-        "format": fmt,
-        "format_version": version,
-        "teacher": teacher.name,
-        "sample_rate": teacher.sample_rate,
-        "hop_samples": teacher.hop_samples,
-        "frame_rate_hz": teacher.frame_rate_hz,
-        "features": teacher.feature_settings(),
-    }
-
-
-def check_artifact_header(meta: dict[str, Any], path: str | Path | None, teacher: str, sample_rate: int, hop_samples: int) -> None:
-    """Refuse a teacher file fitted for another teacher, sample rate or hop.
-
-    Raises:
-        TeacherFileError: naming the file, both values and what to do.
-    """
-    if meta.get("teacher") != teacher:
-        raise TeacherFileError(
-            f"teacher_file {path}: fitted for teacher {meta.get('teacher')!r}, not {teacher!r}; use it with that teacher or fit one for {teacher!r}"
-        )
-    for key, mine in (("sample_rate", sample_rate), ("hop_samples", hop_samples)):
-        if meta.get(key) != mine:
-            raise TeacherFileError(f"teacher_file {path}: fitted at {key}={meta.get(key)}, this run uses {mine}; refit it for this run")
-
-
-def adopt_settings(options: TeacherOptions, fitted: dict[str, Any], overridable: set[str] = frozenset()) -> TeacherOptions:
-    """``options`` with the settings a teacher file was fitted with.
-
-    An option the user set explicitly to another value than the file's is an
-    error naming it, unless it is in ``overridable``.
-
-    Raises:
-        TeacherFileError: an explicit option disagrees with the file.
-    """
-    given = options.model_dump(mode="json")
-    for key in sorted(options.model_fields_set & set(fitted)):
-        if given[key] != fitted[key] and key not in overridable:
-            raise TeacherFileError(
-                f"option {key}={given[key]!r}, but teacher_file {options.teacher_file} was fitted with {key}={fitted[key]!r}; "
-                f"drop the option or refit with it"
-            )
-    update = {k: v for k, v in fitted.items() if k in type(options).model_fields and k not in options.model_fields_set}
-    return type(options)(**{**options.model_dump(), **update})
-
-
-def centroid_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of the centroids' names, shapes and bytes."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().float().contiguous().cpu()
-        h.update(f"{name}:{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    """Read a fitted k-means teacher: ``(metadata, tensors)`` with ``{"centroids.<stream>": (K, D)}``
+    (:func:`mert_core.fitting.read_teacher_file` with this teacher's format)."""
+    return fitting.read_teacher_file(path, artifact_format, format_version)
 
 
 # -- the teachers -----------------------------------------------------------------------
@@ -442,6 +153,7 @@ class KMeansTeacher(Teacher):
     """
 
     Options: ClassVar[type[KMeansFitOptions]] = KMeansFitOptions
+    fittable = True
 
     def __init__(self, options: KMeansFitOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
         super().__init__(options, geometry)
@@ -590,7 +302,7 @@ class KMeansTeacher(Teacher):
             for ext in self.extractors.values():  # warm-up
                 ext(torch.zeros(1, chunk // 4, device=device))
             t0, seconds = time.perf_counter(), 0.0
-            for _, wave in _read_ahead(picked, self.sample_rate, ahead=len(picked)):  # read as the fit reads
+            for _, wave in read_ahead(picked, self.sample_rate, ahead=len(picked)):  # read as the fit reads
                 if isinstance(wave, Exception):
                     continue  # the fit will skip and name it
                 for ext in self.extractors.values():
@@ -658,7 +370,7 @@ class KMeansTeacher(Teacher):
         plan.unusable.update(read_failures)
         tensors = {f"centroids.{name}": r.centroids.contiguous() for name, r in results.items()}
         meta = {
-            **artifact_header(self, ARTIFACT_FORMAT, ARTIFACT_VERSION),
+            **artifact_header(self, ARTIFACT_FORMAT, ARTIFACT_VERSION, self.feature_settings()),
             "identity": self._identity(),
             "streams": {
                 name: {
@@ -687,8 +399,6 @@ class KMeansTeacher(Teacher):
                 "feature_seconds": round(feature_seconds, 3),
             },
             "sample": plan.describe(),
-            "versions": {"python": platform.python_version(), **library_versions("torch", "torchaudio", "numpy", "librosa", "safetensors")},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         out_file = Path(out_file)
         quality = [

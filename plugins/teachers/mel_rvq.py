@@ -30,9 +30,11 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from mert_core.errors import FitError, NotFittedError, TeacherFileError
+from mert_core.fitting import FitQuality, adopt_settings, artifact_header, centroid_digest, check_artifact_header, read_teacher_file, sample_batches
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
-from mert_core.teacher import FitQuality, TargetSpec, Teacher
+from mert_core.teacher import TargetSpec, Teacher
 from mert_plugins.teachers._stacked_mel import (
     MEL_FIT_FIELDS,
     NormalisedMelStack,
@@ -43,16 +45,6 @@ from mert_plugins.teachers._stacked_mel import (
     save_artifact,
 )
 from mert_plugins.teachers._streaming_kmeans import FeatureCache, kmeans_plusplus
-from mert_plugins.teachers.kmeans import (
-    NotFittedError,
-    TeacherFileError,
-    adopt_settings,
-    artifact_header,
-    centroid_digest,
-    check_artifact_header,
-    read_teacher_file,
-    sample_batches,
-)
 
 log = logging.getLogger("mert.teachers.mel_rvq")
 
@@ -154,6 +146,7 @@ class MelRVQTeacher(Teacher):
 
     name = "mel-rvq"
     description = "Mel-RVQ: codes of a residual VQ (8 x 1024) trained on normalised stacked log-mel frames (MuQ's teacher)"
+    fittable = True
     Options: ClassVar = MelRVQOptions
 
     def __init__(self, options: MelRVQOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
@@ -277,7 +270,7 @@ class MelRVQTeacher(Teacher):
                             cache.append(self.features(batch).reshape(-1, self.features.dim))
                     cache.finish()
                     if cache.rows < 2:
-                        raise ValueError(f"{self.name}: only {cache.rows} frames in the fit sample; pass more audio with --data")
+                        raise FitError(f"{self.name}: only {cache.rows} frames in the fit sample; pass more audio with --data")
                     identity = {
                         "features": self.feature_settings(), "seed": seed, "sample": plan.describe(),
                         "stats": centroid_digest({"bin_mean": mean, "bin_std": std}),
@@ -291,7 +284,7 @@ class MelRVQTeacher(Teacher):
         plan.unusable.update(failures)
         tensors = {"bin_mean": mean, "bin_std": std, **{f"rvq.{k}": v for k, v in rvq.state_dict().items()}}
         meta = {
-            **artifact_header(self, ARTIFACT_FORMAT, ARTIFACT_VERSION),
+            **artifact_header(self, ARTIFACT_FORMAT, ARTIFACT_VERSION, self.feature_settings()),
             "seed": seed,
             "stats_frames": stats_frames,
             "train": {**{k: v for k, v in o.model_dump(mode="json").items() if k in TRAIN_FIELDS - {"teacher_file", "seed"}}, **report, "device": str(device)},

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from mert_core.errors import ConfigError, MertError
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
 from mert_core.hookspecs import hookimpl
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher, TeacherOptions
@@ -31,7 +32,7 @@ SAMPLE_RATE = 24000
 HOP_SAMPLES = 320  # EnCodec's own hop, which happens to equal the student's (checked against its geometry)
 
 
-class EncodecWeightsError(ValueError):
+class EncodecWeightsError(MertError, ValueError):
     """The EnCodec checkpoint is missing, unreadable or not the 24 kHz model."""
 
 
@@ -218,7 +219,7 @@ class RVQVAETeacher(Teacher):
     def __init__(self, options: RVQVAEOptions, geometry: FrameGeometry = STUDENT_GEOMETRY):
         super().__init__(options, geometry)
         if (geometry.sample_rate, geometry.hop_samples) != (SAMPLE_RATE, HOP_SAMPLES):
-            raise ValueError(
+            raise ConfigError(
                 f"rvq-vae: EnCodec runs on {SAMPLE_RATE} Hz audio with a {HOP_SAMPLES}-sample hop (75 Hz); "
                 f"got sample_rate={geometry.sample_rate}, hop_samples={geometry.hop_samples}; set data.sample_rate to {SAMPLE_RATE}"
             )
