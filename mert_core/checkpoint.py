@@ -456,10 +456,10 @@ def resume_config(config: TrainConfig, state: dict, out_dir: Path) -> tuple[Trai
     Raises:
         ConfigError: a field outside :data:`RESUMABLE_FIELDS` differs.
     """
-    from mert_core.runconfig import with_data_paths
+    from mert_core.runconfig import with_named_data_paths
 
     # runs saved before the demo default was resolved in the config recorded no data paths: the demo's
-    saved = _moved(with_data_paths(TrainConfig.model_validate(state["config"])), Path(config.out_dir))
+    saved = _moved(with_named_data_paths(TrainConfig.model_validate(state["config"])), Path(config.out_dir))
     new, old = _flatten(config.model_dump(mode="json")), _flatten(saved.model_dump(mode="json"))
     # a teacher fitted by the first run has its artifact recorded in the saved config only
     for flat, given in ((old, new), (new, old)):

@@ -90,6 +90,13 @@ class DemoSize:
 # ---------------------------------------------------------------------------
 
 
+def demo_root() -> Path:
+    """The folder :func:`ensure_demo_data` uses by default, ``$MERT_CACHE/demo-v1``; it is not generated here."""
+    from mert_core.paths import cache_root
+
+    return (cache_root() / DEMO_VERSION).expanduser().absolute()
+
+
 def ensure_demo_data(root: Path | None = None, seed: int = 0, size: DemoSize = DemoSize(), progress: bool = True) -> Path:
     """Generate the demo set once and return its folder; later calls reuse it.
 
@@ -104,11 +111,7 @@ def ensure_demo_data(root: Path | None = None, seed: int = 0, size: DemoSize = D
     a half-written folder. A ``VERSION`` stamp records version, seed and size;
     a folder with a different stamp is regenerated.
     """
-    if root is None:
-        from mert_core.paths import cache_root
-
-        root = cache_root() / DEMO_VERSION
-    root = Path(root).expanduser().absolute()
+    root = demo_root() if root is None else Path(root).expanduser().absolute()
     stamp = _stamp(seed, size)
     if _read_stamp(root) == stamp:
         return root

@@ -26,10 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PAPER_RECEPTIVE_FIELD = 400
-"""Samples one frame of the MERT paper's conv stack sees: the frame of the target grid."""
-
-
 def frames_for(num_samples, hop_samples: int, receptive_field: int):
     """``floor((S - receptive_field) / hop) + 1`` frames, 0 when ``S < receptive_field``.
 
@@ -90,7 +86,7 @@ class FrameGeometry:
         """The grid targets are made on for this student: its sample rate and hop,
         the paper's 400-sample frames (what :attr:`Teacher.grid <mert_core.teacher.Teacher.grid>`
         is for every teacher that does not follow the student)."""
-        return FrameGeometry(self.sample_rate, self.hop_samples, PAPER_RECEPTIVE_FIELD)
+        return FrameGeometry(self.sample_rate, self.hop_samples, receptive_field=400)
 
     def shift_from(self, grid: FrameGeometry) -> GridShift:
         """How targets made on ``grid`` (same rate and hop) line up with these frames.

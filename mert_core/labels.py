@@ -69,7 +69,6 @@ FORMAT = "mert-label-store"
 FORMAT_VERSION = 2  # 2: index.json holds labels_sha256 and index_sha256
 LABELS_FILE = "labels.bin"
 INDEX_FILE = "index.json"
-STUDENT_WINDOW_SAMPLES = TARGET_GRID.receptive_field  # one frame of the target grid: the least a window can hold
 DEFAULT_WINDOW_SAMPLES = 120000  # the MERT paper's 5 s crops at 24 kHz
 LABEL_WAIT_TIMEOUT = timedelta(hours=6)  # longest a rank waits for the others under torchrun
 
@@ -150,7 +149,7 @@ def write_label_store(
     window_samples: int = DEFAULT_WINDOW_SAMPLES,
     sample_rate: int = 24000,
     batch_size: int = 16,
-    min_samples: int = STUDENT_WINDOW_SAMPLES,
+    min_samples: int = TARGET_GRID.receptive_field,
     progress: bool = True,
     overwrite: bool = False,
     num_workers: int = 0,
@@ -212,9 +211,9 @@ def _check_request(teacher: Teacher, out_dir: Path, window_samples: int, min_sam
         raise LabelStoreError(f"teacher {teacher.name!r} is not fitted; pass its teacher file (`mert teacher fit {teacher.name} ...` makes one)")
     if out_dir.exists() and not overwrite:
         raise LabelStoreError(f"{out_dir}: already exists; pass overwrite=True (--overwrite) to replace it, or choose another folder")
-    if window_samples < STUDENT_WINDOW_SAMPLES:
-        raise LabelStoreError(f"window_samples must be >= {STUDENT_WINDOW_SAMPLES} (one student frame), got {window_samples}")
-    return max(min_samples, STUDENT_WINDOW_SAMPLES)
+    if window_samples < TARGET_GRID.receptive_field:
+        raise LabelStoreError(f"window_samples must be >= {TARGET_GRID.receptive_field} (one frame of the target grid), got {window_samples}")
+    return max(min_samples, TARGET_GRID.receptive_field)
 
 
 Plan = list[tuple[str, list[tuple[int, int]]]]  # per file: path, (offset, length) of each window
@@ -678,7 +677,7 @@ def _check_windows(index: dict[str, Any]) -> str | None:
     Vectorised over all windows: a 1000-hour store has ~700k of them.
     """
     W, hop = int(index["window_samples"]), int(index["hop_samples"])
-    min_samples = index.get("min_samples", STUDENT_WINDOW_SAMPLES)
+    min_samples = index.get("min_samples", TARGET_GRID.receptive_field)
     files = index["files"]
     for entry in files:
         full, rest = divmod(int(entry["num_samples"]), W)
@@ -690,7 +689,7 @@ def _check_windows(index: dict[str, Any]) -> str | None:
     file_of = np.repeat(np.arange(len(files)), per_file)
     k = np.arange(len(rows)) - np.repeat(np.cumsum(per_file) - per_file, per_file)  # window number within its file
     lengths = np.minimum(W, np.array([e["num_samples"] for e in files], dtype=np.int64)[file_of] - k * W)
-    frames = frames_for(lengths, hop, STUDENT_WINDOW_SAMPLES)
+    frames = frames_for(lengths, hop, TARGET_GRID.receptive_field)
     bad = np.flatnonzero((rows[:, 1] != frames) & (rows[:, 1] != frames + 1))  # +1: a teacher may give one frame more
     if len(bad):
         i = bad[0]
@@ -926,7 +925,7 @@ def label_data(
     window_samples: int = DEFAULT_WINDOW_SAMPLES,
     sample_rate: int = 24000,
     batch_size: int = 16,
-    min_samples: int = STUDENT_WINDOW_SAMPLES,
+    min_samples: int = TARGET_GRID.receptive_field,
     device: str | torch.device = "auto",
     overwrite: bool = False,
     num_workers: int = 0,

@@ -187,11 +187,22 @@ def make_train_config(
 def with_data_paths(config: TrainConfig) -> TrainConfig:
     """``config`` with its data paths resolved: no paths means the built-in demo
     pieces (generated once into the cache), written into the config so that the
-    saved config records the audio the run really read."""
+    saved config records the audio the run really read. For a run about to read
+    its data; reading a saved config uses :func:`with_named_data_paths`."""
+    if not config.data.paths:
+        from mert_core.demo import ensure_demo_data
+
+        ensure_demo_data()
+    return with_named_data_paths(config)
+
+
+def with_named_data_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with no data paths naming the built-in demo pieces, as :func:`with_data_paths`
+    does, without generating them: reading a checkpoint never writes data."""
     if config.data.paths:
         return config
-    from mert_core.demo import ensure_demo_data
+    from mert_core.demo import demo_root
 
     # the demo's single notes (1.5 s) are for downstream tasks, not pretraining
-    config.data.paths = [ensure_demo_data() / "pieces"]
+    config.data.paths = [demo_root() / "pieces"]
     return config

@@ -16,30 +16,24 @@ from mert_core import metrics as M
 from mert_core.beats import track_beats
 
 
-def score_clips(problem: str, targets: np.ndarray, outputs: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:
-    """Clip-level scores.
+def score_multiclass(targets: np.ndarray, outputs: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:
+    """Accuracy of ``(N, C)`` logits against ``(N,)`` class indices (``label_names`` unused)."""
+    pred = np.asarray(outputs).argmax(axis=1)
+    return {"accuracy": M.accuracy(targets, pred)}
 
-    Args:
-        problem: ``multiclass``, ``multilabel`` or ``regression``.
-        targets: ``(N,)`` class indices, or ``(N, C)`` labels or values.
-        outputs: ``(N, C)`` raw probe outputs (logits, scores or values).
-        label_names: ``C`` output names (regression: ``r2_<name>`` per output).
 
-    Returns:
-        ``{metric name: value}``.
-    """
-    if problem == "multiclass":
-        pred = np.asarray(outputs).argmax(axis=1)
-        return {"accuracy": M.accuracy(targets, pred)}
-    if problem == "multilabel":
-        scores = np.asarray(outputs, dtype=np.float64)
-        return {"roc_auc": M.roc_auc_macro(targets, scores), "average_precision": M.average_precision_macro(targets, scores)}
-    if problem == "regression":
-        per_output = M.r2_per_output(targets, np.asarray(outputs, dtype=np.float64))
-        out = {"r2": float(np.mean(per_output))}
-        out.update({f"r2_{name}": float(v) for name, v in zip(label_names, per_output)})
-        return out
-    raise ValueError(f"unknown clip-level problem type {problem!r}; expected multiclass, multilabel or regression")
+def score_multilabel(targets: np.ndarray, outputs: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:
+    """Macro ROC-AUC and average precision of ``(N, C)`` scores against ``(N, C)`` multi-hot labels."""
+    scores = np.asarray(outputs, dtype=np.float64)
+    return {"roc_auc": M.roc_auc_macro(targets, scores), "average_precision": M.average_precision_macro(targets, scores)}
+
+
+def score_regression(targets: np.ndarray, outputs: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:
+    """Mean R² of ``(N, C)`` values, and ``r2_<name>`` for each of the ``C`` outputs."""
+    per_output = M.r2_per_output(targets, np.asarray(outputs, dtype=np.float64))
+    out = {"r2": float(np.mean(per_output))}
+    out.update({f"r2_{name}": float(v) for name, v in zip(label_names, per_output)})
+    return out
 
 
 def score_beats(activations: Sequence[np.ndarray], reference_beats: Sequence[np.ndarray], frame_rate_hz: float,

@@ -29,20 +29,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mert_core.errors import TaskDataError  # noqa: F401 - re-exported: raised here, imported from here
-from mert_core.scoring import score_beats, score_clips
+from mert_core.scoring import score_beats, score_multiclass, score_multilabel, score_regression
 
 Level = Literal["clip", "frame"]
 Problem = Literal["multiclass", "multilabel", "regression", "beat"]
 
-PROBLEM_LEVELS: dict[str, Level] = {"multiclass": "clip", "multilabel": "clip", "regression": "clip", "beat": "frame"}
-"""Each problem type and the level a task of that type is probed at (features pooled per clip, or
-kept per frame): the one place the pairing is decided (``check_task`` and the probe read it)."""
 SPLITS = ("train", "valid", "test")
 
 
@@ -62,6 +59,60 @@ class BeatTaskOptions(TaskOptions):
 
     tolerance_seconds: float = Field(0.07, gt=0, description="Hit window of the beat F-measure (mir_eval default 0.07 s; the MERT thesis quotes 0.02 s).")
     postprocess: Literal["dp", "peaks"] = Field("dp", description="Beat post-processing: librosa dynamic programming (dp) or peak picking.")
+
+
+@dataclass(frozen=True)
+class ProblemType:
+    """What a problem type decides, for the task contract, its checks and the probe.
+
+    Attributes:
+        level: ``clip`` (features pooled per clip) or ``frame`` (kept per frame).
+        options: the class a task's ``Options`` must subclass (checked when the class is
+            defined), or None when any :class:`TaskOptions` do.
+        one_output: the probe has one output whatever the labels (a beat activation);
+            otherwise one per label.
+        clip_targets: ``(labels, num_outputs) -> array``, the clip-level probe targets
+            (None: frame targets, :meth:`Task.frame_targets`).
+        score_clips: ``(targets, outputs, label_names) -> {metric: value}`` (None: frame level).
+        loss: the probe's loss on its raw outputs: ``cross_entropy`` (class indices),
+            ``binary_cross_entropy`` (targets in [0, 1]) or ``squared_error``.
+        sigmoid_outputs: the probe's outputs go through a sigmoid before scoring.
+        standardise_targets: the probe fits standardised targets (every lr sees the same scale).
+    """
+
+    level: Level
+    options: type[TaskOptions] | None
+    one_output: bool
+    clip_targets: Callable[[Sequence[Any], int], np.ndarray] | None
+    score_clips: Callable[[np.ndarray, np.ndarray, Sequence[str]], dict[str, float]] | None
+    loss: Literal["cross_entropy", "binary_cross_entropy", "squared_error"]
+    sigmoid_outputs: bool = False
+    standardise_targets: bool = False
+
+
+def _class_indices(labels: Sequence[Any], num_outputs: int) -> np.ndarray:
+    return np.asarray([int(label) for label in labels], dtype=np.int64)
+
+
+def _multi_hot(labels: Sequence[Any], num_outputs: int) -> np.ndarray:
+    y = np.zeros((len(labels), num_outputs), dtype=np.float32)
+    for i, label in enumerate(labels):
+        y[i, list(label)] = 1.0
+    return y
+
+
+def _values(labels: Sequence[Any], num_outputs: int) -> np.ndarray:
+    return np.asarray([list(label) for label in labels], dtype=np.float32).reshape(len(labels), num_outputs)
+
+
+PROBLEMS: dict[str, ProblemType] = {
+    "multiclass": ProblemType("clip", None, False, _class_indices, score_multiclass, "cross_entropy"),
+    "multilabel": ProblemType("clip", None, False, _multi_hot, score_multilabel, "binary_cross_entropy"),
+    "regression": ProblemType("clip", None, False, _values, score_regression, "squared_error", standardise_targets=True),
+    "beat": ProblemType("frame", BeatTaskOptions, True, None, None, "binary_cross_entropy", sigmoid_outputs=True),
+}
+"""Every problem type (the keys of :data:`Problem`) and what it decides: the one table that
+``Task``, ``check_task`` and the probe read. A new problem type is a new row."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +165,11 @@ class Task:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.problem == "beat" and not issubclass(cls.Options, BeatTaskOptions):
+        base = PROBLEMS[cls.problem].options if cls.problem in PROBLEMS else None
+        if base is not None and not issubclass(cls.Options, base):
             raise TypeError(
-                f"task {cls.__name__} has problem 'beat', so its Options must subclass mert_core.tasks.BeatTaskOptions "
-                f"(tolerance_seconds, postprocess); {cls.Options.__name__} does not"
+                f"task {cls.__name__} has problem {cls.problem!r}, so its Options must subclass mert_core.tasks.{base.__name__} "
+                f"({', '.join(base.model_fields)}); {cls.Options.__name__} does not"
             )
 
     def __init__(self, options: TaskOptions | None = None) -> None:
@@ -145,8 +197,19 @@ class Task:
         return self.metrics[0]
 
     @property
+    def problem_type(self) -> ProblemType:
+        """This task's row of :data:`PROBLEMS`.
+
+        Raises:
+            ValueError: ``problem`` is not a known problem type.
+        """
+        if self.problem not in PROBLEMS:
+            raise ValueError(f"task {self.name!r}: unknown problem type {self.problem!r}; expected one of {', '.join(PROBLEMS)}")
+        return PROBLEMS[self.problem]
+
+    @property
     def num_outputs(self) -> int:
-        return 1 if self.problem == "beat" else len(self.labels())
+        return 1 if self.problem_type.one_output else len(self.labels())
 
     def examples(self, split: str) -> list[Example]:
         """The examples of ``split``, read once and cached on the task."""
@@ -180,16 +243,10 @@ class Task:
             multiclass: ``(N,)`` int64 class indices; multilabel: ``(N, C)``
             float32 multi-hot; regression: ``(N, C)`` float32.
         """
-        if self.problem == "multiclass":
-            return np.asarray([int(ex.label) for ex in examples], dtype=np.int64)
-        if self.problem == "multilabel":
-            y = np.zeros((len(examples), self.num_outputs), dtype=np.float32)
-            for i, ex in enumerate(examples):
-                y[i, list(ex.label)] = 1.0
-            return y
-        if self.problem == "regression":
-            return np.asarray([list(ex.label) for ex in examples], dtype=np.float32).reshape(len(examples), self.num_outputs)
-        raise ValueError(f"task {self.name!r}: problem {self.problem!r} has frame targets, not clip targets")
+        clip_targets = self.problem_type.clip_targets
+        if clip_targets is None:
+            raise ValueError(f"task {self.name!r}: problem {self.problem!r} has frame targets, not clip targets")
+        return clip_targets([ex.label for ex in examples], self.num_outputs)
 
     def frame_targets(self, example: Example, num_frames: int, frame_rate_hz: float, train: bool = False) -> np.ndarray:
         """Frame-level probe targets of one example (beat tracking).
@@ -226,13 +283,11 @@ class Task:
         Returns:
             ``{metric name: value}`` holding at least every name in ``metrics``.
         """
-        if self.problem in ("multiclass", "multilabel", "regression"):
-            names = self.labels() if self.problem == "regression" else ()  # r2 per named output
-            return score_clips(self.problem, self.targets(examples), outputs, names)
-        if self.problem == "beat":
-            options: BeatTaskOptions = self.options  # type: ignore[assignment]  # declared by __init_subclass__
-            return score_beats(outputs, [ex.label for ex in examples], frame_rate_hz, options.tolerance_seconds, options.postprocess)
-        raise ValueError(f"task {self.name!r}: unknown problem type {self.problem!r}")
+        score_clips = self.problem_type.score_clips
+        if score_clips is not None:
+            return score_clips(self.targets(examples), outputs, self.labels())
+        options: BeatTaskOptions = self.options  # type: ignore[assignment]  # declared by __init_subclass__
+        return score_beats(outputs, [ex.label for ex in examples], frame_rate_hz, options.tolerance_seconds, options.postprocess)
 
     def describe(self) -> dict[str, Any]:
         """Plain data describing the task (saved with results)."""

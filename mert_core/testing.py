@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from mert_core.augment import Augmentation, AugmentOptions
 from mert_core.fitting import FittedTeacherOptions
 from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry
-from mert_core.tasks import PROBLEM_LEVELS, SPLITS, BeatTaskOptions, Example, Task, TaskOptions
+from mert_core.tasks import PROBLEMS, SPLITS, Example, Task, TaskOptions
 from mert_core.teacher import IGNORE_LABEL, TargetSpec, Teacher, TeacherOptions
 
 TeacherFactory = Callable[[FrameGeometry], Teacher]
@@ -234,10 +234,10 @@ def check_task(task: Task | type[Task], *, splits: Sequence[str] = ("train",), f
     if not isinstance(task, Task):
         _fail(repr(task), f"expected a mert_core.tasks.Task, got {type(task).__name__}")
     what = f"task {task.name!r}"
-    check_options(type(task), BeatTaskOptions if task.problem == "beat" else TaskOptions)
-    if task.level not in ("clip", "frame") or task.problem not in PROBLEM_LEVELS:
-        _fail(what, f"level {task.level!r} / problem {task.problem!r}: expected clip|frame and {'|'.join(PROBLEM_LEVELS)}")
-    if task.level != PROBLEM_LEVELS[task.problem]:
+    check_options(type(task), (PROBLEMS[task.problem].options if task.problem in PROBLEMS else None) or TaskOptions)
+    if task.level not in ("clip", "frame") or task.problem not in PROBLEMS:
+        _fail(what, f"level {task.level!r} / problem {task.problem!r}: expected clip|frame and {'|'.join(PROBLEMS)}")
+    if task.level != PROBLEMS[task.problem].level:
         _fail(what, f"level {task.level!r} with problem {task.problem!r}: frame level goes with beat tracking, clip level with the rest")
     if not task.metrics:
         _fail(what, "declare at least one metric (the first selects the learning rate and the layer)")
@@ -251,7 +251,7 @@ def check_task(task: Task | type[Task], *, splits: Sequence[str] = ("train",), f
         examples = task.examples(split)
         if not all(isinstance(ex, Example) for ex in examples):
             _fail(what, f"load_examples({split!r}) must return mert_core.tasks.Example items")
-        if task.problem == "beat":
+        if task.level == "frame":
             outputs = [rng.random(int(frame_rate_hz * (ex.duration_seconds or 5.0))) for ex in examples]
             for ex in examples[:3]:
                 y = task.frame_targets(ex, 200, frame_rate_hz, train=True)

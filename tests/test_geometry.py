@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mert_core.components import conv_output_length
-from mert_core.geometry import STUDENT_GEOMETRY, FrameGeometry, frames_for
+from mert_core.geometry import STUDENT_GEOMETRY, TARGET_GRID, FrameGeometry, frames_for
 from mert_core.model import tiny
 
 
@@ -47,14 +47,13 @@ def test_frames_for_and_bad_geometry():
 
 
 def test_lead_frames_put_each_target_within_a_hop_of_its_student_frame():
-    from mert_core.geometry import PAPER_RECEPTIVE_FIELD
     cpu = student_args_geometry("cpu")
     assert (cpu.receptive_field, cpu.lead_frames, cpu.trailing_frames) == (1840, 2, 3)
     assert (STUDENT_GEOMETRY.lead_frames, STUDENT_GEOMETRY.trailing_frames) == (0, 0)
-    for rf in range(PAPER_RECEPTIVE_FIELD, 6000, 40):
+    for rf in range(TARGET_GRID.receptive_field, 6000, 40):
         g = FrameGeometry(24000, 320, rf)
         # student frame t is centred on t*hop + rf/2, the teachers' frame t + lead on (t + lead)*hop + 200
-        assert abs(rf / 2 - (g.lead_frames * 320 + PAPER_RECEPTIVE_FIELD / 2)) <= 160, rf
+        assert abs(rf / 2 - (g.lead_frames * 320 + TARGET_GRID.receptive_field / 2)) <= 160, rf
         for n in (24000, 120000 + 77):  # every student frame has a target, and no more than the slack is left over
             teacher_frames = STUDENT_GEOMETRY.num_frames(n) - g.lead_frames
             assert 0 <= teacher_frames - g.num_frames(n) <= 1 + g.trailing_frames, (rf, n)

@@ -371,13 +371,14 @@ def mixed_data(audio_dir, tmp_path):
 @pytest.mark.parametrize("world_size", [2, 3, 8])  # 8: more ranks than files, some parts empty
 def test_merged_parts_equal_the_single_process_store(registry, mixed_data, tmp_path, world_size):
     """What each rank of a torchrun launch does, one after another in this process."""
-    from mert_core.labels import STUDENT_WINDOW_SAMPLES, _plan_source, _publish_store
+    from mert_core.geometry import TARGET_GRID
+    from mert_core.labels import _plan_source, _publish_store
 
     t = teacher(registry, "test-loudness")
     labelling = dict(sample_rate=SR, window_samples=W, batch_size=3, num_workers=0)
     single = write_label_store(t, [mixed_data], tmp_path / "single", progress=False, **labelling)
 
-    labelling["min_samples"] = STUDENT_WINDOW_SAMPLES
+    labelling["min_samples"] = TARGET_GRID.receptive_field
     source = _plan_source([mixed_data], labelling, progress=False)
     tmp = tmp_path / "merged"
     tmp.mkdir()

@@ -234,6 +234,28 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path, music_dir):
     assert summary["audio_hours_seen"] * 3600 == pytest.approx(12.0, rel=0.01)
 
 
+def test_reading_a_checkpoint_or_student_file_never_generates_the_demo_data(tmp_path, monkeypatch):
+    """A saved config with `data.paths: []` names the demo folder; reading it writes nothing into the cache."""
+    from mert_core.checkpoint import load_checkpoint, resume_config, save_checkpoint, save_student
+    from mert_core.demo import demo_root
+    from mert_core.model import tiny
+    from mert_core.runconfig import with_named_data_paths
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("MERT_CACHE", str(cache))
+    old = api.make_train_config(teachers=["cqt"], preset="tiny", out_dir=tmp_path / "run", max_steps=4)
+    assert old.data.paths == []
+    save_checkpoint({"config": old.model_dump(mode="json")}, tmp_path / "last.pt")
+    save_student(tiny(), tmp_path / "student.safetensors", config=old.model_dump(mode="json"))
+
+    state = load_checkpoint(tmp_path / "last.pt")
+    config, changed = resume_config(with_named_data_paths(old.model_copy(deep=True)), state, tmp_path / "run")
+    _, student_config = load_student(tmp_path / "student.safetensors")
+    assert changed == {} and [str(p) for p in config.data.paths] == [str(demo_root() / "pieces")] and student_config["config"]["data"]["paths"] == []
+    assert list(cache.iterdir()) == []  # no demo-v1 (nor a half-written sibling) was made
+
+
 def test_resume_accepts_a_run_saved_before_the_demo_paths_were_recorded(tmp_path):
     """Runs of the demo saved by earlier versions hold `data.paths: []`; the resumed config names the demo folder."""
     from mert_core.checkpoint import resume_config

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from mert_core.errors import BadInputError
 from mert_core.evaluation.extract import FeatureSet
-from mert_core.tasks import PROBLEM_LEVELS, Task
+from mert_core.tasks import PROBLEMS, Task
 
 log = logging.getLogger("mert.evaluation")
 MARBLE_LRS = (5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2)
@@ -261,6 +261,24 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -math.inf
 
 
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    g, b, c = out.shape
+    return F.cross_entropy(out.reshape(g * b, c), y.repeat(g), reduction="none").view(g, b).mean(1)
+
+
+def _binary_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(out, y.expand(out.shape[0], -1, -1), reduction="none").mean((1, 2))
+
+
+def _squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean((1, 2))
+
+
+_LOSSES = {"cross_entropy": _cross_entropy, "binary_cross_entropy": _binary_cross_entropy, "squared_error": _squared_error}
+"""The probe's loss of each :attr:`ProblemType.loss <mert_core.tasks.ProblemType.loss>`: ``(G,)`` mean
+loss of each grid member from outputs ``(G, B, C)`` and targets ``(B,)`` or ``(B, C)``."""
+
+
 class _ProbeData:
     """A task's feature rows and targets for the three splits, on the probe's
     device, and how to score a grid's outputs on them."""
@@ -281,7 +299,7 @@ class _ProbeData:
             self.y_valid_loss = torch.from_numpy(self._frame_y("valid", False)).to(device)
         else:
             y_train_np = task.targets(self.items["train"])
-            if task.problem == "regression":  # standardise targets so that every lr sees the same scale
+            if task.problem_type.standardise_targets:  # so that every lr sees the same scale
                 self.y_mean, self.y_std = y_train_np.mean(axis=0), y_train_np.std(axis=0) + 1e-8
                 y_train_np = (y_train_np - self.y_mean) / self.y_std
             self.y_train = torch.from_numpy(y_train_np).to(device)
@@ -298,13 +316,7 @@ class _ProbeData:
 
     def loss_per_member(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``(G,)`` mean loss of each member; out ``(G, B, C)``."""
-        problem = self.task.problem
-        g, b, c = out.shape
-        if problem == "multiclass":
-            return F.cross_entropy(out.reshape(g * b, c), y.repeat(g), reduction="none").view(g, b).mean(1)
-        if problem in ("multilabel", "beat"):
-            return F.binary_cross_entropy_with_logits(out, y.expand(g, -1, -1), reduction="none").mean((1, 2))
-        return ((out - y) ** 2).mean((1, 2))  # regression
+        return _LOSSES[self.task.problem_type.loss](out, y)
 
     @torch.no_grad()
     def predict(self, grid: ProbeGrid, split: str) -> np.ndarray:
@@ -317,7 +329,7 @@ class _ProbeData:
             outs.append(grid(rows.get(idx)).float().cpu())
         grid.train()
         out = torch.cat(outs, dim=1) if outs else torch.zeros(grid.num_members, 0, self.task.num_outputs)
-        if self.task.problem == "beat":
+        if self.task.problem_type.sigmoid_outputs:
             out = torch.sigmoid(out)
         out = out.numpy()
         if self.y_mean is not None:
@@ -328,7 +340,7 @@ class _ProbeData:
         """``(G,)`` validation loss of :meth:`predict`'s ``out``."""
         with torch.no_grad():
             logits = torch.from_numpy(out).to(self.device)
-            if self.task.problem == "beat":  # predict() applied the sigmoid; undo it for the loss
+            if self.task.problem_type.sigmoid_outputs:  # predict() applied the sigmoid; undo it for the loss
                 logits = torch.logit(logits.clamp(1e-6, 1 - 1e-6))
             if self.y_mean is not None:
                 logits = (logits - torch.from_numpy(self.y_mean).to(self.device)) / torch.from_numpy(self.y_std).to(self.device)
@@ -428,7 +440,7 @@ def probe(task: Task, train: FeatureSet, valid: FeatureSet, test: FeatureSet, op
     started = time.time()
     device = torch.device(options.device)
     frame_level = task.level == "frame"
-    if frame_level and PROBLEM_LEVELS.get(task.problem) != "frame":
+    if frame_level and (task.problem not in PROBLEMS or PROBLEMS[task.problem].level != "frame"):
         raise ValueError(f"task {task.name!r}: frame-level probing supports problem 'beat' only, got {task.problem!r}")
     member_layers, member_lrs, use_weighted = _grid_members(options, train)
     names = [WEIGHTED if l is None else train.layer_names[l] for l in member_layers]

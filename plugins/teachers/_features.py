@@ -25,9 +25,6 @@ from torch import nn
 from mert_core.errors import ConfigError
 from mert_core.geometry import TARGET_GRID
 
-STUDENT_WINDOW_SAMPLES = TARGET_GRID.receptive_field
-"""Samples of one frame of the grid targets are made on (400: the paper's conv stack), whatever the student's."""
-
 LOG_OFFSET = 1e-6
 """Added to mel energies before the log (torchaudio's MFCC uses the same)."""
 
@@ -35,9 +32,9 @@ LOG_OFFSET = 1e-6
 def pad_for_frames(wave: torch.Tensor, n_fft: int) -> torch.Tensor:
     """Zero-pad ``(B, S)`` so an ``n_fft``-window, ``center=False`` STFT gives
     the student's frames, each window centred on its student frame."""
-    if n_fft < STUDENT_WINDOW_SAMPLES:
-        raise ConfigError(f"n_fft must be >= {STUDENT_WINDOW_SAMPLES} (the student's window), got {n_fft}")
-    extra = n_fft - STUDENT_WINDOW_SAMPLES
+    if n_fft < TARGET_GRID.receptive_field:
+        raise ConfigError(f"n_fft must be >= {TARGET_GRID.receptive_field} (one frame of the target grid), got {n_fft}")
+    extra = n_fft - TARGET_GRID.receptive_field
     return F.pad(wave, (extra // 2, extra - extra // 2))
 
 
@@ -113,7 +110,7 @@ class MFCCFeatures(FrameFeatures):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, dim)``."""
         wave = _check_wave(wave)
-        if wave.shape[1] < STUDENT_WINDOW_SAMPLES:  # no student frame
+        if wave.shape[1] < TARGET_GRID.receptive_field:  # no frame of the target grid
             return self.empty(wave)
         logmel = torch.log(self.power(wave) @ self.mel_fb + LOG_OFFSET)  # B, T, n_mels
         c = logmel @ self.dct  # B, T, n_mfcc
@@ -144,7 +141,7 @@ class LogMelFeatures(FrameFeatures):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, n_mels)``."""
         wave = _check_wave(wave)
-        if wave.shape[1] < STUDENT_WINDOW_SAMPLES:  # no student frame
+        if wave.shape[1] < TARGET_GRID.receptive_field:  # no frame of the target grid
             return self.empty(wave)
         return torch.log(self.power(wave) @ self.mel_fb + LOG_OFFSET)
 
@@ -173,7 +170,7 @@ class ChromaFeatures(FrameFeatures):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, n_chroma)``."""
         wave = _check_wave(wave)
-        if wave.shape[1] < STUDENT_WINDOW_SAMPLES:  # no student frame
+        if wave.shape[1] < TARGET_GRID.receptive_field:  # no frame of the target grid
             return self.empty(wave)
         chroma = self.power(wave) @ self.chroma_fb  # B, T, n_chroma
         # librosa.util.normalize(norm=inf): frames below the smallest normal float stay as they are
@@ -206,7 +203,7 @@ class HiddenStateFeatures(FrameFeatures):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` -> ``(B, T, dim)``."""
         wave = _check_wave(wave)
-        if wave.shape[1] < STUDENT_WINDOW_SAMPLES:  # no student frame
+        if wave.shape[1] < TARGET_GRID.receptive_field:  # no frame of the target grid
             return self.empty(wave)
         out = self.student(wave, None, output_hidden_states=True)  # every clip full length: no padding mask
         return out.hidden_states[self.layer].float()
