@@ -113,10 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-probe", action="store_true", help="Train (and calibrate) only.")
     ap.add_argument("--jobs", type=int, default=1, help="Training runs at once (each with one thread when more than 1).")
+    ap.add_argument("--probe-jobs", type=int, default=1, help="Probing processes at once (each with one thread when more than 1).")
+    ap.add_argument("--probe-part", default=None, help=argparse.SUPPRESS)  # "K/N": a probing process's share of the pairs
     args = ap.parse_args(argv)
 
     from mert_core.ablation import share_fitted_teachers
     from mert_core.evaluation import api as eval_api
+    from mert_core.evaluation.probe import ProbeResult
     from mert_core.evaluation.upstreams import HandcraftedUpstream, checkpoint_upstream, random_upstream
     from mert_core.registry import default_registry
     from mert_core.runconfig import make_train_config
@@ -210,11 +213,27 @@ def main(argv: list[str] | None = None) -> None:
     presets = list(dict.fromkeys(c.preset for c in curves))
     ups += [(random_upstream(p, seed=s, device=args.device, name=f"random-{p}@s{s}"), s) for p in presets for s in range(args.seeds)]
     ups.append((HandcraftedUpstream(), 0))
-    results = []
-    for task in [eval_api.build_task(t, task_options.get(t), registry) for t in args.task]:
-        for up, seed in ups:
-            results.append(eval_api.probe_task(up, task, {**po, "seed": seed}, xo, None, progress=False))
-            print(f"scaling: {up.name} {task.name}: {results[-1].test_score:.4f}", flush=True)
+    # one file per (upstream, task): a killed run keeps what it probed; --probe-jobs processes share the pairs
+    probe_dir = out / "probes"
+    probe_dir.mkdir(exist_ok=True)
+    tasks = [eval_api.build_task(t, task_options.get(t), registry) for t in args.task]
+    pairs = [(task, up, seed, probe_dir / f"{up.name}__{task.name}.json") for task in tasks for up, seed in ups]
+    if args.probe_part or args.probe_jobs == 1:
+        k, n = map(int, (args.probe_part or "0/1").split("/"))
+        for task, up, seed, file in pairs[k::n]:
+            if not file.exists():
+                result = eval_api.probe_task(up, task, {**po, "seed": seed}, xo, None, progress=False)
+                file.write_text(json.dumps(result.to_dict(), default=str))
+                print(f"scaling: {up.name} {task.name}: {result.test_score:.4f}", flush=True)
+        if args.probe_part:
+            return
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--probe-part", f"{k}/{args.probe_jobs}"],
+                                  env=env) for k in range(args.probe_jobs)]
+        if any(proc.wait() for proc in procs):
+            raise SystemExit("scaling: a probing process failed (see its output above); run again to continue")
+    results = [ProbeResult(**json.loads(file.read_text())) for *_, file in pairs]
     rows = summarise(results, state["students"])
     text = format_rows(rows)
     (out / "scaling.txt").write_text(text + "\n")
