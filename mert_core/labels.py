@@ -321,7 +321,7 @@ def _label_shards_part(teacher: Teacher, urls: list[str], folder: Path, sample_r
     after retries, are skipped and listed.
     """
     from mert_core.audio import decode_audio
-    from mert_core.shards import Skipped, read_members, stored_member_name
+    from mert_core.shards import audio_members, stored_member_name
 
     plan: Plan = []  # grows as members are read: the writer reads it by index
     skipped: dict[str, str] = {}
@@ -329,14 +329,8 @@ def _label_shards_part(teacher: Teacher, urls: list[str], folder: Path, sample_r
 
     def members():
         for url in urls:
-            for item in read_members(url):
-                if isinstance(item, Skipped):
-                    skipped[item.what] = item.reason
-                    continue
-                if not item.is_audio():
-                    continue
+            for item, ext, data in audio_members(url, skipped):
                 try:
-                    ext, data = item.audio()
                     audio = decode_audio(data, f"{item.id}.{ext}", sample_rate)
                 except AudioError as exc:
                     skipped[item.id] = str(exc)

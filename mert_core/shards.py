@@ -360,6 +360,21 @@ class Skipped:
     reason: str
 
 
+
+def audio_members(url: str, skipped: dict[str, str], policy: ReadPolicy = ReadPolicy()):
+    """``(member, ext, bytes)`` of each audio member of shard ``url``; what cannot be read
+    (a failed request, a member without a readable audio entry) goes into ``skipped``."""
+    for item in read_members(url, policy=policy):
+        if isinstance(item, Skipped):
+            skipped[item.what] = item.reason
+        elif item.is_audio():
+            try:
+                ext, data = item.audio()
+            except AudioError as exc:
+                skipped[item.id] = str(exc)
+                continue
+            yield item, ext, data
+
 def read_members(url: str, offset: int = 0, first_index: int = 0, policy: ReadPolicy = ReadPolicy()) -> Iterator[Member | Skipped]:
     """The members of shard ``url`` from byte ``offset`` (a member's first header, or 0) to its end.
 
@@ -782,17 +797,7 @@ def _fetched_shard(url: str, root: Path, policy: ReadPolicy) -> tuple[Path, floa
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     seconds, skipped = 0.0, {}
-    for item in read_members(url, policy=policy):
-        if isinstance(item, Skipped):
-            skipped[item.what] = item.reason
-            continue
-        if not item.is_audio():
-            continue
-        try:
-            ext, data = item.audio()
-        except AudioError as exc:
-            skipped[item.id] = str(exc)
-            continue
+    for item, ext, data in audio_members(url, skipped, policy=policy):
         target = tmp / f"{_safe_name(item.key)}.{ext}"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
